@@ -1,0 +1,46 @@
+# raylm: the two commands.
+#   make demo   set up, start a local Ray cluster with token auth, run the demo pipeline
+#   make test   set up, run the whole test suite
+# Both are idempotent: setup runs again only when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.raylm-installed
+# The local cluster's state (token, Ray temp dir, data, registry) lives here.
+export RAYLM_HOME ?= $(CURDIR)/.raylm
+# DeepSpeed/torch extension builds are cached across runs, not rebuilt by every test run.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test down clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "raylm needs $(PYTHON) on PATH (or: make PYTHON=python3.x)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# Without CUDA, install the CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: pip picks a CUDA build of torch"; \
+	else \
+		echo "no CUDA: installing torch==2.13.0 (CPU)"; \
+		$(PY) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m raylm.demo
+
+# pytest exit 5 means no test ran: that is a failure, never a silent pass.
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+down: $(STAMP)
+	$(VENV)/bin/raylm down
+
+clean:
+	rm -rf $(VENV) .raylm .cache build *.egg-info platform/*.egg-info

@@ -1,0 +1,16 @@
+"""Data preparation job: raw text -> a tokenized, packed, versioned dataset.
+
+    ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/shakespeare.yaml
+    raylm submit prepare_data --config jobs/configs/shakespeare.yaml --set tokenizer.vocab_size=4096
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the raylm next to this script
+
+from raylm.config import run_main  # noqa: E402
+from raylm.data.job import main  # noqa: E402
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,319 @@
+"""`raylm`: run a local cluster, submit stage jobs, follow them, list datasets.
+
+    raylm up [--num-cpus N] [--port 6379] [--dashboard-port 8265]
+    raylm down
+    raylm status
+    raylm env                                  # exports for plain `ray job submit`
+    raylm submit STAGE --config F [--set k=v ...] [--no-wait]
+    raylm logs JOB_ID [--follow]
+    raylm datasets list [--root URI]
+    raylm datasets show NAME[@VERSION] [--root URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+from raylm import cluster, config
+from raylm.cluster import ClusterError
+
+# stage name -> the config model its job validates (imported lazily: "module:Class")
+STAGES = {
+    "prepare_data": "raylm.data.config:DataConfig",
+}
+
+# Never uploaded with a job: environments, caches, local state, VCS.
+UPLOAD_EXCLUDES = [".venv/", "venv/", ".raylm/", ".cache/", ".git/", "**/__pycache__/", "*.egg-info/",
+                   ".pytest_cache/", ".device/", "build/", "dist/", "*.pyc"]
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _print_err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def project_root() -> Path:
+    """The directory uploaded as a job's working_dir: the nearest parent of the current
+    directory with jobs/ in it, else the checkout raylm was installed from."""
+    for d in [Path.cwd(), *Path.cwd().parents]:
+        if (d / "jobs").is_dir() and (d / "platform" / "raylm").is_dir():
+            return d
+    src = Path(__file__).resolve().parents[2]
+    if (src / "jobs").is_dir():
+        return src
+    raise ClusterError("cannot find the raylm project (a directory with jobs/ and platform/raylm/); run from inside it")
+
+
+# --- cluster commands ------------------------------------------------------------------------
+
+def cmd_up(a: argparse.Namespace) -> int:
+    state_dir = cluster.home()
+    was = cluster.ClusterState.load(state_dir)
+    if cluster.is_running(was):
+        print(f"raylm cluster already running: dashboard {was.dashboard_url} (state in {state_dir})")
+        return 0
+    print(f"starting a local Ray head node (state in {state_dir}) ...", flush=True)
+    st = cluster.up(port=a.port, dashboard_port=a.dashboard_port, num_cpus=a.num_cpus, state_dir=state_dir)
+    print(f"""
+Ray is up, with token authentication.
+  dashboard     {st.dashboard_url}   (bound to 127.0.0.1)
+  token         {st.token_path}
+  Ray temp dir  {st.temp_dir}
+
+Browser: open {st.dashboard_url} and paste the token when the dashboard asks for it:
+    cat {st.token_path}
+Submit jobs with raylm (it uses the token for you):
+    raylm submit prepare_data --config jobs/configs/shakespeare.yaml
+or with plain Ray, after setting the address and the token:
+    eval "$(raylm env)"
+    ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/shakespeare.yaml
+Stop it with: raylm down""")
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    state_dir = cluster.home()
+    if cluster.ClusterState.load(state_dir) is None:
+        print(f"no raylm cluster to stop (nothing started from {state_dir})")
+        return 0
+    n = cluster.down(state_dir)
+    print(f"stopped the raylm cluster ({n} processes)")
+    return 0
+
+
+def cmd_env(a: argparse.Namespace) -> int:
+    st = cluster.ClusterState.load(cluster.home())
+    if not cluster.is_running(st):
+        _print_err("no raylm cluster is running here: `raylm up` first")
+        return 1
+    sys.stdout.write(cluster.env_exports(st))
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    state_dir = cluster.home()
+    st = cluster.ClusterState.load(state_dir)
+    local = cluster.is_running(st)
+    if st and not local:
+        print(f"the raylm cluster recorded in {state_dir} is not running (stale state; `raylm up` restarts it)")
+    if local:
+        print(f"local raylm cluster: running since {dt.datetime.fromtimestamp(st.started_at):%Y-%m-%d %H:%M:%S}")
+        print(f"  dashboard {st.dashboard_url}, GCS {st.gcs_address}, token {st.token_path}")
+        env = cluster.cluster_env(state_dir, Path(st.token_path))
+        out = subprocess.run([cluster._ray_exe(), "status", f"--address={st.gcs_address}"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        print(out.stdout.rstrip() if out.returncode == 0 else f"  (ray status failed: {out.stderr.strip()[-300:]})")
+    target = cluster.resolve_target(a.address)
+    client = cluster.job_client(target)
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)[:10]
+    print(f"\njobs at {target.dashboard_url} (newest first):" if jobs else f"\nno jobs yet at {target.dashboard_url}")
+    for j in jobs:
+        started = dt.datetime.fromtimestamp((j.start_time or 0) / 1000).strftime("%H:%M:%S")
+        print(f"  {j.submission_id or j.job_id:<44} {j.status.value if hasattr(j.status, 'value') else j.status:<10}"
+              f" {started}  {(j.entrypoint or '')[:70]}")
+    return 0
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+def _model_for(stage: str):
+    module, cls = STAGES[stage].split(":")
+    return getattr(__import__(module, fromlist=[cls]), cls)
+
+
+def build_submission(stage: str, config_path: str, overrides: Sequence[str], root: Path) -> dict:
+    """Validate the config here (fast, clear errors) and build the Jobs API request."""
+    if stage not in STAGES:
+        raise config.ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    script = root / "jobs" / f"{stage}.py"
+    if not script.is_file():
+        raise config.ConfigError(f"{script} does not exist")
+    cfg_file = Path(config_path).expanduser().resolve()
+    config.load(_model_for(stage), cfg_file, overrides)
+    try:
+        rel = cfg_file.relative_to(root)
+    except ValueError:
+        raise config.ConfigError(f"the config {cfg_file} must be inside the project ({root}): the project "
+                                 "directory is what is uploaded as the job's working_dir") from None
+    args = [f"jobs/{stage}.py", "--config", str(rel)]
+    for o in overrides:
+        args += ["--set", o]
+    return {
+        "entrypoint": "python " + shlex.join(args),
+        "runtime_env": {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES},
+        "submission_id": f"raylm-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        "metadata": {"raylm_stage": stage, "raylm_config": str(rel)},
+    }
+
+
+def _exit_code(info) -> int:
+    status = info.status.value if hasattr(info.status, "value") else str(info.status)
+    if status == "SUCCEEDED":
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    if status == "STOPPED":
+        return 130
+    return code if isinstance(code, int) and code != 0 else 1
+
+
+def follow(client, job_id: str) -> int:
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. `raylm logs {job_id} --follow` resumes, "
+              f"`ray job stop {job_id}` stops it.", file=sys.stderr)
+        return 130
+    while True:
+        info = client.get_job_info(job_id)
+        status = info.status.value if hasattr(info.status, "value") else str(info.status)
+        if status in TERMINAL:
+            break
+        time.sleep(0.5)
+    code = _exit_code(info)
+    print(f"\njob {job_id}: {status}" + (f" (exit code {code})" if code else "")
+          + (f": {info.message}" if code and info.message else ""), file=sys.stderr)
+    return code
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    root = project_root()
+    sub = build_submission(a.stage, a.config, a.overrides, root)
+    target = cluster.resolve_target(a.address)
+    client = cluster.job_client(target)
+    job_id = client.submit_job(**sub)
+    print(f"submitted {job_id} to {target.dashboard_url}  (dashboard: {target.dashboard_url}/#/jobs/{job_id})",
+          flush=True)
+    if a.no_wait:
+        print(job_id)
+        return 0
+    return follow(client, job_id)
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    client = cluster.job_client(cluster.resolve_target(a.address))
+    try:
+        info = client.get_job_info(a.job_id)
+    except Exception:  # noqa: BLE001 - unknown job ids are a user error
+        _print_err(f"no job {a.job_id!r} on this cluster (`raylm status` lists jobs)")
+        return 1
+    if a.follow:
+        return follow(client, a.job_id)
+    sys.stdout.write(client.get_job_logs(a.job_id))
+    return _exit_code(info) if (info.status.value if hasattr(info.status, "value") else info.status) in TERMINAL else 0
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+def cmd_datasets_list(a: argparse.Namespace) -> int:
+    from raylm.data.versions import list_versions
+
+    versions = list_versions(a.root)
+    if a.json:
+        print(json.dumps([{k: m[k] for k in ("id", "uri", "created", "counts", "splits")} for m in versions],
+                         indent=2))
+        return 0
+    if not versions:
+        from raylm.data.pipeline import default_root
+
+        print(f"no dataset versions under {a.root or default_root()}")
+        return 0
+    print(f"{'DATASET':<30} {'DOCS':>6} {'TOKENS':>11} {'QUAR.':>6}  {'CREATED':<20} SOURCES")
+    for m in versions:
+        srcs = ",".join(s.get("kind", "?") for s in m.get("sources", []))
+        print(f"{m['id']:<30} {m['counts']['documents']:>6} {m['counts']['tokens']:>11} "
+              f"{m['counts']['quarantined']:>6}  {m['created'][:19]:<20} {srcs}")
+        print(f"{'':<30} {m['uri']}")
+    return 0
+
+
+def cmd_datasets_show(a: argparse.Namespace) -> int:
+    from raylm.data.versions import resolve
+
+    try:
+        m = resolve(a.ref, a.root)
+    except FileNotFoundError as e:
+        _print_err(str(e))
+        return 1
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raylm", description="raylm: language models on one Ray cluster")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("up", help="start a local Ray head node with token auth and the dashboard on 127.0.0.1")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    s.add_argument("--port", type=int, default=6379, help="GCS port")
+    s.add_argument("--dashboard-port", type=int, default=8265)
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("down", help="stop the processes `raylm up` started (and no other Ray)")
+    s.set_defaults(fn=cmd_down)
+
+    s = sub.add_parser("status", help="the local cluster, its resources and recent jobs")
+    s.add_argument("--address", help="dashboard URL (default: RAY_ADDRESS or the local cluster)")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("env", help="print the exports that let plain `ray job submit` reach the local cluster")
+    s.set_defaults(fn=cmd_env)
+
+    s = sub.add_parser("submit", help="submit a stage's job (the project is uploaded as working_dir)")
+    s.add_argument("stage", help=f"one of: {', '.join(STAGES)}")
+    s.add_argument("--config", required=True)
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    s.add_argument("--address", help="dashboard URL (default: RAY_ADDRESS or the local cluster)")
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("logs", help="print a job's logs")
+    s.add_argument("job_id")
+    s.add_argument("--follow", "-f", action="store_true")
+    s.add_argument("--address")
+    s.set_defaults(fn=cmd_logs)
+
+    ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(dest="datasets_command", required=True)
+    s = ds.add_parser("list", help="versions with counts, tokens, sources, created")
+    s.add_argument("--root", help="dataset root URI (default $RAYLM_HOME/datasets)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_datasets_list)
+    s = ds.add_parser("show", help="one version's manifest")
+    s.add_argument("ref", help="NAME, NAME@VERSION or a version URI")
+    s.add_argument("--root")
+    s.set_defaults(fn=cmd_datasets_show)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except config.ConfigError as e:
+        _print_err(str(e))
+        return config.EXIT_CONFIG_ERROR
+    except (ClusterError, OSError) as e:
+        _print_err(str(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

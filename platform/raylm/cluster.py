@@ -1,0 +1,252 @@
+"""The local Ray cluster that `raylm up` starts and `raylm down` stops, and how clients
+(the CLI, tests, `ray job submit`) find and authenticate to a cluster.
+
+State lives in one directory, `$RAYLM_HOME` (default `~/.raylm`):
+  auth_token     the cluster's token (mode 0600); never leaves this machine in a job spec
+  ray/           Ray's temp dir (sessions, logs, sockets)
+  cluster.json   what `up` started: its process session id, addresses, ports
+Every Ray process that `up` starts runs in one new process session, so `down` stops exactly
+those processes and no other Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+
+class ClusterError(Exception):
+    """A cluster problem the user can act on; the message says what to do."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm").expanduser().resolve()
+
+
+@dataclass
+class ClusterState:
+    session_id: int
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    token_path: str
+    num_cpus: Optional[int]
+    started_at: float
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Optional["ClusterState"]:
+        f = state_dir / "cluster.json"
+        if not f.exists():
+            return None
+        return cls(**json.loads(f.read_text()))
+
+    def save(self, state_dir: Path) -> None:
+        (state_dir / "cluster.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _session_procs(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(p.pid) == sid and p.pid != os.getpid():
+                out.append(p)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return out
+
+
+def is_running(state: Optional[ClusterState]) -> bool:
+    return bool(state) and any("gcs_server" in _name(p) for p in _session_procs(state.session_id))
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def ensure_token(state_dir: Path) -> Path:
+    path = state_dir / "auth_token"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def read_token(path: Path | str) -> str:
+    return Path(path).read_text().strip()
+
+
+def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
+    """Environment for Ray processes and clients of this cluster: token auth on, our token,
+    our state dir, and this Python's bin dir first on PATH (so a job's `python` is ours)."""
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAYLM_HOME=str(state_dir),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ray_exe() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] = None,
+       state_dir: Optional[Path] = None, timeout: float = 120) -> ClusterState:
+    """Start a local head node with token auth and the dashboard on 127.0.0.1."""
+    state_dir = state_dir or home()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    current = ClusterState.load(state_dir)
+    if is_running(current):
+        return current
+    token_path = ensure_token(state_dir)
+    temp_dir = state_dir / "ray"
+    # A leftover ray_current_cluster makes a later ray.init() try to join a dead cluster.
+    (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _ray_exe(), "start", "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    log = state_dir / "ray-start.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=cluster_env(state_dir, token_path), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        sid = proc.pid  # a new session's id is its leader's pid
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_session(sid)
+            raise ClusterError(f"`ray start` did not finish in {timeout:.0f}s; see {log}")
+    if rc != 0:
+        _stop_session(sid)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        hint = ""
+        if "already" in tail.lower() or "in use" in tail.lower():
+            hint = f"\nIs another Ray using port {port} or {dashboard_port}? Try `raylm up --port N --dashboard-port M`."
+        raise ClusterError(f"`ray start` failed (exit {rc}):\n{tail}{hint}")
+    state = ClusterState(
+        session_id=sid, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        temp_dir=str(temp_dir), token_path=str(token_path), num_cpus=num_cpus, started_at=time.time(),
+    )
+    state.save(state_dir)
+    _wait_dashboard(state, timeout=timeout)
+    return state
+
+
+def _wait_dashboard(state: ClusterState, timeout: float) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    headers = {"Authorization": f"Bearer {read_token(state.token_path)}"}
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{state.dashboard_url}/api/version", headers=headers, timeout=5).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"the dashboard at {state.dashboard_url} did not answer within {timeout:.0f}s")
+
+
+def _stop_session(sid: int, grace: float = 15) -> int:
+    procs = _session_procs(sid)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def down(state_dir: Optional[Path] = None) -> int:
+    """Stop the processes `up` started (and only those). Returns how many were stopped."""
+    state_dir = state_dir or home()
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return 0
+    n = _stop_session(state.session_id)
+    (state_dir / "cluster.json").unlink(missing_ok=True)
+    (Path(state.temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
+    return n
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """Where a client sends requests and with which token."""
+
+    dashboard_url: str
+    token: Optional[str]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def resolve_target(address: Optional[str] = None, state_dir: Optional[Path] = None) -> Target:
+    """--address, else RAY_ADDRESS (an http:// dashboard URL), else the local `raylm up` cluster.
+    The token: RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else the local cluster's token file."""
+    state_dir = state_dir or home()
+    state = ClusterState.load(state_dir)
+    url = address or os.environ.get("RAY_ADDRESS") or (state.dashboard_url if state else None)
+    if not url:
+        raise ClusterError("no cluster: run `raylm up`, or pass --address http://HOST:8265 (or set RAY_ADDRESS)")
+    if not url.startswith(("http://", "https://")):
+        raise ClusterError(f"address {url!r} must be the dashboard URL, e.g. http://127.0.0.1:8265")
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = read_token(os.environ["RAY_AUTH_TOKEN_PATH"])
+    if not token and state and url.rstrip("/") == state.dashboard_url:
+        token = read_token(state.token_path)
+    return Target(url.rstrip("/"), token)
+
+
+def job_client(target: Target):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(target.dashboard_url, headers=target.headers)
+    except Exception as e:  # noqa: BLE001 - connection/auth failures become one clear message
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClusterError(f"cannot reach the Ray dashboard at {target.dashboard_url}: {msg}\n"
+                           "Is the cluster up (`raylm status`)? Is the token right?") from None
+
+
+def env_exports(state: ClusterState) -> str:
+    return (f"export RAY_ADDRESS={state.dashboard_url}\n"
+            f"export RAY_AUTH_MODE=token\n"
+            f"export RAY_AUTH_TOKEN_PATH={state.token_path}\n")

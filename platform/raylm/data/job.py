@@ -1,0 +1,39 @@
+"""`jobs/prepare_data.py`: build (or reuse) a dataset version from a data config."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Sequence
+
+from raylm import config
+from raylm.data.config import DataConfig
+
+
+def summary(m: dict) -> str:
+    lines = [f"dataset version: {m['id']}" + ("  (reused: already built)" if m.get("reused") else ""),
+             f"written to:      {m['uri']}"]
+    for split, s in m["splits"].items():
+        lines.append(f"  {split:<10} {s['documents']:>6} documents  {s['tokens']:>10} tokens  {s['blocks']:>7} blocks")
+    c = m["counts"]
+    lines.append(f"records read {c['records_read']}, quarantined {c['quarantined']}, dropped "
+                 f"{sum(c['dropped'].values())}; tokenizer {m['tokenizer']['kind']} "
+                 f"(vocab {m['tokenizer']['vocab_size']})")
+    if m["quarantine"]["count"]:
+        lines.append(f"quarantine:      {m['quarantine']['uri']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = config.job_argparser("Prepare a dataset version (raylm data job).").parse_args(argv)
+    cfg = config.load(DataConfig, args.config, args.overrides)
+    from raylm.data import pipeline, sources
+    from raylm.runtime import init_ray
+
+    for src in cfg.sources:  # a missing input is a user error: say so before starting Ray
+        sources.fingerprint(src)
+    init_ray()
+    manifest = pipeline.run(cfg)
+    print(summary(manifest), flush=True)
+    print("RAYLM_RESULT " + json.dumps({"dataset": manifest["id"], "uri": manifest["uri"],
+                                        "reused": bool(manifest.get("reused"))}), flush=True)
+    return 0

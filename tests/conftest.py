@@ -1,0 +1,100 @@
+"""Test fixtures. One real Ray cluster for the whole session, started the way users start it
+(`raylm up`: token auth, dashboard on 127.0.0.1) in a private state dir, and stopped with
+`raylm down` at the end, which must leave none of its processes behind.
+
+Isolation: HOME, RAYLM_HOME and Ray's temp dir point into a fresh directory before anything
+imports Ray, so no test writes ~/.ray/auth_token or switches this machine's Ray to token mode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="rlt"))  # short: Ray's socket paths must stay < 108 bytes
+os.environ["HOME"] = str(_TMP / "home")
+os.environ["RAYLM_HOME"] = str(_TMP / "raylm")
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("RAY_AUTH_TOKEN", None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+(_TMP / "home").mkdir(parents=True, exist_ok=True)
+# The shakespeare corpus is fetched once per machine, not once per test run.
+SHARED_CACHE = Path(os.environ.get("RAYLM_TEST_CACHE", ROOT / ".cache" / "corpus"))
+SHARED_CACHE.mkdir(parents=True, exist_ok=True)
+
+RAYLM = [sys.executable, "-m", "raylm.cli"]
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAYLM, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def raylm_cluster():
+    """A local cluster started by `raylm up`; this process is connected to it with its token."""
+    from raylm import cluster
+
+    up = run_cli("up", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-port", str(free_port()),
+                 timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    state = cluster.ClusterState.load(cluster.home())
+    os.environ["RAY_AUTH_TOKEN_PATH"] = state.token_path
+    import ray
+
+    ray.init(address=state.gcs_address, log_to_driver=False)
+    yield state
+    ray.shutdown()
+    down = run_cli("down", timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    leftover = cluster._session_procs(state.session_id)
+    assert not leftover, f"`raylm down` left processes running: {[p.pid for p in leftover]}"
+    assert not (Path(state.temp_dir) / "ray_current_cluster").exists()
+
+
+@pytest.fixture(scope="session")
+def ray_session(raylm_cluster):
+    return raylm_cluster
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    return tmp_path / "datasets"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1, reached over HTTP; AWS_* env points clients at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                           "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="raylm-test")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TMP, ignore_errors=True)

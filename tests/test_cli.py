@@ -1,0 +1,122 @@
+"""The `raylm` CLI against the session's cluster, which `raylm up` started with token auth:
+the Jobs API refuses requests without the token; `raylm submit` and plain `ray job submit`
+with the token run the data job; exit codes follow the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from conftest import ROOT, run_cli
+from raylm import cluster
+
+
+def no_token_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def test_up_binds_dashboard_to_loopback_with_token_auth(raylm_cluster):
+    assert raylm_cluster.dashboard_url.startswith("http://127.0.0.1:")
+    token_file = Path(raylm_cluster.token_path)
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert not (Path(os.environ["HOME"]) / ".ray" / "auth_token").exists()  # nothing written to ~/.ray
+    assert requests.get(f"{raylm_cluster.dashboard_url}/api/authentication_mode", timeout=10).json() == {
+        "authentication_mode": "token"}
+
+
+def test_jobs_api_refuses_requests_without_the_right_token(raylm_cluster):
+    url = f"{raylm_cluster.dashboard_url}/api/jobs/"
+    body = {"entrypoint": "echo pwned"}
+    assert requests.post(url, json=body, timeout=10).status_code == 401
+    assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 403
+    # and the real `ray job submit` without a token is refused
+    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+                           raylm_cluster.dashboard_url, "--no-wait", "--", "echo", "pwned"],
+                          capture_output=True, text=True, timeout=120, env=no_token_env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "Unauthorized" in proc.stderr + proc.stdout or "Authentication" in proc.stderr + proc.stdout
+    jobs = requests.get(url, headers={"Authorization": f"Bearer {cluster.read_token(raylm_cluster.token_path)}"},
+                        timeout=10).json()
+    assert not any("pwned" in (j.get("entrypoint") or "") for j in jobs)
+
+
+def test_raylm_submit_runs_prepare_data_and_lists_the_dataset(raylm_cluster):
+    proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml", "--set", "pack.seq_len=16",
+                   env=no_token_env())  # the CLI finds the token in the state dir by itself
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RAYLM_RESULT ", 1)[1].splitlines()[0])
+    assert result["dataset"].startswith("tiny@v")
+    manifest = json.loads((Path(result["uri"]) / "manifest.json").read_text())
+    assert manifest["counts"]["documents"] == 30 and manifest["counts"]["quarantined"] == 1
+    assert manifest["config"]["pack"]["seq_len"] == 16  # the --set reached the job
+    listed = run_cli("datasets", "list")
+    assert listed.returncode == 0 and result["dataset"] in listed.stdout
+    shown = run_cli("datasets", "show", result["dataset"])
+    assert json.loads(shown.stdout)["version"] == manifest["version"]
+    # the job spec the Jobs API hands to anyone who can list jobs holds no token
+    token = cluster.read_token(raylm_cluster.token_path)
+    jobs = requests.get(f"{raylm_cluster.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
+                        timeout=10).text
+    assert "raylm-prepare_data" in jobs and token not in jobs
+
+
+def test_exit_code_follows_the_job(raylm_cluster):
+    proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml",
+                   "--set", "sources.0.uri=tests/data/missing.jsonl")
+    assert proc.returncode == 2
+    assert "no such file or directory" in proc.stdout and "missing.jsonl" in proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+def test_bad_config_is_refused_before_submitting(raylm_cluster):
+    before = len(cluster.job_client(cluster.resolve_target()).list_jobs())
+    proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml", "--set", "pack.seq_lenn=8")
+    assert proc.returncode == 2
+    assert "unknown key `pack.seq_lenn`; did you mean `pack.seq_len`?" in proc.stderr
+    assert len(cluster.job_client(cluster.resolve_target()).list_jobs()) == before
+
+
+def test_no_wait_then_logs_and_status(raylm_cluster):
+    proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml", "--no-wait")
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raylm-prepare_data-")
+    logs = run_cli("logs", job_id, "--follow")
+    assert logs.returncode == 0, logs.stderr
+    assert "dataset version: tiny@v" in logs.stdout
+    status = run_cli("status")
+    assert status.returncode == 0 and job_id in status.stdout and "SUCCEEDED" in status.stdout
+
+
+def test_plain_ray_job_submit_with_raylm_env(raylm_cluster):
+    exports = run_cli("env")
+    assert exports.returncode == 0
+    env = no_token_env()
+    for line in exports.stdout.splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value
+    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".", "--",
+                           "python", "jobs/prepare_data.py", "--config", "tests/data/tiny.yaml"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dataset version: tiny@v" in proc.stdout
+
+
+def test_up_again_is_a_no_op(raylm_cluster):
+    proc = run_cli("up")
+    assert proc.returncode == 0 and "already running" in proc.stdout
+    assert cluster.ClusterState.load(cluster.home()).session_id == raylm_cluster.session_id
+
+
+def test_down_without_a_cluster_says_so(tmp_path):
+    proc = run_cli("down", env={"RAYLM_HOME": str(tmp_path)})
+    assert proc.returncode == 0 and "no raylm cluster to stop" in proc.stdout
+    proc = run_cli("status", env={"RAYLM_HOME": str(tmp_path), "RAY_ADDRESS": ""})
+    assert proc.returncode == 1 and "run `raylm up`" in proc.stderr

