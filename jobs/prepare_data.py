@@ -9,6 +9,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the raylm next to this script
 
+from raylm.runtime import prepare_env  # noqa: E402
+
+prepare_env()  # before anything imports Ray: it reads the auth mode at import
+
 from raylm.config import run_main  # noqa: E402
 from raylm.data.job import main  # noqa: E402
 

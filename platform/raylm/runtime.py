@@ -1,14 +1,33 @@
-"""Connecting a job's driver to Ray."""
+"""Connecting a job's driver to Ray.
+
+Ray reads RAY_AUTH_MODE when it is imported, so `prepare_env()` runs first in every
+jobs/*.py script, before anything imports Ray; `init_ray()` then connects.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Optional
 
-import ray
-
-import raylm
 from raylm import cluster
+
+
+def prepare_env() -> Optional[str]:
+    """Pick the cluster this process joins and set its auth environment. Returns the GCS
+    address to join, or None (inside `ray job submit`, or to start a local Ray)."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        os.environ.pop("RAY_ADDRESS")  # a dashboard URL is for the Jobs API, not for ray.init
+        address = None
+    if address is None:
+        state = cluster.ClusterState.load(cluster.home())
+        if cluster.is_running(state):
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN_PATH"] = state.token_path
+            return state.gcs_address
+    return address
 
 
 def init_ray() -> None:
@@ -20,22 +39,22 @@ def init_ray() -> None:
     raylm's own package is shipped to the workers (`py_modules`), so the code a job's tasks
     run is the code its driver runs, whatever version the cluster has installed.
     """
+    already_imported = "ray" in sys.modules
+    address = prepare_env()
+    import ray
+
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith(("http://", "https://")):
-        address = None  # a dashboard URL is for the Jobs API, not for ray.init
-    if address is None:
-        state = cluster.ClusterState.load(cluster.home())
-        if cluster.is_running(state):
-            address = state.gcs_address
-            os.environ["RAY_AUTH_MODE"] = "token"
-            os.environ["RAY_AUTH_TOKEN_PATH"] = state.token_path
-            print(f"[raylm] connecting to the local raylm cluster at {address}", flush=True)
-        else:
-            print("[raylm] no cluster found (no RAY_ADDRESS, no `raylm up`): starting a local Ray for this run",
-                  flush=True)
-    if address is None:
-        os.environ.pop("RAY_ADDRESS", None)
+    if already_imported and os.environ.get("RAY_AUTH_MODE") == "token":
+        from ray._raylet import Config  # Ray cached the auth mode at import: refresh it
+
+        Config.initialize("")
+    if address and not os.environ.get("RAY_JOB_ID"):
+        print(f"[raylm] joining the cluster at {address}", flush=True)
+    elif not address:
+        print("[raylm] no cluster found (no RAY_ADDRESS, no `raylm up`): starting a local Ray for this run",
+              flush=True)
+    import raylm
+
     ray.init(address=address, runtime_env={"py_modules": [str(Path(raylm.__file__).parent)]},
              log_to_driver=True)

@@ -1,0 +1,210 @@
+"""The training loop each Ray Train worker runs: one readable function with explicit setup.
+
+Data comes from the dataset version through `ray.train.get_dataset_shard` (streaming, each
+worker its own shard). Metrics go to Ray (`ray.train.report`) and Prometheus (`raylm_train_*`);
+checkpoints every `checkpoint_every` steps hold model, optimizer, schedule, step and data
+position, so a re-run of the same run name (or a restart after a failure) continues there.
+At the end every rank helps consolidate the model; rank 0 writes one Hugging Face directory
+and registers it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raylm.train.config import TrainConfig
+from raylm.train import models, strategies
+
+
+def _to_ids(batch: pa.Table, device: torch.device) -> torch.Tensor:
+    col = batch.column("input_ids").combine_chunks()
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    return torch.from_numpy(flat.reshape(len(col), -1)).to(device, non_blocking=True)
+
+
+def train_batches(shard, batch_size: int, device: torch.device, skip: int) -> Iterator[torch.Tensor]:
+    """Micro-batches forever (epoch after epoch), skipping the first `skip` (resume)."""
+    while True:
+        seen = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
+            seen += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield _to_ids(batch, device)
+        if seen == 0:
+            raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} blocks: "
+                             "lower batch_size or num_workers, or use more data")
+
+
+def _all_mean(values: list[float], device: torch.device) -> float:
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def evaluate(strat, shard, batch_size: int, max_batches: int, device: torch.device) -> dict[str, float]:
+    if shard is None:
+        return {}
+    losses = []
+    for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)):
+        if i >= max_batches:
+            break
+        losses.append(float(strat.evaluate(_to_ids(batch, device))))
+    loss = _all_mean(losses, device)
+    if math.isnan(loss):
+        return {}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+
+class Metrics:
+    """Prometheus gauges through ray.util.metrics (exported by Ray, prefix raylm_train_)."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("run",)
+        self.tags = {"run": run}
+        self.g = {name: Gauge(f"raylm_train_{name}", description=desc, tag_keys=tags) for name, desc in {
+            "loss": "training loss (mean over the last log interval)",
+            "val_loss": "validation loss",
+            "tokens_per_second": "training tokens per second, all workers",
+            "samples_per_second": "training sequences per second, all workers",
+            "mfu": "model FLOPs utilization estimate (0-1), GPU only",
+            "learning_rate": "current learning rate",
+            "step": "optimizer step",
+        }.items()}
+        self.tokens = Counter("raylm_train_tokens_total", description="tokens trained on", tag_keys=tags)
+
+    def record(self, values: dict[str, float], new_tokens: int) -> None:
+        for k, v in values.items():
+            if k in self.g and v is not None and not (isinstance(v, float) and math.isnan(v)):
+                self.g[k].set(float(v), tags=self.tags)
+        if new_tokens:
+            self.tokens.inc(new_tokens, tags=self.tags)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    cfg = TrainConfig.model_validate(config["train_config"])
+    meta = config["dataset"]  # vocab, eos, seq_len, tokenizer location, dataset id
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    np.random.seed(t.seed)
+    seq_len = meta["seq_len"]
+
+    model = models.build(cfg.model, meta["vocab_size"], seq_len, meta["eos_id"], meta.get("pad_id"))
+    n_params = models.num_params(model)
+    flops_tok = models.flops_per_token(model.config, n_params, seq_len)
+    peak = models.peak_flops(device)
+    strat = strategies.setup(model, t, device)
+
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None,
+                             "evals_without_improvement": 0, "registered": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state.update(strat.load(d))
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint at step {state['step']}", flush=True)
+
+    metrics = Metrics(cfg.name) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation") if meta.get("has_validation") else None
+    batches = train_batches(train_shard, t.batch_size, device, skip=state["micro_batches"])
+    tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
+
+    def checkpoint(extra: dict[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            strat.save(d, state)
+            ray.train.report({**extra, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=name)
+
+    start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
+    last: dict[str, Any] = {}
+    stop_early = False
+    while state["step"] < t.max_steps and not stop_early:
+        for micro in range(t.grad_accum):
+            loss = strat.micro_step(next(batches), last=micro == t.grad_accum - 1)
+            window_loss.append(float(loss))
+            state["micro_batches"] += 1
+        grad_norm = strat.optimizer_step()
+        state["step"] += 1
+        state["tokens"] += tokens_per_step
+        step = state["step"]
+
+        evaluated = {}
+        if step % t.eval_every == 0 or step == t.max_steps:
+            evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, device)
+            if evaluated:
+                best = state["best_val_loss"]
+                if best is None or evaluated["val_loss"] < best:
+                    state["best_val_loss"], state["evals_without_improvement"] = evaluated["val_loss"], 0
+                else:
+                    state["evals_without_improvement"] += 1
+                stop_early = bool(t.early_stopping_patience) and \
+                    state["evals_without_improvement"] >= t.early_stopping_patience
+
+        if step % t.log_every == 0 or evaluated or step == t.max_steps:
+            elapsed = time.time() - window_t
+            steps_in_window = max(1, len(window_loss) // t.grad_accum)
+            tok_s = steps_in_window * tokens_per_step / max(elapsed, 1e-9)
+            last = {
+                "loss": _all_mean(window_loss, device),
+                "learning_rate": strat.lr(), "grad_norm": grad_norm,
+                "tokens_per_second": tok_s, "samples_per_second": tok_s / seq_len,
+                "mfu": (tok_s / world * flops_tok / peak) if peak else None,
+                "tokens": state["tokens"], **evaluated,
+            }
+            if rank == 0:
+                metrics.record({**last, "step": step}, new_tokens=steps_in_window * tokens_per_step)
+                done = step - start_step
+                eta = (time.time() - t0) / max(done, 1) * (t.max_steps - step)
+                mfu = f" mfu {last['mfu']:.1%}" if last["mfu"] else ""
+                val = f" val_loss {evaluated['val_loss']:.4f} ppl {evaluated['val_ppl']:.1f}" if evaluated else ""
+                print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
+                      f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
+            window_loss, window_t = [], time.time()
+            if step % t.checkpoint_every != 0:
+                ray.train.report({k: v for k, v in last.items() if v is not None} | {"step": step})
+
+        if step % t.checkpoint_every == 0:
+            checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
+
+    if stop_early and rank == 0:
+        print(f"[train] early stop at step {state['step']}: no better val_loss in "
+              f"{t.early_stopping_patience} evaluations", flush=True)
+
+    # Export: one consolidated Hugging Face directory, whatever the strategy.
+    full = strat.full_state_dict()  # a collective for fsdp / zero-3
+    if rank == 0 and cfg.output.register and state["registered"] is None:
+        from raylm.train.export import export_and_register
+
+        card = export_and_register(cfg, meta, full, state, last, n_params)
+        state["registered"] = card["id"]
+        print(f"[train] registered {card['id']} at {card['uri']}", flush=True)
+    if dist.is_initialized():
+        holder = [state["registered"]]
+        dist.broadcast_object_list(holder, src=0)
+        state["registered"] = holder[0]
+    final = {k: v for k, v in last.items() if v is not None}
+    checkpoint({**final, "model": state["registered"] or ""}, f"step-{state['step']:08d}-final")
