@@ -9,8 +9,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.raylm-installed
 # The local cluster's state (token, Ray temp dir, data, registry) lives here.
 export RAYLM_HOME ?= $(CURDIR)/.raylm
-# DeepSpeed/torch extension builds are cached across runs, not rebuilt by every test run.
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# DeepSpeed compiles ops on first use (~60 s); keep them per machine, not per checkout.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/raylm/torch_extensions
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test down clean

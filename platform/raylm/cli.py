@@ -8,6 +8,7 @@
     raylm logs JOB_ID [--follow]
     raylm datasets list [--root URI]
     raylm datasets show NAME[@VERSION] [--root URI]
+    raylm models list | show NAME[@vN]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from raylm.cluster import ClusterError
 # stage name -> the config model its job validates (imported lazily: "module:Class")
 STAGES = {
     "prepare_data": "raylm.data.config:DataConfig",
+    "train": "raylm.train.config:TrainConfig",
 }
 
 # Never uploaded with a job: environments, caches, local state, VCS.
@@ -192,12 +194,25 @@ def follow(client, job_id: str) -> int:
     return code
 
 
+def submit_with_retry(client, sub: dict, wait: float = 90) -> str:
+    """Submit; a cluster that has just started answers "No available agent" until its job agent
+    registers, so wait for it (up to `wait` seconds) instead of failing."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            return client.submit_job(**sub)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise ClusterError(f"the Jobs API refused the submission: {str(e).splitlines()[-1]}") from None
+            time.sleep(2)
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     root = project_root()
     sub = build_submission(a.stage, a.config, a.overrides, root)
     target = cluster.resolve_target(a.address)
     client = cluster.job_client(target)
-    job_id = client.submit_job(**sub)
+    job_id = submit_with_retry(client, sub)
     print(f"submitted {job_id} to {target.dashboard_url}  (dashboard: {target.dashboard_url}/#/jobs/{job_id})",
           flush=True)
     if a.no_wait:
@@ -255,6 +270,35 @@ def cmd_datasets_show(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- models ----------------------------------------------------------------------------------
+
+def cmd_models_list(a: argparse.Namespace) -> int:
+    from raylm import registry
+
+    cards = registry.list_models(a.registry)
+    if not cards:
+        print(f"no models in {a.registry or registry.default_root()}")
+        return 0
+    print(f"{'MODEL':<28} {'TASK':<10} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9}  CREATED")
+    for c in cards:
+        vl = c.get("metrics", {}).get("val_loss")
+        print(f"{c['id']:<28} {c['task']:<10} {c.get('strategy', ''):<16} {c.get('dataset', ''):<28} "
+              f"{(f'{vl:.4f}' if vl is not None else '-'):>9}  {c['created'][:19]}")
+    return 0
+
+
+def cmd_models_show(a: argparse.Namespace) -> int:
+    from raylm import registry
+
+    try:
+        card = registry.resolve(a.ref, a.registry)
+    except FileNotFoundError as e:
+        _print_err(str(e))
+        return 1
+    print(json.dumps(card, indent=2))
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -300,6 +344,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="NAME, NAME@VERSION or a version URI")
     s.add_argument("--root")
     s.set_defaults(fn=cmd_datasets_show)
+
+    ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    s = ms.add_parser("list", help="registered models with task, strategy, dataset, metrics")
+    s.add_argument("--registry", help="registry root URI (default $RAYLM_HOME/registry)")
+    s.set_defaults(fn=cmd_models_list)
+    s = ms.add_parser("show", help="one model's card")
+    s.add_argument("ref", help="NAME, NAME@vN or a model directory URI")
+    s.add_argument("--registry")
+    s.set_defaults(fn=cmd_models_show)
     return p
 
 

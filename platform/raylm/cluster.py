@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,12 @@ def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _ray_exe() -> str:
     exe = Path(sys.executable).parent / "ray"
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
@@ -131,6 +138,11 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
+    # Ray's internal ports get free ones, so this cluster starts even beside another Ray
+    # (whose dashboard agent would otherwise hold 52365 and leave this one without a job agent).
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--ray-client-server-port"):
+        cmd.append(f"{flag}={free_port()}")
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log = state_dir / "ray-start.log"

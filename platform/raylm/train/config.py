@@ -74,7 +74,7 @@ class TrainLoopConfig(Strict):
 class TrainOutput(Strict):
     storage: Optional[str] = Field(None, description="run storage (checkpoints); default $RAYLM_HOME/runs")
     registry: Optional[str] = Field(None, description="model registry root; default $RAYLM_HOME/registry")
-    register: bool = True
+    register_model: bool = Field(True, description="export and register the model at the end")
 
     @field_validator("storage", "registry")
     @classmethod

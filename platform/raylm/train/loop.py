@@ -69,6 +69,15 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, device: torch.devi
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
 
+@torch.no_grad()
+def probe(strat, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the model as trained (a collective for sharded strategies: every rank calls)."""
+    strat.model.eval()
+    logits = strat.model(input_ids=ids).logits.float().cpu()
+    strat.model.train()
+    return logits
+
+
 class Metrics:
     """Prometheus gauges through ray.util.metrics (exported by Ray, prefix raylm_train_)."""
 
@@ -119,11 +128,13 @@ def train_loop(config: dict[str, Any]) -> None:
     strat = strategies.setup(model, t, device)
 
     state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None,
-                             "evals_without_improvement": 0, "registered": None}
+                             "evals_without_improvement": 0, "registered": None, "resumed_from_step": None,
+                             "loss_curve": []}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state.update(strat.load(d))
+        state["resumed_from_step"] = state["step"]
         if rank == 0:
             print(f"[train] resumed from the checkpoint at step {state['step']}", flush=True)
 
@@ -175,6 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "mfu": (tok_s / world * flops_tok / peak) if peak else None,
                 "tokens": state["tokens"], **evaluated,
             }
+            state["loss_curve"].append([step, round(last["loss"], 6)])
             if rank == 0:
                 metrics.record({**last, "step": step}, new_tokens=steps_in_window * tokens_per_step)
                 done = step - start_step
@@ -189,17 +201,21 @@ def train_loop(config: dict[str, Any]) -> None:
 
         if step % t.checkpoint_every == 0:
             checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
+            if rank == 0:
+                print(f"[train] checkpoint saved at step {step}", flush=True)
 
     if stop_early and rank == 0:
         print(f"[train] early stop at step {state['step']}: no better val_loss in "
               f"{t.early_stopping_patience} evaluations", flush=True)
 
     # Export: one consolidated Hugging Face directory, whatever the strategy.
+    probe_ids = (torch.arange(min(32, seq_len), device=device) * 7919 % meta["vocab_size"]).unsqueeze(0)
+    probe_logits = probe(strat, probe_ids)  # the trained model's own answer, to check the export against
     full = strat.full_state_dict()  # a collective for fsdp / zero-3
-    if rank == 0 and cfg.output.register and state["registered"] is None:
+    if rank == 0 and cfg.output.register_model and state["registered"] is None:
         from raylm.train.export import export_and_register
 
-        card = export_and_register(cfg, meta, full, state, last, n_params)
+        card = export_and_register(cfg, meta, full, state, last, n_params, probe_ids.cpu(), probe_logits)
         state["registered"] = card["id"]
         print(f"[train] registered {card['id']} at {card['uri']}", flush=True)
     if dist.is_initialized():
