@@ -25,6 +25,7 @@ class ModelConfig(Strict):
         default_factory=dict, description="fields of the transformers config to change, e.g. num_hidden_layers")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each transformer block (GPU; the first steps compile)")
 
 
 class DeepSpeedConfig(Strict):

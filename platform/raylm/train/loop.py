@@ -151,15 +151,21 @@ def train_loop(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=name)
 
     start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
+    warm_steps = max(1, min(5, (t.max_steps - start_step) // 4))
+    steady_t0 = None
     last: dict[str, Any] = {}
     stop_early = False
     while state["step"] < t.max_steps and not stop_early:
         for micro in range(t.grad_accum):
             loss = strat.micro_step(next(batches), last=micro == t.grad_accum - 1)
-            window_loss.append(float(loss))
+            window_loss.append(loss)  # a device tensor: no host sync per step
             state["micro_batches"] += 1
         grad_norm = strat.optimizer_step()
         state["step"] += 1
+        if state["step"] - start_step == warm_steps:  # steady-state throughput excludes warm-up steps
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            steady_t0 = time.time()
         state["tokens"] += tokens_per_step
         step = state["step"]
 
@@ -180,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
             steps_in_window = max(1, len(window_loss) // t.grad_accum)
             tok_s = steps_in_window * tokens_per_step / max(elapsed, 1e-9)
             last = {
-                "loss": _all_mean(window_loss, device),
+                "loss": _all_mean(torch.stack(window_loss).float().tolist(), device),
                 "learning_rate": strat.lr(), "grad_norm": grad_norm,
                 "tokens_per_second": tok_s, "samples_per_second": tok_s / seq_len,
                 "mfu": (tok_s / world * flops_tok / peak) if peak else None,
@@ -204,15 +210,28 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"[train] checkpoint saved at step {step}", flush=True)
 
+    if steady_t0 is not None and state["step"] - start_step > warm_steps:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        steady = (state["step"] - start_step - warm_steps) * tokens_per_step / (time.time() - steady_t0)
+        last["steady_tokens_per_second"] = steady
+        if peak:
+            last["steady_mfu"] = steady / world * flops_tok / peak
+    if device.type == "cuda":
+        last["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    last["params_non_embedding"] = n_params
+
     if stop_early and rank == 0:
         print(f"[train] early stop at step {state['step']}: no better val_loss in "
               f"{t.early_stopping_patience} evaluations", flush=True)
 
     # Export: one consolidated Hugging Face directory, whatever the strategy.
-    probe_ids = (torch.arange(min(32, seq_len), device=device) * 7919 % meta["vocab_size"]).unsqueeze(0)
-    probe_logits = probe(strat, probe_ids)  # the trained model's own answer, to check the export against
-    full = strat.full_state_dict()  # a collective for fsdp / zero-3
-    if rank == 0 and cfg.output.register_model and state["registered"] is None:
+    export = cfg.output.register_model and state["registered"] is None
+    if export:
+        probe_ids = (torch.arange(min(32, seq_len), device=device) * 7919 % meta["vocab_size"]).unsqueeze(0)
+        probe_logits = probe(strat, probe_ids)  # the trained model's own answer, to check the export against
+    full = strat.full_state_dict() if export else None  # a collective for fsdp / zero-3
+    if rank == 0 and export:
         from raylm.train.export import export_and_register
 
         card = export_and_register(cfg, meta, full, state, last, n_params, probe_ids.cpu(), probe_logits)

@@ -65,6 +65,9 @@ def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: 
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        for block in blocks(model):
+            block.compile()  # in place: parameter names (checkpoints, export) stay the same
     return model
 
 

@@ -1,0 +1,184 @@
+"""GPU training figures: raylm's own training job code (Ray Train, one GPU worker) against the
+same model, strategy object and data in a plain torch loop without Ray, in the same run.
+
+    python benchmarks/gpu_train.py --preset 500m --seq-len 2048 --batch-size 8 --steps 30 \
+        --strategies fsdp,zero2,zero3
+
+Prints one JSON line per strategy: steady-state tokens/s and MFU through Ray Train, peak GPU
+memory, the plain-loop tokens/s measured in the same run, and the Ray overhead in percent.
+The data is a synthetic dataset version (uniform random tokens): throughput does not depend on
+what the tokens say. Needs CUDA; on the lent H100 see ../shared/device/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+STRATEGY_SETS = {
+    "ddp": ["train.strategy=ddp"],
+    "fsdp": ["train.strategy=fsdp"],
+    "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
+    "zero3": ["train.strategy=deepspeed", "train.deepspeed.stage=3"],
+}
+
+
+def synthetic_dataset(root: Path, vocab: int, seq_len: int, blocks: int, seed: int = 0) -> str:
+    """A dataset version with only packed train blocks of random tokens."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = root / "synthetic" / "vbench"
+    (uri / "packed" / "train").mkdir(parents=True, exist_ok=True)
+    ids = np.random.default_rng(seed).integers(1, vocab, size=(blocks, seq_len), dtype=np.int32)
+    offsets = np.arange(0, blocks * seq_len + 1, seq_len, dtype=np.int32)
+    col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.reshape(-1)))
+    pq.write_table(pa.table({"input_ids": col}), uri / "packed" / "train" / "part-0.parquet")
+    manifest = {
+        "id": "synthetic@vbench", "name": "synthetic", "version": "vbench", "uri": str(uri),
+        "created": "1970-01-01T00:00:00+00:00", "config": {"pack": {"seq_len": seq_len}},
+        "counts": {"documents": blocks, "tokens": blocks * seq_len, "quarantined": 0, "dropped": {}},
+        "splits": {"train": {"documents": blocks, "tokens": blocks * seq_len, "blocks": blocks},
+                   "validation": {"documents": 0, "tokens": 0, "blocks": 0},
+                   "test": {"documents": 0, "tokens": 0, "blocks": 0}},
+        "tokenizer": {"kind": "none", "path": "tokenizer", "vocab_size": vocab, "eos_id": 0},
+        "sources": [{"kind": "synthetic"}],
+    }
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def train_config(args, data_root: str, key: str, storage: str):
+    from raylm import config
+    from raylm.train.config import TrainConfig
+
+    sets = STRATEGY_SETS[key] + [
+        f"name=bench-{key}", "data.dataset=synthetic", f"data.root={data_root}",
+        f"model.preset={args.preset}", "model.arch=llama", f"model.activation_checkpointing={args.act_ckpt}", f"model.compile={args.compile}",
+        "train.num_workers=1", "train.use_gpu=true", "train.cpus_per_worker=4", "train.precision=bf16",
+        f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.warmup_steps=2",
+        f"train.log_every={max(1, args.steps // 3)}", f"train.eval_every={10 * args.steps}",
+        f"train.checkpoint_every={10 * args.steps}", "train.keep_checkpoints=1",
+        f"output.storage={storage}", "output.register_model=false",
+    ]
+    return config.build(TrainConfig, config.apply_overrides({}, sets))
+
+
+def plain_loop(args, data_root: str, key: str) -> dict:
+    """The same model, strategy object and data in one plain process (torch.distributed, world 1)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    import torch.distributed as dist
+
+    from raylm.train import models, strategies
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    cfg = train_config(args, data_root, key, storage="/tmp/unused")
+    device = torch.device("cuda:0")
+    torch.cuda.set_device(device)
+    if key != "zero2" and key != "zero3":
+        dist.init_process_group("nccl", device_id=device)
+    table = pq.read_table(Path(data_root) / "synthetic" / "vbench" / "packed" / "train")
+    col = table.column("input_ids").combine_chunks()
+    data = torch.from_numpy(np.asarray(col.values).astype(np.int64).reshape(len(col), -1))
+    torch.manual_seed(0)
+    model = models.build(cfg.model, args.vocab, args.seq_len, 0, None)
+    n_params = models.num_params(model)
+    strat = strategies.setup(model, cfg.train, device)
+    bs = cfg.train.batch_size
+    warm = max(1, min(5, args.steps // 4))
+    for step in range(args.steps):
+        if step == warm:
+            torch.cuda.synchronize()
+            t0 = time.time()
+        i = (step * bs) % (len(data) - bs)
+        ids = data[i:i + bs].to(device, non_blocking=True)
+        strat.micro_step(ids, last=True)
+        strat.optimizer_step()
+    torch.cuda.synchronize()
+    tok_s = (args.steps - warm) * bs * args.seq_len / (time.time() - t0)
+    flops = models.flops_per_token(model.config, n_params, args.seq_len)
+    return {"tokens_per_second": tok_s, "mfu": tok_s * flops / models.peak_flops(device),
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="500m")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--act-ckpt", default="false")
+    p.add_argument("--compile", default="false", help="torch.compile each transformer block")
+    p.add_argument("--strategies", default="fsdp,zero2,zero3")
+    p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
+    p.add_argument("--data-root", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.plain:
+        print("PLAIN " + json.dumps(plain_loop(args, args.data_root, args.plain)), flush=True)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    blocks = args.batch_size * (args.steps + 2)
+    data_root = synthetic_dataset(work / "datasets", args.vocab, args.seq_len, blocks)
+    from raylm.runtime import init_ray
+    from raylm.train.job import dataset_meta, build_trainer
+
+    init_ray()
+    for key in args.strategies.split(","):
+        # Plain loop first, in its own process (a clean CUDA context).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+        plain = subprocess.run([sys.executable, __file__, "--plain", key, "--data-root", data_root,
+                                "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
+                                str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab),
+                                "--act-ckpt", args.act_ckpt, "--compile", args.compile], capture_output=True, text=True, env=env)
+        line = [x for x in plain.stdout.splitlines() if x.startswith("PLAIN ")]
+        if not line:
+            print(json.dumps({"benchmark": "gpu_train", "strategy": key, "error": "plain loop failed",
+                              "stderr": plain.stderr[-1500:]}), flush=True)
+            continue
+        base = json.loads(line[0][6:])
+        storage = str(work / "runs")
+        cfg = train_config(args, data_root, key, storage)
+        try:
+            result = build_trainer(cfg, dataset_meta(cfg)).fit()
+            m = result.metrics
+        except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
+            print(json.dumps({"benchmark": "gpu_train", "strategy": key, "error": repr(e)[-1500:]}), flush=True)
+            continue
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+        ray_tok = m["steady_tokens_per_second"]
+        print(json.dumps({
+            "benchmark": "gpu_train", "strategy": key, "model": f"llama-{args.preset}",
+            "params_non_embedding": m.get("params_non_embedding"), "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "steps": args.steps, "precision": "bf16",
+            "activation_checkpointing": args.act_ckpt, "compile": args.compile,
+            "ray_tokens_per_s": round(ray_tok, 1), "ray_mfu": round(m.get("steady_mfu", 0), 4),
+            "ray_peak_memory_gb": round(m.get("peak_memory_gb", 0), 2),
+            "baseline_plain_tokens_per_s": round(base["tokens_per_second"], 1),
+            "baseline_plain_mfu": round(base["mfu"], 4),
+            "baseline_plain_peak_memory_gb": round(base["peak_memory_gb"], 2),
+            "ray_overhead_pct": round(100 * (1 - ray_tok / base["tokens_per_second"]), 2),
+        }), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
