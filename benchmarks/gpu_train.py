@@ -93,7 +93,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
         dist.init_process_group("nccl", device_id=device)
     table = pq.read_table(Path(data_root) / "synthetic" / "vbench" / "packed" / "train")
     col = table.column("input_ids").combine_chunks()
-    data = torch.from_numpy(np.asarray(col.values).astype(np.int64).reshape(len(col), -1))
+    data = torch.from_numpy(np.asarray(col.values).astype(np.int64).reshape(len(col), -1)).pin_memory()
     torch.manual_seed(0)
     model = models.build(cfg.model, args.vocab, args.seq_len, 0, None)
     n_params = models.num_params(model)

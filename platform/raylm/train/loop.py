@@ -27,14 +27,30 @@ from raylm.train.config import TrainConfig
 from raylm.train import models, strategies
 
 
-def _to_ids(batch: pa.Table, device: torch.device) -> torch.Tensor:
+def _host_ids(batch: pa.Table, pin: bool) -> torch.Tensor:
     col = batch.column("input_ids").combine_chunks()
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    return torch.from_numpy(flat.reshape(len(col), -1)).to(device, non_blocking=True)
+    ids = torch.from_numpy(flat.reshape(len(col), -1))
+    return ids.pin_memory() if pin else ids
+
+
+def _to_ids(batch: pa.Table, device: torch.device) -> torch.Tensor:
+    return _host_ids(batch, pin=False).to(device)
 
 
 def train_batches(shard, batch_size: int, device: torch.device, skip: int) -> Iterator[torch.Tensor]:
-    """Micro-batches forever (epoch after epoch), skipping the first `skip` (resume)."""
+    """Micro-batches on `device`, forever (epoch after epoch), skipping the first `skip`
+    (resume). On a GPU each batch is pinned and its copy issued one step ahead, so fetching
+    the next batch overlaps the current step instead of stalling the GPU."""
+    pin = device.type == "cuda"
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host tensor kept alive, device copy)
+    for host in _host_batches(shard, batch_size, pin, skip):
+        pending.append((host, host.to(device, non_blocking=True)))
+        if len(pending) == 2:
+            yield pending.pop(0)[1]
+
+
+def _host_batches(shard, batch_size: int, pin: bool, skip: int) -> Iterator[torch.Tensor]:
     while True:
         seen = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
@@ -42,7 +58,7 @@ def train_batches(shard, batch_size: int, device: torch.device, skip: int) -> It
             if skip > 0:
                 skip -= 1
                 continue
-            yield _to_ids(batch, device)
+            yield _host_ids(batch, pin)
         if seen == 0:
             raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} blocks: "
                              "lower batch_size or num_workers, or use more data")
