@@ -96,5 +96,53 @@ def s3():
 
 
 
+STRATEGIES = {
+    "ddp": ["train.strategy=ddp"],
+    "fsdp": ["train.strategy=fsdp"],
+    "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
+    "zero3": ["train.strategy=deepspeed", "train.deepspeed.stage=3"],
+}
+
+
+@pytest.fixture(scope="session")
+def train_dataset(ray_session, tmp_path_factory):
+    """A small dataset version (60 documents, vocab 300, blocks of 32) for training tests."""
+    from helpers import documents, small_config, write_jsonl
+    from raylm import config
+    from raylm.data import pipeline
+    from raylm.data.config import DataConfig
+
+    d = tmp_path_factory.mktemp("train")
+    src = write_jsonl(d / "docs.jsonl", documents(60, seed=3, sentences=10))
+    cfg = small_config(d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="trainset")
+    m = pipeline.run(config.build(DataConfig, cfg))
+    return {"manifest": m, "root": str(d / "datasets"), "dir": d}
+
+
+def train_tiny(dataset: dict, name: str, overrides: list[str]) -> tuple[dict, dict]:
+    """Train tests/data/train_tiny.yaml on `dataset` with overrides; returns (result, model card)."""
+    from raylm import config, registry
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run as run_training
+
+    d = dataset["dir"]
+    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", overrides + [
+        f"name={name}", "data.dataset=trainset", f"data.root={dataset['root']}",
+        f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}"])
+    out = run_training(cfg)
+    return out, registry.resolve(out["model"], str(d / "registry"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_TMP, ignore_errors=True)

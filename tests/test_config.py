@@ -136,3 +136,24 @@ def test_job_missing_source_file_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "no such file or directory" in proc.stderr and "missing.jsonl" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_job_unknown_dataset_exits_2_before_starting_ray(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
+                           str(ROOT / "tests" / "data" / "train_tiny.yaml"), "--set", "data.dataset=nope"],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RAYLM_HOME": str(tmp_path / "r"),
+                               "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 2, proc.stderr
+    assert "data.dataset: no dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_config_errors_name_the_field():
+    from raylm.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"unknown key `train.strategyy`; did you mean `train.strategy`"):
+        config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.strategyy=ddp"])
+    with pytest.raises(ConfigError, match=r"`train.strategy`: Input should be 'ddp', 'fsdp' or 'deepspeed'"):
+        config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.strategy=horovod"])
+    with pytest.raises(ConfigError, match="fp16 needs a loss scaler"):
+        config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.precision=fp16"])

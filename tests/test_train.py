@@ -11,29 +11,14 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
-from helpers import documents, small_config, write_jsonl
-from raylm import cluster, config, registry
-from raylm.data import pipeline
-from raylm.data.config import DataConfig
-from raylm.train.config import TrainConfig
-from raylm.train.job import run as run_training
-
-STRATEGIES = {
-    "ddp": ["train.strategy=ddp"],
-    "fsdp": ["train.strategy=fsdp"],
-    "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
-    "zero3": ["train.strategy=deepspeed", "train.deepspeed.stage=3"],
-}
+from conftest import run_cli
+from conftest import STRATEGIES, train_tiny
+from raylm import cluster, registry
 
 
 @pytest.fixture(scope="module")
-def dataset(ray_session, tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    src = write_jsonl(d / "docs.jsonl", documents(60, seed=3, sentences=10))
-    cfg = small_config(d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="trainset")
-    m = pipeline.run(config.build(DataConfig, cfg))
-    return {"manifest": m, "root": str(d / "datasets"), "dir": d}
+def dataset(train_dataset):
+    return train_dataset
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +28,7 @@ def trained(dataset):
     def train(key: str) -> tuple[dict, dict]:
         if key not in cache:
             d = dataset["dir"]
-            cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", STRATEGIES[key] + [
-                f"name=t-{key}", "data.dataset=trainset", f"data.root={dataset['root']}",
-                f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}"])
-            out = run_training(cfg)
-            cache[key] = (out, registry.resolve(out["model"], str(d / "registry")))
+            cache[key] = train_tiny(dataset, f"t-{key}", STRATEGIES[key])
         return cache[key]
 
     return train
