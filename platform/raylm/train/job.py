@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from raylm import config, storage
+from raylm.cluster import home
 from raylm.train.config import TrainConfig
 
 
@@ -15,7 +14,7 @@ MATERIALIZE_BYTES = 2 << 30  # packed datasets up to this size are read before t
 
 
 def default_runs() -> str:
-    return str(Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm").expanduser() / "runs")
+    return str(home() / "runs")
 
 
 def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:

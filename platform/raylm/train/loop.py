@@ -11,7 +11,6 @@ and registers it.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from typing import Any, Iterator
