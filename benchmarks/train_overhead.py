@@ -1,13 +1,18 @@
-"""GPU training figures: raylm's own training job code (Ray Train, one GPU worker) against the
-same model, strategy object and data in a plain torch loop without Ray, in the same run.
+"""Ray Train overhead: raylm's own training job code (Ray Train workers, data through
+`get_dataset_shard`) against the same model, strategy objects and data in a plain
+`torch.distributed` loop without Ray (one process per worker), measured in the same run.
 
-    python benchmarks/gpu_train.py --preset 500m --seq-len 2048 --batch-size 8 --steps 30 \
+    # one GPU (issue 10): 500M Llama, bf16, seq 2048
+    python benchmarks/train_overhead.py --preset 500m --seq-len 2048 --batch-size 8 --steps 30 \
         --strategies fsdp,zero2,zero3
+    # CPU, 2 workers, gloo (issue 4)
+    python benchmarks/train_overhead.py --device cpu --workers 2 --preset small --seq-len 256 \
+        --batch-size 4 --steps 30 --strategies ddp
 
-Prints one JSON line per strategy: steady-state tokens/s and MFU through Ray Train, peak GPU
-memory, the plain-loop tokens/s measured in the same run, and the Ray overhead in percent.
-The data is a synthetic dataset version (uniform random tokens): throughput does not depend on
-what the tokens say. Needs CUDA; on the lent H100 see ../shared/device/README.md.
+Prints one JSON line per strategy: steady-state tokens/s (and MFU and peak memory on a GPU)
+through Ray Train, the plain loop's in the same run, and the Ray overhead in percent. The data
+is a synthetic dataset version (uniform random tokens): throughput does not depend on what the
+tokens say. On the lent H100 see ../shared/device/README.md.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ def train_config(args, data_root: str, key: str, storage: str):
     sets = STRATEGY_SETS[key] + [
         f"name=bench-{key}", "data.dataset=synthetic", f"data.root={data_root}",
         f"model.preset={args.preset}", "model.arch=llama", f"model.activation_checkpointing={args.act_ckpt}", f"model.compile={args.compile}",
-        "train.num_workers=1", "train.use_gpu=true", "train.cpus_per_worker=4", "train.precision=bf16",
+        f"train.num_workers={args.workers}", f"train.use_gpu={args.device == 'cuda'}",
+        f"train.cpus_per_worker={4 if args.device == 'cuda' else 1}",
+        f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.warmup_steps=2",
         f"train.log_every={max(1, args.steps // 3)}", f"train.eval_every={10 * args.steps}",
         f"train.checkpoint_every={10 * args.steps}", "train.keep_checkpoints=1",
@@ -76,7 +83,8 @@ def train_config(args, data_root: str, key: str, storage: str):
 
 
 def plain_loop(args, data_root: str, key: str) -> dict:
-    """The same model, strategy object and data in one plain process (torch.distributed, world 1)."""
+    """The same model, strategy object and data in plain processes (torch.distributed, one
+    process per worker, this one is rank `args.rank`)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -84,35 +92,72 @@ def plain_loop(args, data_root: str, key: str) -> dict:
 
     from raylm.train import models, strategies
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    rank, world = args.rank, args.workers
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cfg = train_config(args, data_root, key, storage="/tmp/unused")
-    device = torch.device("cuda:0")
-    torch.cuda.set_device(device)
-    if key != "zero2" and key != "zero3":
-        dist.init_process_group("nccl", device_id=device)
+    cuda = args.device == "cuda"
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(cfg.train.cpus_per_worker))  # as Ray Train does (OMP_NUM_THREADS)
+    if key not in ("zero2", "zero3"):  # DeepSpeed initializes the process group itself
+        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     table = pq.read_table(Path(data_root) / "synthetic" / "vbench" / "packed" / "train")
     col = table.column("input_ids").combine_chunks()
-    data = torch.from_numpy(np.asarray(col.values).astype(np.int64).reshape(len(col), -1)).pin_memory()
+    data = torch.from_numpy(np.asarray(col.values).astype(np.int64).reshape(len(col), -1))[rank::world]
+    if cuda:
+        data = data.pin_memory()
     torch.manual_seed(0)
     model = models.build(cfg.model, args.vocab, args.seq_len, 0, None)
     n_params = models.num_params(model)
     strat = strategies.setup(model, cfg.train, device)
     bs = cfg.train.batch_size
     warm = max(1, min(5, args.steps // 4))
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+
     for step in range(args.steps):
         if step == warm:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.time()
         i = (step * bs) % (len(data) - bs)
         ids = data[i:i + bs].to(device, non_blocking=True)
         strat.micro_step(ids, last=True)
         strat.optimizer_step()
-    torch.cuda.synchronize()
-    tok_s = (args.steps - warm) * bs * args.seq_len / (time.time() - t0)
-    flops = models.flops_per_token(model.config, n_params, args.seq_len)
-    return {"tokens_per_second": tok_s, "mfu": tok_s * flops / models.peak_flops(device),
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    sync()
+    tok_s = (args.steps - warm) * bs * args.seq_len * world / (time.time() - t0)
+    out = {"tokens_per_second": tok_s}
+    if cuda:
+        flops = models.flops_per_token(model.config, n_params, args.seq_len)
+        out.update(mfu=tok_s / world * flops / models.peak_flops(device),
+                   peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30)
+    return out
+
+
+def run_plain(args, data_root: str, key: str) -> dict | None:
+    """Start one plain process per worker; rank 0's figures come back."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+    port = 29500 + os.getpid() % 1000
+    common = ["--data-root", data_root, "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
+              str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab), "--act-ckpt",
+              args.act_ckpt, "--compile", args.compile, "--device", args.device, "--workers", str(args.workers),
+              "--port", str(port)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--plain", key, "--rank", str(r), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(args.workers)]
+    outs = [p.communicate() for p in procs]
+    line = [x for x in outs[0][0].splitlines() if x.startswith("PLAIN ")]
+    if not line:
+        print(json.dumps({"benchmark": "train_overhead", "strategy": key, "error": "plain loop failed",
+                          "stderr": outs[0][1][-1500:]}), flush=True)
+        return None
+    return json.loads(line[0][6:])
 
 
 def main() -> int:
@@ -125,57 +170,56 @@ def main() -> int:
     p.add_argument("--act-ckpt", default="false")
     p.add_argument("--compile", default="false", help="torch.compile each transformer block")
     p.add_argument("--strategies", default="fsdp,zero2,zero3")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers = plain processes")
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=29500, help=argparse.SUPPRESS)
     p.add_argument("--data-root", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.plain:
-        print("PLAIN " + json.dumps(plain_loop(args, args.data_root, args.plain)), flush=True)
+        result = plain_loop(args, args.data_root, args.plain)
+        if args.rank == 0:
+            print("PLAIN " + json.dumps(result), flush=True)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
-    blocks = args.batch_size * (args.steps + 2)
+    blocks = args.batch_size * args.workers * (args.steps + 2)
     data_root = synthetic_dataset(work / "datasets", args.vocab, args.seq_len, blocks)
     from raylm.runtime import init_ray
     from raylm.train.job import dataset_meta, build_trainer
 
     init_ray()
     for key in args.strategies.split(","):
-        # Plain loop first, in its own process (a clean CUDA context).
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
-        plain = subprocess.run([sys.executable, __file__, "--plain", key, "--data-root", data_root,
-                                "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
-                                str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab),
-                                "--act-ckpt", args.act_ckpt, "--compile", args.compile], capture_output=True, text=True, env=env)
-        line = [x for x in plain.stdout.splitlines() if x.startswith("PLAIN ")]
-        if not line:
-            print(json.dumps({"benchmark": "gpu_train", "strategy": key, "error": "plain loop failed",
-                              "stderr": plain.stderr[-1500:]}), flush=True)
+        base = run_plain(args, data_root, key)  # first, in its own processes (a clean CUDA context)
+        if base is None:
             continue
-        base = json.loads(line[0][6:])
         storage = str(work / "runs")
         cfg = train_config(args, data_root, key, storage)
         try:
             result = build_trainer(cfg, dataset_meta(cfg)).fit()
             m = result.metrics
         except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
-            print(json.dumps({"benchmark": "gpu_train", "strategy": key, "error": repr(e)[-1500:]}), flush=True)
+            print(json.dumps({"benchmark": "train_overhead", "strategy": key, "error": repr(e)[-1500:]}), flush=True)
             continue
         finally:
             shutil.rmtree(storage, ignore_errors=True)
         ray_tok = m["steady_tokens_per_second"]
-        print(json.dumps({
-            "benchmark": "gpu_train", "strategy": key, "model": f"llama-{args.preset}",
-            "params_non_embedding": m.get("params_non_embedding"), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "steps": args.steps, "precision": "bf16",
-            "activation_checkpointing": args.act_ckpt, "compile": args.compile,
-            "ray_tokens_per_s": round(ray_tok, 1), "ray_mfu": round(m.get("steady_mfu", 0), 4),
-            "ray_peak_memory_gb": round(m.get("peak_memory_gb", 0), 2),
+        row = {
+            "benchmark": "train_overhead", "device": args.device, "workers": args.workers, "strategy": key,
+            "model": f"llama-{args.preset}", "params_non_embedding": m.get("params_non_embedding"),
+            "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+            "precision": "bf16" if args.device == "cuda" else "fp32", "activation_checkpointing": args.act_ckpt,
+            "compile": args.compile, "ray_tokens_per_s": round(ray_tok, 1),
             "baseline_plain_tokens_per_s": round(base["tokens_per_second"], 1),
-            "baseline_plain_mfu": round(base["mfu"], 4),
-            "baseline_plain_peak_memory_gb": round(base["peak_memory_gb"], 2),
             "ray_overhead_pct": round(100 * (1 - ray_tok / base["tokens_per_second"]), 2),
-        }), flush=True)
+        }
+        if args.device == "cuda":
+            row.update(ray_mfu=round(m.get("steady_mfu", 0), 4), ray_peak_memory_gb=round(m.get("peak_memory_gb", 0), 2),
+                       baseline_plain_mfu=round(base["mfu"], 4),
+                       baseline_plain_peak_memory_gb=round(base["peak_memory_gb"], 2))
+        print(json.dumps(row), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
