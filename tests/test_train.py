@@ -58,6 +58,18 @@ def test_strategy_trains_and_exports_a_model_transformers_loads(trained, dataset
     assert len(tok) == vocab and model.config.vocab_size == vocab
 
 
+def test_gpt2_with_tied_embeddings_trains_sharded_and_exports(dataset):
+    from transformers import AutoModelForCausalLM
+
+    _, card = train_tiny(dataset, "t-gpt2", ["model.arch=gpt2", "train.strategy=fsdp", "train.max_steps=6"])
+    curve = [loss for _, loss in card["loss_curve"]]
+    assert curve[-1] < curve[0]
+    model = AutoModelForCausalLM.from_pretrained(registry.local_path(card), local_files_only=True)
+    assert model.config.model_type == "gpt2" and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert card["export_check"]["max_abs_diff"] <= card["export_check"]["tolerance"]
+
+
 def test_ddp_and_fsdp_follow_the_same_loss_curve(trained):
     ddp, fsdp = trained("ddp")[1]["loss_curve"], trained("fsdp")[1]["loss_curve"]
     assert [s for s, _ in ddp] == [s for s, _ in fsdp]
