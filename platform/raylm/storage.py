@@ -221,7 +221,7 @@ def glob_files(uri: str) -> list[str]:
         base = posixpath.basename(p)
         if base.startswith((".", "_")) or fs.isdir(p):
             continue
-        out.append(p if scheme == "file" else f"{scheme}://{p.lstrip('/')}" if scheme == "s3" else f"memory://{p.lstrip('/')}")
+        out.append(p if scheme == "file" else f"{scheme}://{p.lstrip('/')}")
     return out
 
 
