@@ -34,6 +34,7 @@ splits           {json.dumps({k: v['documents'] for k, v in latest['splits'].ite
 dashboard        {state.dashboard_url}   (token: {state.token_path})
 next             .venv/bin/raylm datasets list
                  .venv/bin/raylm datasets show {latest['id']}
+                 .venv/bin/raylm submit train --config jobs/configs/train_tiny.yaml
 stop the cluster make down""")
     return 0
 
