@@ -113,7 +113,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(f"local raylm cluster: running since {dt.datetime.fromtimestamp(st.started_at):%Y-%m-%d %H:%M:%S}")
         print(f"  dashboard {st.dashboard_url}, GCS {st.gcs_address}, token {st.token_path}")
         env = cluster.cluster_env(state_dir, Path(st.token_path))
-        out = subprocess.run([cluster._ray_exe(), "status", f"--address={st.gcs_address}"], env=env,
+        out = subprocess.run([cluster.ray_exe(), "status", f"--address={st.gcs_address}"], env=env,
                              capture_output=True, text=True, timeout=60)
         print(out.stdout.rstrip() if out.returncode == 0 else f"  (ray status failed: {out.stderr.strip()[-300:]})")
     target = cluster.resolve_target(a.address)

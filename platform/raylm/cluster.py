@@ -113,7 +113,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ray_exe() -> str:
+def ray_exe() -> str:
     exe = Path(sys.executable).parent / "ray"
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
@@ -132,7 +132,7 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
     (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        _ray_exe(), "start", "--head",
+        ray_exe(), "start", "--head",
         f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--temp-dir={temp_dir}",

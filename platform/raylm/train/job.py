@@ -82,8 +82,8 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
     )
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    meta = dataset_meta(cfg)
+def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    meta = meta or dataset_meta(cfg)
     trainer = build_trainer(cfg, meta)
     print(f"[train] {cfg.name}: {cfg.model.arch}-{cfg.model.preset} on {meta['dataset_id']}, strategy "
           f"{cfg.train.strategy}, {cfg.train.num_workers} worker(s), {cfg.train.max_steps} steps", flush=True)
@@ -96,12 +96,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = config.job_argparser("Train a model on a dataset version (raylm train job).").parse_args(argv)
     cfg = config.load(TrainConfig, args.config, args.overrides)
-    meta = dataset_meta(cfg)  # fail on a missing dataset before starting Ray
-    del meta
+    meta = dataset_meta(cfg)  # a missing dataset fails here, before Ray starts
     from raylm.runtime import init_ray
 
     init_ray()
-    out = run(cfg)
+    out = run(cfg, meta)
     m = out["metrics"]
     print(f"run {out['run']}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}"
           + (f", val_loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})" if "val_loss" in m else ""), flush=True)
