@@ -9,6 +9,8 @@
     raylm datasets list [--root URI]
     raylm datasets show NAME[@VERSION] [--root URI]
     raylm models list | show NAME[@vN]
+    raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
+    raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from raylm.cluster import ClusterError
 STAGES = {
     "prepare_data": "raylm.data.config:DataConfig",
     "train": "raylm.train.config:TrainConfig",
+    "deploy": "raylm.serve.config:DeployConfig",
 }
 
 # Never uploaded with a job: environments, caches, local state, VCS.
@@ -298,6 +301,62 @@ def cmd_models_show(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- API keys and Serve configs ---------------------------------------------------------------
+
+def cmd_keys_add(a: argparse.Namespace) -> int:
+    from raylm.serve import keys
+
+    scopes = [s.strip() for s in a.scopes.split(",") if s.strip()]
+    try:
+        key = keys.add(a.name, scopes, a.file, a.rate_limit)
+    except ValueError as e:
+        _print_err(str(e))
+        return 2
+    print(f"created key {a.name!r} with scopes {', '.join(sorted(set(scopes)))} in {a.file or keys.default_keys_file()}"
+          "\nThe key is shown only now (only its SHA-256 is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_keys_list(a: argparse.Namespace) -> int:
+    from raylm.serve import keys
+
+    entries = keys.list_keys(a.file)
+    if not entries:
+        print(f"no keys in {a.file or keys.default_keys_file()} (`raylm keys add NAME --scopes ...`)")
+    for k in entries:
+        print(f"{k['name']:<20} {','.join(k['scopes']):<32} {k.get('rate_limit_per_minute', 'default')!s:<8} "
+              f"{k['created']}  sha256:{k['sha256'][:12]}...")
+    return 0
+
+
+def cmd_keys_revoke(a: argparse.Namespace) -> int:
+    from raylm.serve import keys
+
+    if not keys.revoke(a.name, a.file):
+        _print_err(f"no key named {a.name!r}")
+        return 1
+    print(f"revoked {a.name!r} (running apps stop accepting it within seconds)")
+    return 0
+
+
+def cmd_serve_config(a: argparse.Namespace) -> int:
+    import yaml
+
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.schema import serve_config
+
+    cfg = config.load(DeployConfig, a.config, a.overrides)
+    text = yaml.safe_dump(serve_config(cfg, working_dir=a.working_dir), sort_keys=False)
+    if a.output:
+        Path(a.output).write_text(text, encoding="utf-8")
+        print(f"wrote {a.output} (validated against Ray Serve's schema); deploy it with: serve deploy {a.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -352,6 +411,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="NAME, NAME@vN or a model directory URI")
     s.add_argument("--registry")
     s.set_defaults(fn=cmd_models_show)
+
+    ks = sub.add_parser("keys", help="API keys of served models (stored hashed)").add_subparsers(
+        dest="keys_command", required=True)
+    s = ks.add_parser("add", help="create a key; it is printed once")
+    s.add_argument("name")
+    s.add_argument("--scopes", default="generate,classify,feedback",
+                   help="comma-separated: generate, classify, feedback, admin (default: the first three)")
+    s.add_argument("--rate-limit", type=int, default=None, help="requests per minute for this key")
+    s.add_argument("--file", help="keys file URI (default $RAYLM_HOME/serve/keys.json)")
+    s.set_defaults(fn=cmd_keys_add)
+    s = ks.add_parser("list", help="key names, scopes and hash prefixes")
+    s.add_argument("--file")
+    s.set_defaults(fn=cmd_keys_list)
+    s = ks.add_parser("revoke", help="remove a key")
+    s.add_argument("name")
+    s.add_argument("--file")
+    s.set_defaults(fn=cmd_keys_revoke)
+
+    s = sub.add_parser("serve-config", help="write the Ray Serve config (serve deploy / KubeRay RayService) "
+                                            "of a deploy config")
+    s.add_argument("--config", required=True)
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--working-dir", help="runtime_env working_dir URI for clusters without raylm installed")
+    s.add_argument("--output", "-o")
+    s.set_defaults(fn=cmd_serve_config)
     return p
 
 

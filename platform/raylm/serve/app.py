@@ -1,0 +1,713 @@
+"""The Serve application of a deploy config: a FastAPI ingress (API keys, limits, validation,
+OpenAI-compatible routes, feedback, metrics, playground) composed with one deployment per
+model through DeploymentHandles.
+
+    build(cfg) -> serve.Application          (the deploy job runs it)
+    app_builder(args) -> serve.Application   (import path for `serve deploy` / a RayService)
+
+Every error a client can cause is a JSON body `{"error": {"message", "type", "code"}}` with
+the right status (400, 401, 403, 404, 413, 422, 429, 503); nothing a client sends gives a 500.
+"""
+
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raylm.serve.config import DeployConfig
+
+log = logging.getLogger("ray.serve")
+PLAYGROUND = Path(__file__).with_name("playground.html")
+ROUTES = {"/", "/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/feedback"}
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None, param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers, self.param = \
+            status, message, type_, code, headers, param
+
+
+def error_body(message: str, type_: str, code: Optional[str], param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        param = param or loc or None
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return "; ".join(parts), param
+
+
+# --- request bodies (OpenAI fields; unknown fields are ignored, as OpenAI does) -------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+Stop = Optional[Union[str, list[str]]]
+
+
+class CompletionRequest(_Body):
+    model: str = Field(..., max_length=200)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    stop: Stop = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+
+
+class TextPart(_Body):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatRequest(_Body):
+    model: str = Field(..., max_length=200)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Stop = None
+    seed: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=5)
+    user: Optional[str] = None
+
+
+class ClassifyRequest(_Body):
+    model: str = Field(..., max_length=200)
+    texts: Union[str, list[str]] = Field(..., description="one text or up to 64")
+
+
+class FeedbackRequest(_Body):
+    response_id: str = Field(..., min_length=1, max_length=200)
+    rating: int = Field(..., ge=-1, le=1, description="-1 bad, 0 neutral, 1 good")
+    comment: str = Field("", max_length=4000)
+    model: Optional[str] = Field(None, max_length=200)
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# --- metrics (one set per ingress process) ----------------------------------------------------
+
+_METRICS: dict[str, Any] = {}
+
+
+def metrics() -> dict[str, Any]:
+    if not _METRICS:
+        from ray.util import metrics as m
+
+        _METRICS.update(
+            requests=m.Counter("raylm_serve_requests_total", "HTTP requests by route, status and model",
+                               tag_keys=("route", "status", "model")),
+            latency=m.Histogram("raylm_serve_request_latency_seconds", "request latency (to the last byte)",
+                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+                                tag_keys=("route", "model")),
+            ttft=m.Histogram("raylm_serve_time_to_first_token_seconds", "time to the first generated text",
+                             boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                             tag_keys=("model",)),
+            tokens=m.Counter("raylm_serve_tokens_generated_total", "completion tokens generated",
+                             tag_keys=("model",)),
+        )
+    return _METRICS
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+app = FastAPI(title="raylm", description="OpenAI-compatible completions, chat and classification on Ray Serve",
+              version="1")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError):
+    return error_response(e)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    msg, param = _validation_message(e.errors())
+    return JSONResponse(error_body(msg, "invalid_request_error", "invalid_body", param), status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    msg = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        e.status_code, str(e.detail))
+    return JSONResponse(error_body(msg, "invalid_request_error", "not_found" if e.status_code == 404 else None),
+                        status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception):
+    ref = uuid.uuid4().hex[:12]
+    log.exception("raylm: internal error %s on %s", ref, request.url.path)
+    return JSONResponse(error_body(f"internal error (reference {ref}; details are in the server log)",
+                                   "server_error", "internal_error"), status_code=500)
+
+
+@app.middleware("http")
+async def _count(request: Request, call_next):
+    t0 = time.perf_counter()
+    request.state.model = ""
+    request.state.streaming = False
+    status = 500  # unless a response comes back
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.url.path if request.url.path in ROUTES else "other"
+        m = metrics()
+        m["requests"].inc(tags={"route": route, "status": str(status), "model": request.state.model})
+        if not request.state.streaming:
+            m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": request.state.model})
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _merge(gens: list[Any]) -> AsyncIterator[tuple[int, dict]]:
+    """Events of several streams as they come: (stream index, event)."""
+    if len(gens) == 1:
+        async for ev in gens[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: Any) -> None:
+        try:
+            async for ev in g:
+                await queue.put((i, ev))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    left = len(gens)
+    try:
+        while left:
+            i, ev = await queue.get()
+            if ev is done:
+                left -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, cfg: dict[str, Any], meta: dict[str, dict[str, Any]], handles: dict[str, Any]):
+        from raylm.serve.keys import KeyStore, RateLimiter
+
+        self.cfg = DeployConfig.model_validate(cfg)
+        self.models = {name: {**meta[name], "handle": handles[name]} for name in meta}
+        self.options = {m.name: m for m in self.cfg.models}
+        self.keys = KeyStore(self.cfg.auth.keys_file) if self.cfg.auth.required else None
+        self.limiter = RateLimiter(self.cfg.limits.rate_limit_per_minute)
+        self.responses: OrderedDict[str, dict] = OrderedDict()  # recent responses, for feedback records
+        self.created = int(time.time())
+        metrics()
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def _auth(self, request: Request, scope: Optional[str]):
+        from raylm.serve.keys import Principal
+
+        if self.keys is None:
+            return Principal("anonymous", frozenset({"admin"}), None)
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error",
+                           "missing_api_key", {"WWW-Authenticate": "Bearer"})
+        who = self.keys.lookup(key.strip())
+        if who is None:
+            raise ApiError(401, "invalid API key", "authentication_error", "invalid_api_key",
+                           {"WWW-Authenticate": "Bearer"})
+        if scope is not None and not who.allows(scope):
+            raise ApiError(403, f"this key lacks the `{scope}` scope (it has: {', '.join(sorted(who.scopes))})",
+                           "permission_error", "insufficient_scope")
+        wait = self.limiter.take(who.name, who.rate_limit_per_minute)
+        if wait > 0:
+            raise ApiError(429, f"rate limit of {who.rate_limit_per_minute or self.limiter.default} requests per "
+                           f"minute reached for this key; retry in {math.ceil(wait)} s", "rate_limit_error",
+                           "rate_limit_exceeded", {"Retry-After": str(math.ceil(wait))})
+        return who
+
+    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            msg, param = _validation_message(e.errors())
+            raise ApiError(422, msg, code="invalid_body", param=param) from None
+
+    def _model(self, request: Request, name: str, task: str) -> dict[str, Any]:
+        m = self.models.get(name)
+        if m is None:
+            raise ApiError(404, f"model {name!r} not found; served models: {', '.join(sorted(self.models))}",
+                           code="model_not_found", param="model")
+        request.state.model = name
+        if m["task"] != task:
+            raise ApiError(400, f"model {name!r} is a {m['task']} model; this route needs a {task} model",
+                           code="wrong_task", param="model")
+        return m
+
+    def _max_tokens(self, name: str, asked: Optional[int]) -> int:
+        o = self.options[name]
+        n = o.default_max_tokens if asked is None else asked
+        if n > o.max_tokens_cap:
+            raise ApiError(400, f"max_tokens {n} is over this model's cap of {o.max_tokens_cap}",
+                           code="max_tokens_too_large", param="max_tokens")
+        return n
+
+    @staticmethod
+    def _stops(stop: Stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, "at most 4 stop sequences", param="stop")
+        return [s for s in stops if s]
+
+    async def _start(self, m: dict[str, Any], payloads: list[dict[str, Any]]) -> list[tuple[Any, dict]]:
+        """Send every prompt to the model at once (so they batch), then wait for each one's
+        first event: an accepted prompt, or the reason it was refused."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        gens = [m["handle"].options(stream=True).generate.remote(p) for p in payloads]
+        try:
+            firsts = await asyncio.gather(*(g.__anext__() for g in gens))
+        except BackPressureError:
+            for g in gens:
+                g.cancel()
+            raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
+                           {"Retry-After": "1"}) from None
+        except DeploymentUnavailableError:
+            raise ApiError(503, "the model is not available yet; retry shortly", "server_busy", "unavailable",
+                           {"Retry-After": "5"}) from None
+        errors = [f["message"] for f in firsts if f["type"] == "error"]
+        if errors:
+            for g in gens:
+                g.cancel()
+            code = "context_length_exceeded" if "tokens" in errors[0] else "invalid_prompt"
+            raise ApiError(400, errors[0], code=code, param="prompt")
+        return list(zip(gens, firsts))
+
+    def _remember(self, rid: str, record: dict[str, Any]) -> None:
+        self.responses[rid] = record
+        while len(self.responses) > 10_000:
+            self.responses.popitem(last=False)
+
+    # --- routes ------------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        async def probe(m: dict) -> str:
+            try:
+                await asyncio.wait_for(m["handle"].info.remote(), timeout=5)
+                return "ready"
+            except Exception:  # noqa: BLE001 - a health check reports, it does not fail
+                return "unavailable"
+
+        states = dict(zip(self.models, await asyncio.gather(*(probe(m) for m in self.models.values()))))
+        ok = all(s == "ready" for s in states.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": states}, status_code=200 if ok else 503)
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        m = self.models[name]
+        return {"id": name, "object": "model", "created": m.get("created", self.created), "owned_by": "raylm",
+                "task": m["task"], "registry_id": m["registry_id"], **({"labels": m["labels"]} if m.get("labels") else {})}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._auth(request, None)
+        return {"object": "list", "data": [self._model_entry(n) for n in self.models]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(self, model_id: str, request: Request) -> dict:
+        self._auth(request, None)
+        if model_id not in self.models:
+            raise ApiError(404, f"model {model_id!r} not found", code="model_not_found")
+        return self._model_entry(model_id)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(self, request: Request):
+        self._auth(request, "generate")
+        req: CompletionRequest = await self._parse(request, CompletionRequest)
+        m = self._model(request, req.model, "causal_lm")
+        p = req.prompt
+        prompts: list[Any] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(prompts) > 32:
+            raise ApiError(400, "at most 32 prompts per request", param="prompt")
+        base = {"max_tokens": self._max_tokens(req.model, req.max_tokens), "temperature": req.temperature,
+                "top_p": req.top_p, "stop": self._stops(req.stop), "seed": req.seed, "logprobs": req.logprobs,
+                "echo": req.echo}
+        started = await self._start(m, [{**base, "prompt": x} for x in prompts])
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        prompt_scores = await self._prompt_scores(m, started, req) if (req.echo and req.logprobs is not None) \
+            else [None] * len(prompts)
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
+        echo_texts = [self._prompt_text(x, s) if req.echo else "" for x, s in zip(prompts, prompt_scores)]
+        if req.stream:
+            request.state.streaming = True
+            return StreamingResponse(self._stream_completion(request, m, started, head, req, echo_texts, prompt_scores,
+                                                             prompts), media_type="text/event-stream")
+        outs = await self._collect(request, started, req.model)
+        choices = []
+        for i, o in enumerate(outs):
+            lp = self._completion_logprobs(o, prompt_scores[i], echo_texts[i], len(prompts[i]) if isinstance(
+                prompts[i], str) else 0) if req.logprobs is not None else None
+            choices.append({"text": echo_texts[i] + o["text"], "index": i, "logprobs": lp,
+                            "finish_reason": o["finish_reason"] or "length"})
+        usage = self._usage(started, outs)
+        self._remember(rid, {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str) else None,
+                             "completion": outs[0]["text"]})
+        return {**head, "choices": choices, "usage": usage}
+
+    @staticmethod
+    def _prompt_text(prompt: Any, score: Optional[dict]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return "".join(score["token_texts"]) if score else ""
+
+    async def _prompt_scores(self, m: dict, started: list, req: CompletionRequest) -> list[Optional[dict]]:
+        ids = [first["prompt_ids"] for _, first in started]
+        return await m["handle"].score.remote(ids, req.logprobs or 0)
+
+    @staticmethod
+    def _completion_logprobs(o: dict, score: Optional[dict], echo_text: str, prompt_chars: int) -> dict:
+        tokens, lps, tops = [], [], []
+        if score is not None:
+            tokens += score["token_texts"]
+            lps += score["logprobs"]
+            tops += score["top_logprobs"]
+        tokens += o["token_texts"]
+        lps += o["logprobs"]
+        tops += o["top_logprobs"]
+        offsets, pos = [], (0 if echo_text else prompt_chars)
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def _collect(self, request: Request, started: list, model: str) -> list[dict]:
+        t0 = time.perf_counter()
+        outs = [{"text": "", "finish_reason": None, "tokens": [], "token_texts": [], "logprobs": [],
+                 "top_logprobs": []} for _ in started]
+        first = True
+        async for i, ev in _merge([g for g, _ in started]):
+            o = outs[i]
+            if first and ev["tokens"]:
+                metrics()["ttft"].observe(time.perf_counter() - t0, tags={"model": model})
+                first = False
+            o["text"] += ev["text"]
+            for k in ("tokens", "token_texts", "logprobs", "top_logprobs"):
+                o[k] += ev.get(k, [])
+            o["finish_reason"] = ev["finish_reason"] or o["finish_reason"]
+        n = sum(len(o["tokens"]) for o in outs)
+        if n:
+            metrics()["tokens"].inc(n, tags={"model": model})
+        return outs
+
+    @staticmethod
+    def _usage(started: list, outs: list[dict]) -> dict:
+        p = sum(first["prompt_tokens"] for _, first in started)
+        c = sum(len(o["tokens"]) for o in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def _stream_completion(self, request: Request, m: dict, started: list, head: dict, req: CompletionRequest,
+                                 echo_texts: list[str], prompt_scores: list, prompts: list) -> AsyncIterator[str]:
+        t0 = time.perf_counter()
+        n_tokens, text0, first = [0] * len(started), [], True
+        try:
+            for i, e in enumerate(echo_texts):
+                if e:
+                    lp = None
+                    if req.logprobs is not None and prompt_scores[i]:
+                        lp = self._completion_logprobs({"token_texts": [], "logprobs": [], "top_logprobs": []},
+                                                       prompt_scores[i], e, 0)
+                    yield _sse({**head, "choices": [{"text": e, "index": i, "logprobs": lp, "finish_reason": None}]})
+            async for i, ev in _merge([g for g, _ in started]):
+                if first and ev["tokens"]:
+                    metrics()["ttft"].observe(time.perf_counter() - t0, tags={"model": req.model})
+                    first = False
+                n_tokens[i] += len(ev["tokens"])
+                if i == 0:
+                    text0.append(ev["text"])
+                if not ev["text"] and not ev["finish_reason"]:
+                    continue
+                lp = None
+                if req.logprobs is not None:
+                    lp = {"tokens": ev["token_texts"], "token_logprobs": ev["logprobs"],
+                          "top_logprobs": ev["top_logprobs"], "text_offset": []}
+                yield _sse({**head, "choices": [{"text": ev["text"], "index": i, "logprobs": lp,
+                                                 "finish_reason": ev["finish_reason"]}]})
+            if req.stream_options and req.stream_options.include_usage:
+                p = sum(f["prompt_tokens"] for _, f in started)
+                yield _sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": sum(n_tokens),
+                                                             "total_tokens": p + sum(n_tokens)}})
+            yield "data: [DONE]\n\n"
+        except Exception:  # noqa: BLE001 - the stream has begun: report in-band, never a stack trace
+            ref = uuid.uuid4().hex[:12]
+            log.exception("raylm: stream %s failed (reference %s)", head["id"], ref)
+            yield _sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            metrics()["tokens"].inc(sum(n_tokens) or 0, tags={"model": req.model})
+            metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/completions",
+                                                                         "model": req.model})
+            self._remember(head["id"], {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str)
+                                        else None, "completion": "".join(text0)})
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    async def chat_completions(self, request: Request):
+        self._auth(request, "generate")
+        req: ChatRequest = await self._parse(request, ChatRequest)
+        m = self._model(request, req.model, "causal_lm")
+        messages = []
+        for msg in req.messages:
+            content = msg.content if isinstance(msg.content, str) or msg.content is None else \
+                "".join(p.text for p in msg.content)
+            messages.append({"role": msg.role, "content": content or ""})
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        payload = {"messages": messages, "max_tokens": self._max_tokens(req.model, asked),
+                   "temperature": req.temperature, "top_p": req.top_p, "stop": self._stops(req.stop),
+                   "seed": req.seed, "logprobs": top}
+        started = await self._start(m, [payload])
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
+        prompt = messages[-1]["content"]
+        if req.stream:
+            request.state.streaming = True
+            return StreamingResponse(self._stream_chat(started, {**head, "object": "chat.completion.chunk"}, req,
+                                                       prompt), media_type="text/event-stream")
+        (o,) = await self._collect(request, started, req.model)
+        self._remember(rid, {"model": req.model, "prompt": prompt, "completion": o["text"]})
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
+                                     "logprobs": self._chat_logprobs(o) if req.logprobs else None,
+                                     "finish_reason": o["finish_reason"] or "length"}],
+                "usage": self._usage(started, [o])}
+
+    @staticmethod
+    def _chat_logprobs(o: dict) -> dict:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                             "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8"))}
+                                              for k, v in (top or {}).items()]}
+                            for t, lp, top in zip(o["token_texts"], o["logprobs"], o["top_logprobs"])]}
+
+    async def _stream_chat(self, started: list, head: dict, req: ChatRequest, prompt: str) -> AsyncIterator[str]:
+        t0 = time.perf_counter()
+        n, text, first = 0, [], True
+        try:
+            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+            async for _, ev in _merge([g for g, _ in started]):
+                if first and ev["tokens"]:
+                    metrics()["ttft"].observe(time.perf_counter() - t0, tags={"model": req.model})
+                    first = False
+                n += len(ev["tokens"])
+                text.append(ev["text"])
+                if ev["text"]:
+                    lp = self._chat_logprobs(ev) if req.logprobs else None
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {"content": ev["text"]}, "logprobs": lp,
+                                                     "finish_reason": None}]})
+                if ev["finish_reason"]:
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                     "finish_reason": ev["finish_reason"]}]})
+            if req.stream_options and req.stream_options.include_usage:
+                p = started[0][1]["prompt_tokens"]
+                yield _sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n,
+                                                             "total_tokens": p + n}})
+            yield "data: [DONE]\n\n"
+        except Exception:  # noqa: BLE001 - in-band error once the stream has begun
+            ref = uuid.uuid4().hex[:12]
+            log.exception("raylm: stream %s failed (reference %s)", head["id"], ref)
+            yield _sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            metrics()["tokens"].inc(n or 0, tags={"model": req.model})
+            metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/chat/completions",
+                                                                         "model": req.model})
+            self._remember(head["id"], {"model": req.model, "prompt": prompt, "completion": "".join(text)})
+
+    @app.post("/v1/classify", openapi_extra=_body_schema(ClassifyRequest))
+    async def classify(self, request: Request) -> dict:
+        from ray.serve.exceptions import BackPressureError
+
+        self._auth(request, "classify")
+        req: ClassifyRequest = await self._parse(request, ClassifyRequest)
+        m = self._model(request, req.model, "classification")
+        texts = [req.texts] if isinstance(req.texts, str) else req.texts
+        if not texts or len(texts) > 64:
+            raise ApiError(400, "send 1 to 64 texts", param="texts")
+        try:
+            results = await m["handle"].classify.remote(texts)
+        except BackPressureError:
+            raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
+                           {"Retry-After": "1"}) from None
+        rid = f"cls-{uuid.uuid4().hex}"
+        self._remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
+        return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
+                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    @app.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))
+    async def feedback(self, request: Request) -> dict:
+        from raylm import storage
+
+        who = self._auth(request, "feedback")
+        req: FeedbackRequest = await self._parse(request, FeedbackRequest)
+        seen = self.responses.get(req.response_id)
+        now = dt.datetime.now(dt.timezone.utc)
+        record = {"id": f"fb-{uuid.uuid4().hex}", "response_id": req.response_id, "rating": req.rating,
+                  "comment": req.comment, "model": (seen or {}).get("model") or req.model,
+                  "prompt": (seen or {}).get("prompt"), "completion": (seen or {}).get("completion"),
+                  "response_known": seen is not None, "key": who.name, "created": now.isoformat(timespec="seconds")}
+        record["text"] = (record["prompt"] or "") + (record["completion"] or "")
+        uri = storage.join(self.cfg.feedback_uri, f"date={now:%Y-%m-%d}",
+                           f"{now:%H%M%S}-{record['id'][3:15]}.jsonl")
+        await asyncio.get_running_loop().run_in_executor(None, storage.write_text, uri, json.dumps(record) + "\n")
+        return {"id": record["id"], "object": "feedback", "stored": True, "response_known": seen is not None}
+
+
+# --- building the application -------------------------------------------------------------------
+
+def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
+    """Fill every default that depends on where this runs (paths under $RAYLM_HOME) and look
+    up each model's registry card. Raises FileNotFoundError for an unknown model."""
+    from raylm import registry, storage
+    from raylm.cluster import home
+    from raylm.serve.keys import default_keys_file
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.registry = storage.normalize(cfg.registry or registry.default_root())
+    cfg.auth.keys_file = storage.normalize(cfg.auth.keys_file or default_keys_file())
+    cfg.feedback_uri = storage.normalize(cfg.feedback_uri or str(home() / "feedback" / cfg.name))
+    cards = {}
+    for m in cfg.models:
+        card = registry.resolve(m.model, cfg.registry)
+        if card.get("task") not in ("causal_lm", "classification"):
+            raise ValueError(f"model {card.get('id')} has task {card.get('task')!r}; raylm serves causal_lm and "
+                             "classification models")
+        cards[m.name] = card
+    return cfg, cards
+
+
+def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
+    from raylm.serve.deployments import ClassifierDeployment, LMDeployment
+
+    if cards is None:
+        cfg, cards = resolve(cfg)
+    handles, meta = {}, {}
+    for m in cfg.models:
+        card = cards[m.name]
+        options: dict[str, Any] = {
+            "name": f"model-{m.name}", "max_ongoing_requests": m.max_ongoing_requests,
+            "max_queued_requests": m.max_queued_requests,
+            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        }
+        if m.autoscaling:
+            a = m.autoscaling
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s}
+        else:
+            options["num_replicas"] = m.num_replicas
+        spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
+                "options": m.model_dump(mode="json")}
+        cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
+        handles[m.name] = cls.options(**options).bind(spec)
+        labels = None
+        if card["task"] == "classification":
+            labels = card.get("labels") or (card.get("config") or {}).get("labels")
+        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels,
+                        "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
+                        if card.get("created") else None}
+    return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
+                           max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(
+        cfg.model_dump(mode="json"), meta, handles)
+
+
+def app_builder(args: dict[str, Any]):
+    """Import path for Serve configs (`raylm serve-config` writes `raylm.serve.app:app_builder`
+    with the deploy config as `args`)."""
+    return build(DeployConfig.model_validate(args))

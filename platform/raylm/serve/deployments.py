@@ -1,0 +1,164 @@
+"""One Serve deployment per served model. Requests that arrive together are batched with
+`@serve.batch`; generation streams: the batched method is an async generator that yields one
+list per decoding step (an event per request, `StopIteration` for finished ones)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncGenerator
+
+from ray import serve
+
+from raylm.serve.engine import ClassifierEngine, GenRequest, LMEngine, RequestError
+
+log = logging.getLogger("ray.serve")
+_END = object()
+
+
+def _model_dir(spec: dict[str, Any]) -> str:
+    from raylm import registry
+
+    return str(registry.local_path(spec["card"]))
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def _log_loaded(spec: dict[str, Any], compression: dict[str, Any]) -> None:
+    card = spec["card"]
+    measured = (card.get("serving") or {}).get("compression")
+    log.info("raylm: serving %s as %r; compression %s; quality change measured at deploy: %s",
+             card.get("id"), spec["name"], compression or "none", measured or "not measured")
+
+
+@serve.deployment
+class LMDeployment:
+    def __init__(self, spec: dict[str, Any]):
+        o = spec["options"]
+        _threads(o["num_cpus"])
+        self.spec = spec
+        c = o["compression"]
+        self.engine = LMEngine(_model_dir(spec), num_gpus=o["num_gpus"], dtype=o["dtype"], quantize=c["quantize"],
+                               prune=c["prune"], chat_template=o.get("chat_template"),
+                               max_prompt_tokens=o.get("max_prompt_tokens"))
+        self._generate_batch.set_max_batch_size(o["batching"]["max_batch_size"])
+        self._generate_batch.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        _log_loaded(spec, self.engine.compression)
+
+    def info(self) -> dict[str, Any]:
+        return {"context": self.engine.context, "max_prompt_tokens": self.engine.max_prompt_tokens,
+                "vocab_size": len(self.engine.tok), "device": str(self.engine.device)}
+
+    def prepare(self, req: dict[str, Any]) -> GenRequest:
+        """A request dict from the ingress -> a checked GenRequest (RequestError when it cannot run)."""
+        if req.get("messages") is not None:
+            prompt: Any = self.engine.render_chat(req["messages"])
+        else:
+            prompt = req["prompt"]
+        g = GenRequest(prompt_ids=self.engine.encode(prompt), max_tokens=req["max_tokens"],
+                       temperature=req["temperature"], top_p=req["top_p"], stop=req.get("stop") or [],
+                       seed=req.get("seed"), logprobs=req.get("logprobs"))
+        self.engine.check(g)
+        return g
+
+    async def generate(self, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream one request's events (called with `handle.options(stream=True)`); requests
+        that arrive together share one batched `generate` call."""
+        async for ev in self._generate_batch(req):
+            yield ev
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, reqs: list[dict[str, Any]]) -> AsyncGenerator[list[Any], None]:
+        """Per request: first `{"type": "start", "prompt_tokens", "prompt_ids"}` or `{"type":
+        "error"}`, then one `{"type": "delta", ...}` per step with new text, the last one with a
+        finish_reason."""
+        n = len(reqs)
+        first: list[Any] = []
+        live: list[int] = []
+        prepared: list[GenRequest] = []
+        for i, r in enumerate(reqs):
+            try:
+                g = self.prepare(r)
+            except RequestError as e:
+                first.append({"type": "error", "message": str(e)})
+                continue
+            first.append({"type": "start", "prompt_tokens": len(g.prompt_ids),
+                          "prompt_ids": g.prompt_ids if r.get("echo") else None})
+            if r["max_tokens"] > 0:
+                live.append(i)
+                prepared.append(g)
+        yield first
+        finished = [i not in live for i in range(n)]
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(events: dict[int, dict]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, events)
+
+        def run() -> None:
+            try:
+                self.engine.generate(prepared, emit)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        task = loop.run_in_executor(None, run)
+        while True:
+            events = await queue.get()
+            if events is _END:
+                break
+            out: list[Any] = []
+            for i in range(n):
+                if finished[i]:
+                    out.append(StopIteration)
+                    continue
+                ev = events.get(live.index(i))
+                if ev is None:
+                    out.append({"type": "delta", "text": "", "finish_reason": None, "tokens": [], "token_texts": [],
+                                "logprobs": [], "top_logprobs": []})
+                else:
+                    out.append({"type": "delta", **ev})
+                    finished[i] = ev["finish_reason"] is not None
+            yield out
+        await task  # re-raises what the generation thread raised
+
+    async def score(self, prompt_ids: list[list[int]], top: int) -> list[dict[str, Any]]:
+        """Prompt-token log-probabilities (OpenAI `echo` + `logprobs`)."""
+        out = await asyncio.get_running_loop().run_in_executor(None, self.engine.score, prompt_ids, top)
+        for o in out:
+            o["token_texts"] = [self.engine.token_text(t) for t in o["tokens"]]
+        return out
+
+    def token_texts(self, tokens: list[int]) -> list[str]:
+        return [self.engine.token_text(t) for t in tokens]
+
+
+@serve.deployment
+class ClassifierDeployment:
+    def __init__(self, spec: dict[str, Any]):
+        o = spec["options"]
+        _threads(o["num_cpus"])
+        c = o["compression"]
+        self.engine = ClassifierEngine(_model_dir(spec), num_gpus=o["num_gpus"], dtype=o["dtype"],
+                                       quantize=c["quantize"], prune=c["prune"])
+        self.classify.set_max_batch_size(o["batching"]["max_batch_size"])
+        self.classify.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        _log_loaded(spec, self.engine.compression)
+
+    def info(self) -> dict[str, Any]:
+        return {"labels": self.engine.labels, "max_length": self.engine.max_len, "device": str(self.engine.device)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def classify(self, batches: list[list[str]]) -> list[list[dict[str, Any]]]:
+        flat = [t for b in batches for t in b]
+        res = await asyncio.get_running_loop().run_in_executor(None, self.engine.classify, flat)
+        out, k = [], 0
+        for b in batches:
+            out.append(res[k:k + len(b)])
+            k += len(b)
+        return out

@@ -1,0 +1,302 @@
+"""The models behind the endpoints, free of Ray: load a registry model, generate, score,
+classify, compress. Serve deployments (`deployments.py`) wrap these; benchmarks call them
+directly as the in-process baseline.
+
+Generation is Hugging Face `generate` with its KV cache over a left-padded batch. Each row
+keeps its own sampling parameters: a logits processor draws the row's next token (its own
+temperature, top_p and seed) and hands `generate` a one-hot choice, so the greedy step
+picks exactly that token; a stopping criterion does each row's bookkeeping (EOS, max_tokens,
+stop strings, incremental detokenization) and reports per-row events once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+# Used when neither the deploy config nor the tokenizer has a chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class RequestError(ValueError):
+    """A request the model cannot take (too long, bad parameter): the client gets a 400."""
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def compress(model: torch.nn.Module, quantize: str = "none", prune: float = 0.0) -> dict[str, Any]:
+    """Magnitude pruning (global L1 over every Linear but the output head), then int8 dynamic
+    quantization of Linear layers (CPU). Returns what was done."""
+    done: dict[str, Any] = {}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if prune > 0:
+        from torch.nn.utils import prune as tprune
+
+        params = [(m, "weight") for n, m in linears if not n.endswith(("lm_head", "classifier", "score"))]
+        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=prune)
+        for m, name in params:
+            tprune.remove(m, name)
+        total = sum(m.weight.numel() for m, _ in params)
+        zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
+        done["prune"] = {"amount": prune, "linear_weights": total, "zero_fraction": round(zeros / max(total, 1), 4)}
+    if quantize == "int8":
+        if next(model.parameters()).device.type != "cpu":
+            raise ValueError("int8 dynamic quantization is for CPU serving: set num_gpus: 0 for this model")
+        from torch.ao.quantization import quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        done["quantize"] = {"dtype": "qint8", "layers": len(linears)}
+    return {"model": model, **done}
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    logprobs: Optional[int] = None  # top alternatives per generated token (0 = only the chosen one)
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    generator: Optional[torch.Generator]
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    done: bool = False
+    pending: Optional[tuple[int, float, Optional[dict]]] = None  # (token, logprob, top) of this step
+
+
+class LMEngine:
+    def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
+                 prune: float = 0.0, chat_template: Optional[str] = None, max_prompt_tokens: Optional[int] = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = pick_device(num_gpus)
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
+                                                     dtype=pick_dtype(dtype, self.device))
+        model = model.to(self.device).eval()
+        out = compress(model, quantize, prune)
+        self.model = out.pop("model")
+        self.compression = out
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
+        self.eos_id = self.tok.eos_token_id
+        self.chat_template = chat_template or getattr(self.tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                            add_generation_prompt=True)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < len(self.tok))]
+            if bad:
+                raise RequestError(f"prompt token ids must be in [0, {len(self.tok)}); got {bad[:3]}")
+            return list(prompt)
+        return self.tok.encode(prompt, add_special_tokens=False)
+
+    def check(self, req: GenRequest) -> None:
+        n = len(req.prompt_ids)
+        if n > self.max_prompt_tokens:
+            raise RequestError(f"the prompt has {n} tokens; this model takes at most {self.max_prompt_tokens}")
+        if n + req.max_tokens > self.context:
+            raise RequestError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the model's context "
+                               f"of {self.context} tokens")
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(self, reqs: list[GenRequest], emit: Callable[[dict[int, dict]], None]) -> None:
+        """Generate for a batch of checked requests. Blocking (run it in a thread): calls
+        `emit({row: event})` once per decoding step for the rows still going, each event
+        `{"text", "tokens", "logprobs", "finish_reason"}` (text is the new, safe-to-show part)."""
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        rows = []
+        for r in reqs:
+            g = None
+            if r.temperature > 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+            rows.append(_Row(r, g))
+        if not any(r.req.prompt_ids for r in rows):
+            raise RequestError("empty prompt")
+        width = max(len(r.req.prompt_ids) for r in rows)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = r.req.prompt_ids or [self.eos_id]
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        gen_cfg = GenerationConfig(max_new_tokens=max(r.req.max_tokens for r in rows), do_sample=False,
+                                   pad_token_id=pad, eos_token_id=None, use_cache=True)
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                generation_config=gen_cfg,
+                                logits_processor=LogitsProcessorList([_Sampler(rows)]),
+                                stopping_criteria=StoppingCriteriaList([_Bookkeeper(self, rows, emit)]))
+        leftover = {i: self._finish(r, "length") for i, r in enumerate(rows) if not r.done}
+        if leftover:
+            emit(leftover)
+
+    def _step(self, row: _Row) -> dict:
+        token, logprob, top = row.pending
+        row.pending = None
+        if token == self.eos_id:
+            return self._finish(row, "stop")
+        row.tokens.append(token)
+        if top is not None:
+            top = {self.token_text(t): round(lp, 6) for t, lp in top.items()}
+        ev_extra = {"tokens": [token], "token_texts": [self.token_text(token)], "logprobs": [logprob],
+                    "top_logprobs": [top]}
+        text = self.tok.decode(row.tokens, skip_special_tokens=True)
+        for s in row.req.stop:
+            at = text.find(s, max(0, row.sent - len(s)))
+            if s and at >= 0:
+                return self._finish(row, "stop", text[:at], ev_extra)
+        if len(row.tokens) >= row.req.max_tokens:
+            return self._finish(row, "length", text, ev_extra)
+        hold = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 sequence: wait for the rest
+        for s in row.req.stop:  # a tail that may become a stop string is not shown yet
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        end = max(row.sent, len(text) - hold)
+        delta, row.sent = text[row.sent:end], end
+        return {"text": delta, "finish_reason": None, **ev_extra}
+
+    def _finish(self, row: _Row, reason: str, text: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+        if text is None:
+            text = self.tok.decode(row.tokens, skip_special_tokens=True)
+        row.done = True
+        delta = text[row.sent:]
+        row.sent = len(text)
+        return {"text": delta, "finish_reason": reason,
+                **(extra or {"tokens": [], "token_texts": [], "logprobs": [], "top_logprobs": []})}
+
+    # --- scoring (echo / logprobs) --------------------------------------------------------
+
+    def score(self, prompts: list[list[int]], top: int = 0) -> list[dict[str, list]]:
+        """Log-probability of each prompt token given the ones before it (the first has none),
+        with the `top` most likely alternatives at each position."""
+        out = []
+        with torch.inference_mode():
+            for ids in prompts:
+                x = torch.tensor([ids], device=self.device)
+                logp = torch.log_softmax(self.model(input_ids=x).logits[0].float(), dim=-1)
+                chosen = logp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist()
+                tops: list[Optional[dict]] = [None]
+                if top > 0:
+                    v, i = logp[:-1].topk(top, dim=-1)
+                    tops += [{self.token_text(t): round(float(p), 6) for t, p in zip(ti.tolist(), vi.tolist())}
+                             for ti, vi in zip(i, v)]
+                else:
+                    tops += [None] * (len(ids) - 1)
+                out.append({"tokens": list(ids), "logprobs": [None] + chosen, "top_logprobs": tops})
+        return out
+
+    def token_text(self, token: int) -> str:
+        return self.tok.decode([token])
+
+
+class _Sampler:
+    """Logits processor: draws each live row's next token with its own parameters and returns
+    a one-hot choice, so `generate`'s greedy step takes exactly that token."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        choice = logits.argmax(dim=-1)
+        for i, row in enumerate(self.rows):
+            if row.done:
+                continue
+            r = row.req
+            if r.temperature > 0:
+                probs = torch.softmax(logits[i] / r.temperature, dim=-1)
+                if r.top_p < 1.0:
+                    sp, si = probs.sort(descending=True)
+                    keep = sp.cumsum(0) - sp < r.top_p  # the smallest set whose mass reaches top_p
+                    probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+                choice[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+            t = int(choice[i])
+            top = None
+            if r.logprobs:
+                v, ix = logp[i].topk(r.logprobs)
+                top = {int(a): float(b) for a, b in zip(ix.tolist(), v.tolist())}
+            row.pending = (t, float(logp[i, t]), top)
+        out = torch.full_like(scores, -math.inf)
+        out.scatter_(1, choice[:, None], 0.0)
+        return out
+
+
+class _Bookkeeper:
+    """Stopping criterion: per-row EOS / max_tokens / stop strings, and the step's events."""
+
+    def __init__(self, engine: LMEngine, rows: list[_Row], emit: Callable[[dict[int, dict]], None]):
+        self.engine, self.rows, self.emit = engine, rows, emit
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        events = {i: self.engine._step(r) for i, r in enumerate(self.rows) if not r.done and r.pending}
+        if events:
+            self.emit(events)
+        return torch.tensor([r.done for r in self.rows], device=input_ids.device)
+
+
+class ClassifierEngine:
+    def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
+                 prune: float = 0.0):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = pick_device(num_gpus)
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
+                                                                   dtype=pick_dtype(dtype, self.device))
+        model = model.to(self.device).eval()
+        out = compress(model, quantize, prune)
+        self.model = out.pop("model")
+        self.compression = out
+        n = self.model.config.num_labels
+        id2label = self.model.config.id2label or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+        self.max_len = min(int(self.tok.model_max_length or 512),
+                           int(getattr(self.model.config, "max_position_embeddings", 512)))
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float(), -1)
+        out = []
+        for p in probs.tolist():
+            best = max(range(len(p)), key=p.__getitem__)
+            out.append({"label": self.labels[best], "probabilities": dict(zip(self.labels, p))})
+        return out
