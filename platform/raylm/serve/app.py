@@ -211,6 +211,15 @@ async def _count(request: Request, call_next):
             m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": request.state.model})
 
 
+def _cancel(gens: list[Any]) -> None:
+    """Cancel streams we no longer read (one that was refused raises its refusal again)."""
+    for g in gens:
+        try:
+            g.cancel()
+        except Exception:  # noqa: BLE001 - nothing left to clean up for that one
+            pass
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -344,12 +353,13 @@ class Ingress:
         first event: an accepted prompt, or the reason it was refused."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        gens = [m["handle"].options(stream=True).generate.remote(p) for p in payloads]
+        gens: list[Any] = []
         try:
+            for p in payloads:
+                gens.append(m["handle"].options(stream=True).generate.remote(p))
             firsts = await asyncio.gather(*(g.__anext__() for g in gens))
         except BackPressureError:
-            for g in gens:
-                g.cancel()
+            _cancel(gens)
             raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
                            {"Retry-After": "1"}) from None
         except DeploymentUnavailableError:
@@ -357,8 +367,7 @@ class Ingress:
                            {"Retry-After": "5"}) from None
         errors = [f["message"] for f in firsts if f["type"] == "error"]
         if errors:
-            for g in gens:
-                g.cancel()
+            _cancel(gens)
             code = "context_length_exceeded" if "tokens" in errors[0] else "invalid_prompt"
             raise ApiError(400, errors[0], code=code, param="prompt")
         return list(zip(gens, firsts))

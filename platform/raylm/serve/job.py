@@ -56,7 +56,7 @@ def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
     base_loss, base_s = evaluate(model)
     out = compress(copy.deepcopy(model), c.quantize, c.prune)
     loss, s = evaluate(out.pop("model"))
-    return {"measured": True, "split_blocks": len(blocks), "quantize": c.quantize, "prune": c.prune, **out,
+    return {"measured": True, "split_blocks": len(blocks), "quantize": c.quantize, "prune": c.prune, "applied": out,
             "val_loss_before": round(base_loss, 5), "val_loss_after": round(loss, 5),
             "val_loss_delta": round(loss - base_loss, 5),
             "val_ppl_before": round(math.exp(min(base_loss, 50)), 3), "val_ppl_after": round(math.exp(min(loss, 50)), 3),
