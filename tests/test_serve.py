@@ -85,7 +85,8 @@ def served(ray_session, train_dataset, tmp_path_factory):
     k = {"gen": keys.add("gen", ["generate", "feedback"], kf), "cls": keys.add("cls", ["classify"], kf),
          "admin": keys.add("admin", ["admin"], kf), "slow": keys.add("slow", ["generate"], kf, rate_limit_per_minute=3)}
     port = free_port()
-    common = {"num_cpus": 0.25, "max_tokens_cap": 64, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}
+    common = {"num_cpus": 0.25, "max_tokens_cap": 64, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+                                                                        "stream_interval_s": 0}}
     cfg_dict = {
         "name": APP, "registry": reg, "http": {"port": port},
         "auth": {"keys_file": kf}, "feedback_uri": str(d / "feedback"),
@@ -490,3 +491,24 @@ def test_deploy_job_refuses_without_keys_and_with_unknown_models(served, tmp_pat
                         "--set", f"registry={served['registry']}", "--set", "models.0.model=nope@v9"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "no model 'nope@v9'" in r.stderr and "lm@v1" in r.stderr
+
+
+def test_submitted_deploy_job_serves_after_the_job_ends(served):
+    """`raylm submit deploy` through the Jobs API: the job finishes, the app keeps serving."""
+    from ray import serve
+
+    r = run_cli("submit", "deploy", "--config", "jobs/configs/deploy_tiny.yaml",
+                "--set", f"registry={served['registry']}", "--set", "models.0.model=lm@v1",
+                "--set", "models.0.name=tiny", "--set", "models.0.num_cpus=0.25", "--set", "ingress.num_cpus=0.1",
+                "--set", f"auth.keys_file={served['keys_file']}", "--set", f"http.port={served['port']}",
+                "--set", "route_prefix=/job", "--set", "name=job-app", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "is RUNNING" in r.stdout and "curl" in r.stdout
+    try:
+        base = served["base"].rstrip("/") + "/job"
+        out = requests.post(base + "/v1/completions", headers=_h(served["keys"]["gen"]), timeout=120,
+                            json={"model": "tiny", "prompt": "the king", "max_tokens": 4, "temperature": 0})
+        assert out.status_code == 200, out.text
+        assert out.json()["usage"]["completion_tokens"] == 4 or out.json()["choices"][0]["finish_reason"] == "stop"
+    finally:
+        serve.delete("job-app")

@@ -426,7 +426,7 @@ class Ingress:
             raise ApiError(400, "at most 32 prompts per request", param="prompt")
         base = {"max_tokens": self._max_tokens(req.model, req.max_tokens), "temperature": req.temperature,
                 "top_p": req.top_p, "stop": self._stops(req.stop), "seed": req.seed, "logprobs": req.logprobs,
-                "echo": req.echo}
+                "echo": req.echo, "stream": req.stream}
         started = await self._start(m, [{**base, "prompt": x} for x in prompts])
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompt_scores = await self._prompt_scores(m, started, req) if (req.echo and req.logprobs is not None) \
@@ -558,7 +558,7 @@ class Ingress:
         top = (req.top_logprobs or 0) if req.logprobs else None
         payload = {"messages": messages, "max_tokens": self._max_tokens(req.model, asked),
                    "temperature": req.temperature, "top_p": req.top_p, "stop": self._stops(req.stop),
-                   "seed": req.seed, "logprobs": top}
+                   "seed": req.seed, "logprobs": top, "stream": req.stream}
         started = await self._start(m, [payload])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}

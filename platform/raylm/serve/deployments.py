@@ -35,6 +35,18 @@ def _log_loaded(spec: dict[str, Any], compression: dict[str, Any]) -> None:
              card.get("id"), spec["name"], compression or "none", measured or "not measured")
 
 
+def _merge_events(a: dict[int, dict], b: dict[int, dict]) -> dict[int, dict]:
+    out = dict(a)
+    for i, ev in b.items():
+        if i not in out:
+            out[i] = ev
+            continue
+        prev = out[i]
+        out[i] = {"text": prev["text"] + ev["text"], "finish_reason": ev["finish_reason"] or prev["finish_reason"],
+                  **{k: prev.get(k, []) + ev.get(k, []) for k in ("tokens", "token_texts", "logprobs", "top_logprobs")}}
+    return out
+
+
 @serve.deployment
 class LMDeployment:
     def __init__(self, spec: dict[str, Any]):
@@ -47,6 +59,7 @@ class LMDeployment:
                                max_prompt_tokens=o.get("max_prompt_tokens"))
         self._generate_batch.set_max_batch_size(o["batching"]["max_batch_size"])
         self._generate_batch.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        self.stream_interval_s = o["batching"]["stream_interval_s"]
         _log_loaded(spec, self.engine.compression)
 
     def info(self) -> dict[str, Any]:
@@ -108,10 +121,32 @@ class LMDeployment:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         task = loop.run_in_executor(None, run)
-        while True:
+        # Every yield becomes one stream item per request, and each item costs the replica
+        # milliseconds, so coalesce: a batch with no streaming request yields once at the end;
+        # otherwise the first tokens go at once (time to first token), later ones at most every
+        # stream_interval_s.
+        streaming = any(reqs[i].get("stream") for i in live)
+        ended, first_tokens, last = False, True, 0.0
+        while not ended:
             events = await queue.get()
             if events is _END:
                 break
+            if not streaming:
+                while (more := await queue.get()) is not _END:
+                    events = _merge_events(events, more)
+                ended = True
+            else:
+                if not first_tokens:
+                    wait = last + self.stream_interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is _END:
+                        ended = True
+                        break
+                    events = _merge_events(events, more)
+                first_tokens = False
             out: list[Any] = []
             for i in range(n):
                 if finished[i]:
@@ -125,6 +160,7 @@ class LMDeployment:
                     out.append({"type": "delta", **ev})
                     finished[i] = ev["finish_reason"] is not None
             yield out
+            last = loop.time()
         await task  # re-raises what the generation thread raised
 
     async def score(self, prompt_ids: list[list[int]], top: int) -> list[dict[str, Any]]:

@@ -159,7 +159,7 @@ class LMEngine:
         with torch.inference_mode():
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 generation_config=gen_cfg,
-                                logits_processor=LogitsProcessorList([_Sampler(rows)]),
+                                logits_processor=LogitsProcessorList([_Sampler(rows, self.device)]),
                                 stopping_criteria=StoppingCriteriaList([_Bookkeeper(self, rows, emit)]))
         leftover = {i: self._finish(r, "length") for i, r in enumerate(rows) if not r.done}
         if leftover:
@@ -227,33 +227,46 @@ class LMEngine:
 
 
 class _Sampler:
-    """Logits processor: draws each live row's next token with its own parameters and returns
-    a one-hot choice, so `generate`'s greedy step takes exactly that token."""
+    """Logits processor: draws every live row's next token with its own temperature, top_p and
+    seed in one batched step (Gumbel-max: argmax(logits / T - log(E)), E ~ Exp(1) drawn from
+    the row's own generator), records the chosen token's log-probability, and returns a
+    one-hot choice so that `generate`'s greedy step takes exactly that token."""
 
-    def __init__(self, rows: list[_Row]):
+    def __init__(self, rows: list[_Row], device: torch.device):
         self.rows = rows
+        self.temps = torch.tensor([r.req.temperature for r in rows], device=device, dtype=torch.float32)
+        self.top_p = torch.tensor([r.req.top_p if r.req.top_p < 1 else 2.0 for r in rows], device=device,
+                                  dtype=torch.float32)  # 2.0: never drop (rounding can push the sum to 1)
+        self.sampled = [i for i, r in enumerate(rows) if r.req.temperature > 0]
+        self.any_top_p = any(r.req.top_p < 1.0 and r.req.temperature > 0 for r in rows)
+        self.top_rows = [i for i, r in enumerate(rows) if r.req.logprobs]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float()
         logp = torch.log_softmax(logits, dim=-1)
         choice = logits.argmax(dim=-1)
+        if self.sampled:
+            x = logits / self.temps.clamp_min(1e-6)[:, None]
+            if self.any_top_p:  # keep the smallest set of tokens whose probability reaches top_p
+                sp, si = torch.softmax(x, dim=-1).sort(dim=-1, descending=True)
+                drop_sorted = (sp.cumsum(dim=-1) - sp) >= self.top_p[:, None]
+                drop = torch.zeros_like(drop_sorted).scatter(1, si, drop_sorted)
+                x = x.masked_fill(drop, -math.inf)
+            noise = torch.empty_like(x)
+            for i in self.sampled:
+                noise[i].exponential_(generator=self.rows[i].generator)
+            drawn = (x - noise.log()).argmax(dim=-1)
+            idx = torch.tensor(self.sampled, device=logits.device)
+            choice[idx] = drawn[idx]
+        chosen_lp = logp.gather(1, choice[:, None])[:, 0]
+        tokens, lps = choice.tolist(), chosen_lp.tolist()  # the one host sync of the step
+        tops: dict[int, dict] = {}
+        for i in self.top_rows:
+            v, ix = logp[i].topk(self.rows[i].req.logprobs)
+            tops[i] = dict(zip(ix.tolist(), v.tolist()))
         for i, row in enumerate(self.rows):
-            if row.done:
-                continue
-            r = row.req
-            if r.temperature > 0:
-                probs = torch.softmax(logits[i] / r.temperature, dim=-1)
-                if r.top_p < 1.0:
-                    sp, si = probs.sort(descending=True)
-                    keep = sp.cumsum(0) - sp < r.top_p  # the smallest set whose mass reaches top_p
-                    probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-                choice[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-            t = int(choice[i])
-            top = None
-            if r.logprobs:
-                v, ix = logp[i].topk(r.logprobs)
-                top = {int(a): float(b) for a, b in zip(ix.tolist(), v.tolist())}
-            row.pending = (t, float(logp[i, t]), top)
+            if not row.done:
+                row.pending = (tokens[i], lps[i], tops.get(i))
         out = torch.full_like(scores, -math.inf)
         out.scatter_(1, choice[:, None], 0.0)
         return out
