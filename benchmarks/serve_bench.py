@@ -141,6 +141,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=60, help="requests per measurement")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--batch-wait", type=float, default=0.1,
+                   help="batch_wait_timeout_s of the batched deployment: long enough for 16 clients' requests "
+                        "to meet in one batch")
     a = p.parse_args()
     experiments = set(a.experiments.split(","))
 
@@ -168,7 +171,7 @@ def main() -> int:
     port = int(os.environ.get("BENCH_PORT", "8011"))
     common = {"model": card["uri"], "num_cpus": threads if not gpu else 1, "num_gpus": 1 if gpu else 0,
               "max_tokens_cap": 4096, "max_ongoing_requests": 64, "max_queued_requests": -1}
-    models = [{"name": "batched", **common, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}}]
+    models = [{"name": "batched", **common, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": a.batch_wait}}]
     if "batching" in experiments or "overhead" in experiments:
         models.append({"name": "unbatched", **common, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}})
     if gpu:
@@ -185,6 +188,7 @@ def main() -> int:
     client = Client(f"http://127.0.0.1:{port}/bench", key)
     device = torch.cuda.get_device_name(0) if gpu else f"cpu ({ncpu} cores)"
     base = {"device": device, "model": card["id"], "preset": a.preset if not a.model else None,
+            "batch_wait_timeout_s": a.batch_wait,
             "date": time.strftime("%Y-%m-%d")}
     engine = LMEngine(model_dir, num_gpus=1 if gpu else 0)
     try:

@@ -32,9 +32,11 @@ written to       {latest['uri']}
 splits           {json.dumps({k: v['documents'] for k, v in latest['splits'].items()})} documents, \
 {latest['counts']['tokens']} tokens
 dashboard        {state.dashboard_url}   (token: {state.token_path})
-next             .venv/bin/raylm datasets list
+next             export RAYLM_HOME={cluster.home()}    # where this cluster's state lives
                  .venv/bin/raylm datasets show {latest['id']}
                  .venv/bin/raylm submit train --config jobs/configs/train_tiny.yaml
+                 .venv/bin/raylm keys add me              # prints an API key once
+                 .venv/bin/raylm submit deploy --config jobs/configs/deploy_tiny.yaml
 stop the cluster make down""")
     return 0
 

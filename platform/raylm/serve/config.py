@@ -31,7 +31,8 @@ class Batching(Strict):
     """`@serve.batch`: requests that arrive together run as one forward pass."""
 
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill: under load, "
+                                                                 "long enough for concurrent requests to meet")
     stream_interval_s: float = Field(0.05, ge=0, description="streamed text is sent at most this often after the "
                                                              "first tokens (0: every token)")
 

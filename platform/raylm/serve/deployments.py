@@ -104,6 +104,7 @@ class LMDeployment:
             if r["max_tokens"] > 0:
                 live.append(i)
                 prepared.append(g)
+        log.debug("raylm: generation batch of %d (%d generating)", n, len(live))
         yield first
         finished = [i not in live for i in range(n)]
         if not live:
