@@ -65,6 +65,18 @@ def compress(model: torch.nn.Module, quantize: str = "none", prune: float = 0.0)
     return {"model": model, **done}
 
 
+def load(auto_cls: Any, model_dir: str | Path, num_gpus: float, dtype: str, quantize: str, prune: float):
+    """(device, tokenizer, model in eval mode and compressed, what compression did) from a
+    local Hugging Face directory, offline."""
+    from transformers import AutoTokenizer
+
+    device = pick_device(num_gpus)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = auto_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=pick_dtype(dtype, device))
+    out = compress(model.to(device).eval(), quantize, prune)
+    return device, tok, out.pop("model"), out
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -89,19 +101,13 @@ class _Row:
 class LMEngine:
     def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
                  prune: float = 0.0, chat_template: Optional[str] = None, max_prompt_tokens: Optional[int] = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        self.device = pick_device(num_gpus)
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.device, self.tok, self.model, self.compression = load(AutoModelForCausalLM, model_dir, num_gpus, dtype,
+                                                                   quantize, prune)
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                     dtype=pick_dtype(dtype, self.device))
-        model = model.to(self.device).eval()
-        out = compress(model, quantize, prune)
-        self.model = out.pop("model")
-        self.compression = out
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
         self.eos_id = self.tok.eos_token_id
@@ -288,16 +294,10 @@ class _Bookkeeper:
 class ClassifierEngine:
     def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
                  prune: float = 0.0):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        self.device = pick_device(num_gpus)
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
-                                                                   dtype=pick_dtype(dtype, self.device))
-        model = model.to(self.device).eval()
-        out = compress(model, quantize, prune)
-        self.model = out.pop("model")
-        self.compression = out
+        self.device, self.tok, self.model, self.compression = load(AutoModelForSequenceClassification, model_dir,
+                                                                   num_gpus, dtype, quantize, prune)
         n = self.model.config.num_labels
         id2label = self.model.config.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
