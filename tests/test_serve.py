@@ -511,4 +511,8 @@ def test_submitted_deploy_job_serves_after_the_job_ends(served):
         assert out.status_code == 200, out.text
         assert out.json()["usage"]["completion_tokens"] == 4 or out.json()["choices"][0]["finish_reason"] == "stop"
     finally:
-        serve.delete("job-app")
+        down = run_cli("undeploy", "job-app", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "job-app" not in serve.status().applications
+    again = run_cli("undeploy", "job-app", timeout=120)
+    assert again.returncode == 1 and "no Serve application 'job-app'" in again.stderr

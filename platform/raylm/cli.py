@@ -11,6 +11,7 @@
     raylm models list | show NAME[@vN]
     raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
     raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
+    raylm undeploy NAME
 """
 
 from __future__ import annotations
@@ -340,6 +341,22 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_undeploy(a: argparse.Namespace) -> int:
+    from raylm.runtime import init_ray
+
+    init_ray()
+    from raylm.serve.job import undeploy
+
+    if not undeploy(a.name):
+        from ray import serve
+
+        _print_err(f"no Serve application {a.name!r} on this cluster; running: "
+                   f"{', '.join(serve.status().applications) or 'none'}")
+        return 1
+    print(f"deleted the Serve application {a.name!r}")
+    return 0
+
+
 def cmd_serve_config(a: argparse.Namespace) -> int:
     import yaml
 
@@ -428,6 +445,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--file")
     s.set_defaults(fn=cmd_keys_revoke)
+
+    s = sub.add_parser("undeploy", help="delete a Serve application that `raylm submit deploy` started")
+    s.add_argument("name", help="the deploy config's `name` (default raylm)")
+    s.set_defaults(fn=cmd_undeploy)
 
     s = sub.add_parser("serve-config", help="write the Ray Serve config (serve deploy / KubeRay RayService) "
                                             "of a deploy config")

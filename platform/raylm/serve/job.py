@@ -71,6 +71,25 @@ def record_compression(card: dict[str, Any], result: dict[str, Any]) -> None:
     card.update(current)
 
 
+def _running_http_options() -> dict[str, Any]:
+    try:
+        from ray.serve.context import _get_global_client
+
+        return dict(_get_global_client().get_serve_details().get("http_options") or {})
+    except Exception:  # noqa: BLE001 - only used to print the right URL
+        return {}
+
+
+def undeploy(name: str) -> bool:
+    """Delete a running Serve application (its replicas stop after their in-flight requests)."""
+    from ray import serve
+
+    if name not in serve.status().applications:
+        return False
+    serve.delete(name)
+    return True
+
+
 def run(cfg: DeployConfig) -> dict[str, Any]:
     from raylm.runtime import init_ray
     from raylm.serve import keys
@@ -103,6 +122,12 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
             record_compression(cards[m.name], result)
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    actual = _running_http_options()
+    if actual and (actual.get("host"), actual.get("port")) != (cfg.http.host, cfg.http.port):
+        print(f"[deploy] note: Serve already runs on this cluster with HTTP {actual.get('host')}:{actual.get('port')}; "
+              f"http options apply only when Serve starts (`serve shutdown` first to change them)", flush=True)
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: actual[k] for k in ("host", "port")
+                                                                         if k in actual})})
     print(f"[deploy] deploying {cfg.name!r}: " + ", ".join(f"{m.name}={cards[m.name]['id']}" for m in cfg.models),
           flush=True)
     t0 = time.time()
