@@ -111,14 +111,24 @@ class LMDeployment:
             return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        streaming = any(reqs[i].get("stream") for i in live)
+        held: list[dict[int, dict]] = []
 
         def emit(events: dict[int, dict]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
+            if streaming:
+                loop.call_soon_threadsafe(queue.put_nowait, events)
+            else:  # nobody reads partial text: do not wake the event loop every step
+                held.append(events)
 
         def run() -> None:
             try:
                 self.engine.generate(prepared, emit)
             finally:
+                if held:
+                    merged = held[0]
+                    for more in held[1:]:
+                        merged = _merge_events(merged, more)
+                    loop.call_soon_threadsafe(queue.put_nowait, merged)
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         task = loop.run_in_executor(None, run)
@@ -126,7 +136,6 @@ class LMDeployment:
         # milliseconds, so coalesce: a batch with no streaming request yields once at the end;
         # otherwise the first tokens go at once (time to first token), later ones at most every
         # stream_interval_s.
-        streaming = any(reqs[i].get("stream") for i in live)
         ended, first_tokens, last = False, True, 0.0
         while not ended:
             events = await queue.get()

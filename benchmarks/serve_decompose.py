@@ -1,0 +1,58 @@
+"""Where a completion's time goes through Serve (p50 of 40 sequential requests each, after 5
+warm-ups): proxy + ingress + auth alone, + the model hop with no generation, the whole request,
+the model's stream called from the driver (no HTTP, no ingress), and the engine in-process.
+Prints one JSON line: each stage's p50 in ms, and the in-process engine as the baseline.
+Starts its own local Ray (run it with no other cluster up on a small machine). Uses the demo's
+trained model by default.
+
+    python benchmarks/serve_decompose.py [MODEL_DIR]
+"""
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
+os.environ["RAYLM_HOME"] = tempfile.mkdtemp(prefix="raylm-decomp-"); os.environ["RAY_AUTH_MODE"] = "disabled"
+from raylm.serve import keys
+key = keys.add("b", ["admin"], rate_limit_per_minute=10**6)
+from raylm.serve.config import DeployConfig
+import ray, requests, torch
+from ray import serve
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+serve.start(http_options={"host": "127.0.0.1", "port": 8126})
+from raylm.serve.app import build
+M = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", ".raylm", "registry", "tiny-llama", "v1")
+cfg = DeployConfig.model_validate({"models": [{"name": "m", "model": M, "num_cpus": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}], "http": {"port": 8126}, "ingress": {"num_cpus": 0}, "limits": {"rate_limit_per_minute": 10**6}})
+serve.run(build(cfg), name="raylm", route_prefix="/")
+s = requests.Session(); H = {"Authorization": f"Bearer {key}"}
+def t(fn, n=40):
+    for _ in range(5): fn()
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter(); fn(); xs.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(xs), 2)
+body = lambda n: {"model": "m", "prompt": "the king and the queen went out", "max_tokens": n, "temperature": 0}
+out = {}
+out["proxy_ingress_auth_ms"] = (t(lambda: s.get("http://127.0.0.1:8126/v1/models", headers=H)))
+out["plus_model_unary_call_ms"] = (t(lambda: s.get("http://127.0.0.1:8126/healthz")))
+out["completion_0_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(0), headers=H)))
+out["completion_16_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(16), headers=H)))
+h = serve.get_deployment_handle("model-m", "raylm").options(stream=True)
+def via_handle(n):
+    async def go():
+        g = h.generate.remote({**body(n), "stop": [], "seed": None, "logprobs": None, "top_p": 1.0, "stream": False})
+        async for _ in g: pass
+    asyncio.run(go())
+out["handle_stream_0_tokens_ms"] = (t(lambda: via_handle(0)))
+out["handle_stream_16_tokens_ms"] = (t(lambda: via_handle(16)))
+from raylm.serve.engine import LMEngine, GenRequest
+torch.set_num_threads(1)
+e = LMEngine(M)
+out["baseline_in_process_16_tokens_ms"] = (t(lambda: e.generate([GenRequest(e.encode("the king and the queen went out"), 16, 0.0)], lambda ev: None)))
+print(json.dumps({"benchmark": "serve_decompose", "device": f"cpu ({os.cpu_count()} cores)", **out}))
+serve.shutdown()
+ray.shutdown()
