@@ -88,7 +88,7 @@ class CompletionRequest(_Body):
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     stop: Stop = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     user: Optional[str] = None
 
 
@@ -113,7 +113,7 @@ class ChatRequest(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Stop = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=5)
     user: Optional[str] = None
