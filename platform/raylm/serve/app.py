@@ -7,8 +7,10 @@ model through DeploymentHandles.
 
 Every error a client can cause is a JSON body `{"error": {"message", "type", "code"}}` with
 the right status (400, 401, 403, 404, 413, 422, 429, 503); nothing a client sends gives a 500.
-"""
 
+
+Request bodies, error bodies and SSE lines are in `protocol.py`; metrics in `metrics.py`.
+"""
 
 import asyncio
 import datetime as dt
@@ -19,145 +21,23 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.serve.config import DeployConfig
+from raylm.serve.metrics import metrics
+from raylm.serve.protocol import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, FeedbackRequest, Stop,
+                                  body_schema, error_body, error_response, sse, validation_message)
 
 log = logging.getLogger("ray.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 ROUTES = {"/", "/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/feedback"}
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.headers, self.param = \
-            status, message, type_, code, headers, param
-
-
-def error_body(message: str, type_: str, code: Optional[str], param: Optional[str] = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers)
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        param = param or loc or None
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
-    return "; ".join(parts), param
-
-
-# --- request bodies (OpenAI fields; unknown fields are ignored, as OpenAI does) -------------------
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-Stop = Optional[Union[str, list[str]]]
-
-
-class CompletionRequest(_Body):
-    model: str = Field(..., max_length=200)
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
-    best_of: Optional[int] = Field(None, ge=1, le=1)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
-    echo: bool = False
-    stop: Stop = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
-    user: Optional[str] = None
-
-
-class TextPart(_Body):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
-
-
-class ChatRequest(_Body):
-    model: str = Field(..., max_length=200)
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=0)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Stop = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=5)
-    user: Optional[str] = None
-
-
-class ClassifyRequest(_Body):
-    model: str = Field(..., max_length=200)
-    texts: Union[str, list[str]] = Field(..., description="one text or up to 64")
-
-
-class FeedbackRequest(_Body):
-    response_id: str = Field(..., min_length=1, max_length=200)
-    rating: int = Field(..., ge=-1, le=1, description="-1 bad, 0 neutral, 1 good")
-    comment: str = Field("", max_length=4000)
-    model: Optional[str] = Field(None, max_length=200)
-
-
-def _body_schema(model: type[BaseModel]) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-# --- metrics (one set per ingress process) ----------------------------------------------------
-
-_METRICS: dict[str, Any] = {}
-
-
-def metrics() -> dict[str, Any]:
-    if not _METRICS:
-        from ray.util import metrics as m
-
-        _METRICS.update(
-            requests=m.Counter("raylm_serve_requests_total", "HTTP requests by route, status and model",
-                               tag_keys=("route", "status", "model")),
-            latency=m.Histogram("raylm_serve_request_latency_seconds", "request latency (to the last byte)",
-                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
-                                tag_keys=("route", "model")),
-            ttft=m.Histogram("raylm_serve_time_to_first_token_seconds", "time to the first generated text",
-                             boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-                             tag_keys=("model",)),
-            tokens=m.Counter("raylm_serve_tokens_generated_total", "completion tokens generated",
-                             tag_keys=("model",)),
-        )
-    return _METRICS
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -173,7 +53,7 @@ async def _api_error(request: Request, e: ApiError):
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError):
-    msg, param = _validation_message(e.errors())
+    msg, param = validation_message(e.errors())
     return JSONResponse(error_body(msg, "invalid_request_error", "invalid_body", param), status_code=422)
 
 
@@ -218,10 +98,6 @@ def _cancel(gens: list[Any]) -> None:
             g.cancel()
         except Exception:  # noqa: BLE001 - nothing left to clean up for that one
             pass
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 async def _merge(gens: list[Any]) -> AsyncIterator[tuple[int, dict]]:
@@ -319,7 +195,7 @@ class Ingress:
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            msg, param = _validation_message(e.errors())
+            msg, param = validation_message(e.errors())
             raise ApiError(422, msg, code="invalid_body", param=param) from None
 
     def _model(self, request: Request, name: str, task: str) -> dict[str, Any]:
@@ -413,7 +289,7 @@ class Ingress:
             raise ApiError(404, f"model {model_id!r} not found", code="model_not_found")
         return self._model_entry(model_id)
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(self, request: Request):
         self._auth(request, "generate")
         req: CompletionRequest = await self._parse(request, CompletionRequest)
@@ -511,7 +387,7 @@ class Ingress:
                     if req.logprobs is not None and prompt_scores[i]:
                         lp = self._completion_logprobs({"token_texts": [], "logprobs": [], "top_logprobs": []},
                                                        prompt_scores[i], e, 0)
-                    yield _sse({**head, "choices": [{"text": e, "index": i, "logprobs": lp, "finish_reason": None}]})
+                    yield sse({**head, "choices": [{"text": e, "index": i, "logprobs": lp, "finish_reason": None}]})
             async for i, ev in _merge([g for g, _ in started]):
                 if first and ev["tokens"]:
                     metrics()["ttft"].observe(time.perf_counter() - t0, tags={"model": req.model})
@@ -525,17 +401,17 @@ class Ingress:
                 if req.logprobs is not None:
                     lp = {"tokens": ev["token_texts"], "token_logprobs": ev["logprobs"],
                           "top_logprobs": ev["top_logprobs"], "text_offset": []}
-                yield _sse({**head, "choices": [{"text": ev["text"], "index": i, "logprobs": lp,
+                yield sse({**head, "choices": [{"text": ev["text"], "index": i, "logprobs": lp,
                                                  "finish_reason": ev["finish_reason"]}]})
             if req.stream_options and req.stream_options.include_usage:
                 p = sum(f["prompt_tokens"] for _, f in started)
-                yield _sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": sum(n_tokens),
+                yield sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": sum(n_tokens),
                                                              "total_tokens": p + sum(n_tokens)}})
             yield "data: [DONE]\n\n"
         except Exception:  # noqa: BLE001 - the stream has begun: report in-band, never a stack trace
             ref = uuid.uuid4().hex[:12]
             log.exception("raylm: stream %s failed (reference %s)", head["id"], ref)
-            yield _sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
+            yield sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
             yield "data: [DONE]\n\n"
         finally:
             metrics()["tokens"].inc(sum(n_tokens) or 0, tags={"model": req.model})
@@ -544,7 +420,7 @@ class Ingress:
             self._remember(head["id"], {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str)
                                         else None, "completion": "".join(text0)})
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
     async def chat_completions(self, request: Request):
         self._auth(request, "generate")
         req: ChatRequest = await self._parse(request, ChatRequest)
@@ -585,7 +461,7 @@ class Ingress:
         t0 = time.perf_counter()
         n, text, first = 0, [], True
         try:
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
             async for _, ev in _merge([g for g, _ in started]):
                 if first and ev["tokens"]:
@@ -595,20 +471,20 @@ class Ingress:
                 text.append(ev["text"])
                 if ev["text"]:
                     lp = self._chat_logprobs(ev) if req.logprobs else None
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {"content": ev["text"]}, "logprobs": lp,
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": ev["text"]}, "logprobs": lp,
                                                      "finish_reason": None}]})
                 if ev["finish_reason"]:
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                      "finish_reason": ev["finish_reason"]}]})
             if req.stream_options and req.stream_options.include_usage:
                 p = started[0][1]["prompt_tokens"]
-                yield _sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n,
+                yield sse({**head, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n,
                                                              "total_tokens": p + n}})
             yield "data: [DONE]\n\n"
         except Exception:  # noqa: BLE001 - in-band error once the stream has begun
             ref = uuid.uuid4().hex[:12]
             log.exception("raylm: stream %s failed (reference %s)", head["id"], ref)
-            yield _sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
+            yield sse(error_body(f"generation failed (reference {ref})", "server_error", "internal_error"))
             yield "data: [DONE]\n\n"
         finally:
             metrics()["tokens"].inc(n or 0, tags={"model": req.model})
@@ -616,7 +492,7 @@ class Ingress:
                                                                          "model": req.model})
             self._remember(head["id"], {"model": req.model, "prompt": prompt, "completion": "".join(text)})
 
-    @app.post("/v1/classify", openapi_extra=_body_schema(ClassifyRequest))
+    @app.post("/v1/classify", openapi_extra=body_schema(ClassifyRequest))
     async def classify(self, request: Request) -> dict:
         from ray.serve.exceptions import BackPressureError
 
@@ -636,7 +512,7 @@ class Ingress:
         return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
-    @app.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))
+    @app.post("/v1/feedback", openapi_extra=body_schema(FeedbackRequest))
     async def feedback(self, request: Request) -> dict:
         from raylm import storage
 
