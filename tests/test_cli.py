@@ -58,8 +58,10 @@ def test_raylm_submit_runs_prepare_data_and_lists_the_dataset(raylm_cluster):
     assert manifest["config"]["pack"]["seq_len"] == 16  # the --set reached the job
     listed = run_cli("datasets", "list")
     assert listed.returncode == 0 and result["dataset"] in listed.stdout
-    shown = run_cli("datasets", "show", result["dataset"])
+    shown = run_cli("datasets", "show", "--json", result["dataset"])
     assert json.loads(shown.stdout)["version"] == manifest["version"]
+    human = run_cli("datasets", "show", result["dataset"]).stdout
+    assert f"dataset version: {result['dataset']}" in human and "report/index.html" in human
     # the job spec the Jobs API hands to anyone who can list jobs holds no token
     token = cluster.read_token(raylm_cluster.token_path)
     jobs = requests.get(f"{raylm_cluster.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"},

@@ -7,7 +7,7 @@ import pyarrow as pa
 from raylm.data.config import NormalizeStep, SplitConfig
 from raylm.data.sources import DOC_SCHEMA, _work_key, parse_file
 from raylm.data.config import FileSource
-from raylm.data.steps import mark_empty, run_step
+from raylm.data.steps import mark_empty, prepare, run_step
 from raylm.data.tokenize import pack, split_of
 
 
@@ -15,27 +15,26 @@ def table(texts, errors=None):
     n = len(texts)
     cols = {f: [None] * n for f in DOC_SCHEMA.names}
     cols.update(id=[str(i) for i in range(n)], text=texts, _error=errors or [None] * n)
-    t = pa.Table.from_pydict(cols, schema=DOC_SCHEMA)
-    return t.append_column("_drop", pa.nulls(n, pa.string()))
+    return prepare(pa.Table.from_pydict(cols, schema=DOC_SCHEMA), max_doc_chars=1_000_000)
 
 
 def test_normalize_cleans_and_counts_changes():
     raw = ["Cafe\u0301 au lait\r\nline two   \r\n\n\n\n\n\nend\x07",  # NFD accent, CRLF, trailing, blank run, BEL
            "already clean",
            None]
-    out = run_step(table(raw, errors=[None, None, "invalid_json"]), NormalizeStep(name="normalize"), 0)
+    out = run_step(table(raw, errors=[None, None, "invalid_json"]), NormalizeStep(name="normalize"), 0, "normalize")
     text = out.column("text").to_pylist()
     assert text[0] == "Caf\u00e9 au lait\nline two\n\n\nend"
     assert text[1] == "already clean"
     assert text[2] is None  # quarantined rows are left alone
-    assert out.column("_stat0_normalize_changed").to_pylist() == [1, 0, 0]
-    assert out.column("_stat0_normalize_bytes").to_pylist()[0] == len(text[0].encode()) - len(raw[0].encode())
+    assert out.column("_stat0_changed").to_pylist() == [1, 0, None]
+    assert out.column("_stat0_bytes").to_pylist()[0] == len(text[0].encode()) - len(raw[0].encode())
 
 
 def test_normalize_keeps_verse_indentation_unless_asked():
     t = table(["  Fran. Nay answer me:  Stand"])
-    assert run_step(t, NormalizeStep(name="normalize"), 0).column("text")[0].as_py() == "Fran. Nay answer me:  Stand"
-    collapsed = run_step(t, NormalizeStep(name="normalize", collapse_spaces=True), 0)
+    assert run_step(t, NormalizeStep(name="normalize"), 0, "normalize").column("text")[0].as_py() == "Fran. Nay answer me:  Stand"
+    collapsed = run_step(t, NormalizeStep(name="normalize", collapse_spaces=True), 0, "normalize")
     assert collapsed.column("text")[0].as_py() == "Fran. Nay answer me: Stand"
 
 

@@ -269,7 +269,19 @@ def cmd_datasets_show(a: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _print_err(str(e))
         return 1
-    print(json.dumps(m, indent=2))
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    from raylm import storage
+    from raylm.data.job import summary, steps_table
+
+    print(summary(m))
+    print(steps_table(m))
+    report = (m.get("files") or {}).get("report")
+    if report:
+        uri = storage.join(m["uri"], report)
+        print(f"report:          {uri}" + (f"\n                 (open file://{uri})" if storage.is_local(uri) else ""))
+    print("full manifest:   raylm datasets show --json " + m["id"])
     return 0
 
 
@@ -415,9 +427,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="dataset root URI (default $RAYLM_HOME/datasets)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_datasets_list)
-    s = ds.add_parser("show", help="one version's manifest")
+    s = ds.add_parser("show", help="one version: counts per step, splits, link to its data report")
     s.add_argument("ref", help="NAME, NAME@VERSION or a version URI")
     s.add_argument("--root")
+    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     s.set_defaults(fn=cmd_datasets_show)
 
     ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)

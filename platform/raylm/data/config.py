@@ -71,7 +71,133 @@ class NormalizeStep(Strict):
     collapse_spaces: bool = Field(False, description="runs of spaces/tabs inside a line -> one space (off: verse is indented)")
 
 
-Step = Annotated[Union[NormalizeStep], Field(discriminator="name")]
+class FixUnicodeStep(Strict):
+    """Unicode repair with ftfy: mojibake (UTF-8 read as Latin-1 / cp1252), HTML entities left in
+    text, curly-quote and ligature damage, stray control characters."""
+
+    name: Literal["fix_unicode"]
+    unescape_html: bool = Field(True, description="turn `&amp;` and friends back into characters")
+    uncurl_quotes: bool = Field(False, description="curly quotes -> straight quotes (off: keep the text's own)")
+    fix_latin_ligatures: bool = Field(True, description="fi/fl ligature characters -> letters")
+
+
+class BoilerplateStep(Strict):
+    """Removes line blocks that repeat across many documents (licence headers, footers, notices),
+    found from the data: every window of `window` consecutive non-blank lines is counted by how
+    many documents hold it; lines covered by a window held by at least `min_docs` documents and
+    at least `min_doc_fraction` of all documents are removed."""
+
+    name: Literal["boilerplate"]
+    window: int = Field(3, ge=1, le=50, description="non-blank lines per counted window")
+    min_docs: int = Field(3, ge=2, description="a window is boilerplate when at least this many documents hold it")
+    min_doc_fraction: float = Field(0.05, ge=0, le=1, description="... and at least this fraction of all documents")
+    min_block_lines: int = Field(3, ge=1, description="remove only runs of at least this many boilerplate lines")
+
+
+class QualityStep(Strict):
+    """Gopher-style quality filters (Rae et al. 2021, appendix A). `null` turns a rule off.
+    A document is dropped for the first rule it fails; the reason names the rule."""
+
+    name: Literal["quality"]
+    min_words: Optional[int] = Field(50, ge=0)
+    max_words: Optional[int] = Field(100_000, ge=1)
+    min_mean_word_length: Optional[float] = Field(3.0, ge=0)
+    max_mean_word_length: Optional[float] = Field(10.0, ge=0)
+    max_symbol_word_ratio: Optional[float] = Field(0.1, ge=0, description="(# and ellipsis) per word")
+    max_digit_ratio: Optional[float] = Field(0.25, ge=0, le=1, description="digits per non-space character")
+    max_duplicate_line_fraction: Optional[float] = Field(0.3, ge=0, le=1, description="non-blank lines that repeat an earlier line")
+    max_duplicate_line_char_fraction: Optional[float] = Field(0.2, ge=0, le=1, description="characters in repeated lines")
+    max_top_ngram_fraction: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> largest share of word characters the most frequent n-gram may cover")
+    min_alpha_word_ratio: Optional[float] = Field(0.8, ge=0, le=1, description="words with at least one letter")
+
+    @field_validator("max_top_ngram_fraction")
+    @classmethod
+    def _ngrams(cls, v: dict[int, float]) -> dict[int, float]:
+        for n, f in v.items():
+            if not 1 <= n <= 10 or not 0 <= f <= 1:
+                raise ValueError(f"max_top_ngram_fraction: n must be 1-10 and the fraction 0-1 (got {n}: {f})")
+        return v
+
+
+class LanguageStep(Strict):
+    """Language identification with py3langid (its model ships in the package: works offline).
+    Sets `language` and `language_score`; with `languages`, drops documents in other languages."""
+
+    name: Literal["language"]
+    languages: Optional[list[str]] = Field(None, description="ISO 639-1 codes to keep, e.g. [en]; null keeps all")
+    min_score: float = Field(0.0, ge=0, le=1, description="drop documents whose best language is less sure than this")
+    sample_chars: int = Field(20_000, ge=100, description="classify at most this many characters (start, middle, end)")
+
+
+class DedupExactStep(Strict):
+    """Exact duplicates over the whole dataset: documents whose normalized text (case-folded,
+    punctuation and whitespace runs removed) hashes the same; one survivor (the smallest id)."""
+
+    name: Literal["dedup_exact"]
+    lowercase: bool = True
+    ignore_punctuation: bool = True
+
+
+class DedupNearStep(Strict):
+    """Near duplicates by MinHash + LSH over word shingles: signatures in `map_batches`,
+    candidate pairs from band buckets, verified by the signatures' estimated Jaccard, clusters by
+    connected components, one survivor (the smallest id) per cluster."""
+
+    name: Literal["dedup_near"]
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at or above which two documents are duplicates")
+    shingle_size: int = Field(5, ge=1, le=32, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    bands: Optional[int] = Field(None, ge=1, description="LSH bands; with `rows`, overrides the choice from the threshold")
+    rows: Optional[int] = Field(None, ge=1, description="rows per band")
+    verify: bool = Field(True, description="keep a candidate pair only if its signatures estimate Jaccard >= threshold")
+    seed: int = 1
+    batch_size: int = Field(256, ge=1, description="documents per signature batch")
+
+    @model_validator(mode="after")
+    def _bands(self) -> "DedupNearStep":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("dedup_near: give both bands and rows, or neither (then they follow from threshold)")
+        if self.bands and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"dedup_near: bands * rows ({self.bands * self.rows}) must be <= num_perm ({self.num_perm})")
+        return self
+
+
+PII_KINDS = ("email", "phone", "ipv4", "ipv6", "credit_card", "iban", "aws_access_key", "github_token",
+             "slack_token", "google_api_key", "private_key", "bearer_token", "jwt")
+
+
+class PiiStep(Strict):
+    """Replaces personal data and secrets with typed placeholders (`<EMAIL>`, `<PHONE>`, ...)."""
+
+    name: Literal["pii"]
+    kinds: list[Literal[PII_KINDS]] = Field(default_factory=lambda: list(PII_KINDS))  # type: ignore[valid-type]
+    phone_region: str = Field("US", min_length=2, max_length=2, description="region for numbers written without +country")
+
+
+class AugmentStep(Strict):
+    """Adds perturbed copies of train-split documents (never validation/test), marked
+    `augmented=true` with ids `<id>#aug<k>`: word swap/insert/delete, character noise (typos) and
+    synonym replacement from MiniLM's word-embedding neighbours (offline)."""
+
+    name: Literal["augment"]
+    ratio: float = Field(0.5, ge=0, le=10, description="augmented copies per train document (fractions draw at random)")
+    ops: list[Literal["swap", "insert", "delete", "typo", "synonym"]] = ["swap", "delete", "typo"]
+    strength: float = Field(0.1, gt=0, le=1, description="fraction of words (typo: of characters / 5) an op touches")
+    only_labeled: bool = Field(True, description="augment only documents that have a label")
+    seed: int = 0
+
+
+Step = Annotated[
+    Union[NormalizeStep, FixUnicodeStep, BoilerplateStep, QualityStep, LanguageStep, DedupExactStep,
+          DedupNearStep, PiiStep, AugmentStep],
+    Field(discriminator="name"),
+]
+
+
+class LimitsConfig(Strict):
+    max_doc_chars: int = Field(20_000_000, ge=1, description="longer documents are quarantined (reason too_large)")
 
 
 class SplitConfig(Strict):
@@ -147,4 +273,6 @@ class DataConfig(Strict):
     label: Optional[Literal["genre", "author", "edition", "title", "label"]] = Field(
         "label", description="column copied into `label` of the per-document view")
     tokenize: TokenizeCompute = TokenizeCompute()
+    limits: LimitsConfig = LimitsConfig()
+    report: bool = Field(True, description="write report/index.html with PNG plots beside the version")
     output: OutputConfig = OutputConfig()

@@ -14,6 +14,7 @@ ran), so running again with the same inputs and config finds the version and reu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import uuid
 from collections import Counter
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -32,12 +34,12 @@ from raylm import storage
 from raylm.cluster import home
 from raylm.data import sources
 from raylm.data.config import DataConfig
-from raylm.data.steps import mark_empty, run_step, stat_columns
+from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, Tokenize, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, train_bpe,
 )
 
-PIPELINE_VERSION = 1  # bump when a step's output changes for the same config
+PIPELINE_VERSION = 2  # bump when a step's output changes for the same config
 MANIFEST = "manifest.json"
 
 
@@ -51,7 +53,7 @@ def default_root() -> str:
 
 def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
     """Content hash of the inputs and of everything in the config that shapes the output."""
-    conf = cfg.model_dump(mode="json", exclude={"output": True, "tokenize": True})
+    conf = cfg.model_dump(mode="json", exclude={"output": True, "tokenize": True, "report": True})
     for s in conf["sources"]:
         s.pop("cache_dir", None)
     payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
@@ -60,10 +62,6 @@ def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
 
 
 # --- batch functions (run in Ray tasks) ----------------------------------------------------
-
-def _init_drop(t: pa.Table) -> pa.Table:
-    return t.append_column("_drop", pa.nulls(len(t), pa.string()))
-
 
 def _live(t: pa.Table) -> pa.Array:
     return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
@@ -79,8 +77,8 @@ def _only_live(t: pa.Table, label: str | None) -> pa.Table:
 
 def _only_errors(t: pa.Table) -> pa.Table:
     t = t.filter(pc.is_valid(t.column("_error")))
-    return pa.table({"where": t.column("id"), "source": t.column("source"), "reason": t.column("_error"),
-                     "raw": t.column("_raw")})
+    return pa.table({"where": t.column("id"), "source": t.column("source"), "step": t.column("_step"),
+                     "reason": t.column("_error"), "raw": t.column("_raw")})
 
 
 def _only_split(t: pa.Table, split: str) -> pa.Table:
@@ -90,16 +88,24 @@ def _only_split(t: pa.Table, split: str) -> pa.Table:
 def _tally_docs(t: pa.Table) -> pa.Table:
     c: Counter = Counter()
     c["rows"] += len(t)
-    for reason in t.column("_error").drop_null().to_pylist():
-        c[f"quarantined.{reason}"] += 1
+    for step, reason in zip(t.column("_step").to_pylist(), t.column("_error").to_pylist()):
+        if reason is not None:
+            c[f"quarantined.{step}|{reason.split(' (', 1)[0]}"] += 1
     for reason in t.column("_drop").drop_null().to_pylist():
         c[f"dropped.{reason}"] += 1
     for name in t.column_names:
-        if name.startswith("_stat"):
+        if name.startswith(("_stat", "_pii_")) or name == "_boiler_lines":
             c[name] += int(pc.sum(t.column(name)).as_py() or 0)
+    if "_boiler_blocks" in t.column_names:
+        for blocks in t.column("_boiler_blocks").to_pylist():
+            for b in blocks or []:
+                c["boilerplate_block." + b] += 1
     live = t.filter(_live(t))
     for split in live.column("split").to_pylist():
         c[f"split.{split}.documents"] += 1
+    for lang in live.column("language").drop_null().to_pylist():
+        c[f"language.{lang}"] += 1
+    c["augmented"] += int(pc.sum(pc.cast(live.column("augmented"), pa.int64())).as_py() or 0)
     c["live.bytes"] += int(pc.sum(pc.binary_length(live.column("text"))).as_py() or 0)
     return pa.table({"tally": [json.dumps(c)]})
 
@@ -111,6 +117,32 @@ def _tally_tokens(t: pa.Table) -> pa.Table:
     return pa.table({"tally": [json.dumps(c)]})
 
 
+def _lengths(t: pa.Table, vocab: int) -> pa.Table:
+    """Per document: characters and tokens; per batch: how often each token id occurs."""
+    counts = np.bincount(pc.list_flatten(t.column("input_ids")).to_numpy(zero_copy_only=False), minlength=vocab)
+    return pa.table({"chars": pc.cast(pc.utf8_length(t.column("text")), pa.int64()), "tokens": t.column("num_tokens"),
+                     "token_counts": [counts.tolist()] + [None] * (len(t) - 1)},
+                    schema=pa.schema([("chars", pa.int64()), ("tokens", pa.int64()),
+                                      ("token_counts", pa.list_(pa.int64()))]))
+
+
+def _report(tokenized: ray.data.Dataset, manifest: dict[str, Any], hf_tok, uri: str) -> None:
+    from raylm.data import report
+
+    vocab = len(hf_tok)
+    chars, tokens = [], []
+    token_counts = np.zeros(vocab, dtype=np.int64)
+    for b in tokenized.map_batches(_lengths, fn_kwargs={"vocab": vocab}, batch_format="pyarrow",
+                                   batch_size=None).iter_batches(batch_format="pyarrow"):
+        chars.append(b.column("chars").to_numpy())
+        tokens.append(b.column("tokens").to_numpy())
+        for c in b.column("token_counts").drop_null().to_pylist():
+            token_counts[: len(c)] += np.asarray(c[:vocab], dtype=np.int64)
+    top = np.argsort(-token_counts)[:30]
+    top_tokens = [(hf_tok.decode([int(i)]), int(token_counts[i])) for i in top if token_counts[i] > 0]
+    report.write(manifest, {"chars": np.concatenate(chars), "tokens": np.concatenate(tokens)}, top_tokens, uri)
+
+
 def _tally(ds: ray.data.Dataset, fn) -> Counter:
     total: Counter = Counter()
     for row in ds.map_batches(fn, batch_format="pyarrow", batch_size=None).take_all():
@@ -118,7 +150,77 @@ def _tally(ds: ray.data.Dataset, fn) -> Counter:
     return total
 
 
+# --- whole-dataset steps: a plan computed over all rows, then applied per batch -----------------
+
+WHOLE_DATASET_STEPS = ("boilerplate", "dedup_exact", "dedup_near")
+
+
+def _plan(ds: ray.data.Dataset, step: Any) -> tuple[Any, dict[str, Any]]:
+    """(the apply function with its plan bound, what the manifest records about the plan)."""
+    from raylm.data import boilerplate, dedup
+
+    if step.name == "boilerplate":
+        p = boilerplate.plan(ds, step)
+        ref = ray.put(p.pop("hashes"))
+        return functools.partial(boilerplate.apply, plan_ref=ref), p
+    p = dedup.exact_plan(ds, step) if step.name == "dedup_exact" else dedup.near_plan(ds, step)
+    ref = ray.put(p.pop("drop"))
+    return functools.partial(dedup.apply_plan, plan_ref=ref, reason=p["reason"]), p
+
+
+def _plan_summary(name: str, p: dict[str, Any]) -> str:
+    if name == "boilerplate":
+        return f"windows in >= {p['min_docs']} of {p['documents']} documents are boilerplate"
+    removed = sum((size - 1) * n for size, n in p["clusters"].items())
+    extra = f", {p['bands']} bands x {p['rows']} rows, {p['candidates']} candidate pairs" if "bands" in p else ""
+    return f"{removed} duplicates in {sum(p['clusters'].values())} clusters{extra}"
+
+
 # --- the pipeline -------------------------------------------------------------------------
+
+def _step_rows(cfg: DataConfig, keys: list[str], tally: Counter, plans: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per step: rows in, rows out, dropped per reason, quarantined per reason, rows changed,
+    bytes changed, rows added, and what the step found (PII per type, duplicate clusters,
+    boilerplate blocks). For every step rows_out = rows_in + added - dropped - quarantined."""
+    quarantined: dict[str, dict[str, int]] = {}
+    for k, v in tally.items():
+        if k.startswith("quarantined."):
+            step, reason = k[len("quarantined."):].split("|", 1)
+            quarantined.setdefault(step, {})[reason] = v
+    dropped: dict[str, dict[str, int]] = {}
+    for k, v in tally.items():
+        if k.startswith("dropped."):
+            reason = k[len("dropped."):]
+            step, _, why = reason.partition(".") if reason != "empty_text" else ("filter_empty", "", reason)
+            dropped.setdefault(step, {})[why] = v
+    added_total = sum(tally.get(stat_columns(i)[2], 0) for i in range(len(cfg.steps)))
+    records = tally["rows"] - added_total
+    q_read = {**quarantined.get("read", {}), **quarantined.get("limits", {})}
+    rows = [{"step": "read", "rows_in": records, "rows_out": records - sum(q_read.values()),
+             "quarantined": q_read}]
+    for i, (step, key) in enumerate(zip(cfg.steps, keys)):
+        col_changed, col_bytes, col_added = stat_columns(i)
+        row: dict[str, Any] = {"step": key, "rows_in": rows[-1]["rows_out"], "dropped": dropped.get(key, {}),
+                               "quarantined": quarantined.get(key, {}), "rows_added": tally.get(col_added, 0),
+                               "rows_changed": tally.get(col_changed, 0), "bytes_delta": tally.get(col_bytes, 0)}
+        row["rows_out"] = (row["rows_in"] + row["rows_added"] - sum(row["dropped"].values())
+                           - sum(row["quarantined"].values()))
+        if step.name == "pii":
+            row["found"] = {k: tally.get(f"_pii_{k}", 0) for k in step.kinds}
+        if step.name == "boilerplate":
+            blocks = Counter({k[len("boilerplate_block."):]: v for k, v in tally.items()
+                              if k.startswith("boilerplate_block.")})
+            row["lines_removed"] = tally.get("_boiler_lines", 0)
+            row["blocks"] = [{"documents": n, "sample": b} for b, n in blocks.most_common(10)]
+        if step.name == "language":
+            row["languages"] = {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("language.")}
+        row.update(plans.get(key, {}))
+        rows.append(row)
+    empty = dropped.get("filter_empty", {})
+    rows.append({"step": "filter_empty", "rows_in": rows[-1]["rows_out"], "dropped": empty,
+                 "rows_out": rows[-1]["rows_out"] - sum(empty.values())})
+    return rows
+
 
 def find_existing(root: str, name: str, version: str) -> dict[str, Any] | None:
     uri = storage.join(root, name, version, MANIFEST)
@@ -149,16 +251,32 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     log(f"building {cfg.name}@{version} from {len(cfg.sources)} source(s)")
     datasets = [sources.read(s) for s in cfg.sources]
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    ds = ds.map_batches(_init_drop, batch_format="pyarrow", batch_size=None)
-    for i, step in enumerate(cfg.steps):
-        ds = ds.map_batches(run_step, fn_kwargs={"cfg": step, "index": i}, batch_format="pyarrow", batch_size=None)
-    ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(prepare, fn_kwargs={"max_doc_chars": cfg.limits.max_doc_chars}, batch_format="pyarrow",
+                        batch_size=None)
     ds = ds.map_batches(assign_split, fn_kwargs={"cfg": cfg.split}, batch_format="pyarrow", batch_size=None)
+    keys = step_keys(cfg.steps)
+    plans: dict[str, dict[str, Any]] = {}
+    for i, (step, key) in enumerate(zip(cfg.steps, keys)):
+        fn = None
+        if step.name in WHOLE_DATASET_STEPS:
+            ds = ds.materialize()
+            t_step = time.time()
+            fn, plans[key] = _plan(ds, step)
+            log(f"step {key}: planned over the whole dataset in {time.time() - t_step:.1f}s "
+                f"({_plan_summary(step.name, plans[key])})")
+        ds = ds.map_batches(run_step, fn_kwargs={"cfg": step, "index": i, "key": key, "fn": fn},
+                            batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
     ds = ds.materialize()
     tally = _tally(ds, _tally_docs)
+    step_rows = _step_rows(cfg, keys, tally, plans)
+    for row in step_rows:
+        log(f"step {row['step']:<14} rows in {row['rows_in']:>7}  out {row['rows_out']:>7}"
+            + "".join(f"  {what} {sum(row[what].values())}" for what in ("dropped", "quarantined")
+                      if sum(row.get(what, {}).values()))
+            + (f"  added {row['rows_added']}" if row.get("rows_added") else "")
+            + (f"  changed {row['rows_changed']}" if row.get("rows_changed") else ""))
     n_quarantined = sum(v for k, v in tally.items() if k.startswith("quarantined."))
-    log(f"read {tally['rows']} records; quarantined {n_quarantined}; "
-        f"dropped {sum(v for k, v in tally.items() if k.startswith('dropped.'))}")
 
     quarantine_uri = storage.join(final, "quarantine")
     if n_quarantined:
@@ -226,13 +344,6 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         log(f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}")
 
     # 5. manifest, then publish -------------------------------------------------------------------
-    step_rows = [{"step": "read", "rows_in": tally["rows"], "rows_out": tally["rows"] - n_quarantined,
-                  "quarantined": {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("quarantined.")}}]
-    for i, step in enumerate(cfg.steps):
-        col_changed, col_bytes = stat_columns(i, step.name)
-        step_rows.append({"step": step.name, "rows_changed": tally.get(col_changed, 0),
-                          "bytes_delta": tally.get(col_bytes, 0)})
-    step_rows.append({"step": "filter_empty", "dropped": tally.get("dropped.empty_text", 0)})
     step_rows.append({"step": "tokenize", "rows_in": n_kept, "rows_out": n_kept,
                       "tokens_out": sum(s["tokens"] for s in splits.values())})
     step_rows.append({"step": "pack", "seq_len": cfg.pack.seq_len, "per_split": pack_rows})
@@ -247,7 +358,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         "sources": fingerprints,
         "config": cfg.model_dump(mode="json"),
         "counts": {
-            "records_read": tally["rows"],
+            "records_read": step_rows[0]["rows_in"],
+            "augmented": tally.get("augmented", 0),
             "quarantined": n_quarantined,
             "dropped": {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("dropped.")},
             "documents": n_kept,
@@ -258,24 +370,33 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         "tokenizer": {"kind": tcfg.kind, "path": "tokenizer", "vocab_size": len(hf_tok),
                       "eos_token": eos_token, "eos_id": eos_id},
         "files": {"docs": "docs/{split}", "packed": "packed/{split}", "tokenizer": "tokenizer",
-                  "quarantine": "quarantine" if n_quarantined else None},
+                  "quarantine": "quarantine" if n_quarantined else None,
+                  "report": "report/index.html" if cfg.report else None},
         "quarantine": {"uri": quarantine_uri if n_quarantined else None, "count": n_quarantined},
         "label": cfg.label,
         "seconds": round(time.time() - t0, 1),
     }
+    if cfg.report:
+        _report(tokenized, manifest, hf_tok, storage.join(work, "report"))
+        log(f"data report: {storage.join(final, 'report', 'index.html')}")
     storage.write_json(storage.join(work, MANIFEST), manifest)
-    _publish(work, final)
+    _publish(work, final, replace=cfg.output.rebuild)
     log(f"wrote {manifest['id']} to {final} in {manifest['seconds']}s")
     return manifest
 
 
-def _publish(work: str, final: str) -> None:
+def _publish(work: str, final: str, replace: bool = False) -> None:
     """Local: rename the staged directory into place (atomic); a concurrent writer that got
-    there first wins and ours is discarded. Object stores: the manifest, written last, is the
-    commit marker, so there is nothing to move."""
+    there first wins and ours is discarded, unless `replace` (a rebuild), which swaps the old
+    version out. Object stores: the manifest, written last, is the commit marker, so there is
+    nothing to move."""
     if work == final:
         return
     os.makedirs(os.path.dirname(final), exist_ok=True)
+    if replace and os.path.exists(final):
+        old = f"{work}.old"
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final) and not os.path.exists(os.path.join(final, MANIFEST)):
         shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete version
     try:
