@@ -151,7 +151,9 @@ class DedupNearStep(Strict):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     bands: Optional[int] = Field(None, ge=1, description="LSH bands; with `rows`, overrides the choice from the threshold")
     rows: Optional[int] = Field(None, ge=1, description="rows per band")
-    verify: bool = Field(True, description="keep a candidate pair only if its signatures estimate Jaccard >= threshold")
+    verify: Literal["exact", "estimate", "none"] = Field(
+        "exact", description="keep a candidate pair only if its Jaccard >= threshold: exact (over the two "
+        "documents' shingle hashes, fetched for candidates only), estimate (from the signatures), or none")
     seed: int = 1
     batch_size: int = Field(256, ge=1, description="documents per signature batch")
 

@@ -10,8 +10,9 @@ Near (`dedup_near`): MinHash + LSH.
      the minimum per document (one array operation per batch, no Python loop per shingle);
   2. candidate pairs from band buckets: documents whose `rows` signature values agree in any of
      the `bands` bands;
-  3. verification: a candidate pair is kept only if its signatures agree in at least
-     `threshold` of the permutations (the MinHash estimate of Jaccard similarity);
+  3. verification: a candidate pair is kept only if its Jaccard similarity is >= threshold:
+     exactly, over the two documents' shingle hashes (one more `map_batches` pass returns them
+     for candidate documents only), or estimated from the signatures (`verify: estimate`);
   4. clusters = connected components of the kept pairs (scipy); the smallest id of each
      cluster survives, the others are dropped with the reason `dedup_near.near_duplicate`.
 The driver holds 4 * num_perm bytes per document for steps 2-4 (512 MB per million documents
@@ -166,20 +167,18 @@ def signatures(texts: list[str], num_perm: int, shingle_size: int, seed: int,
     return sig
 
 
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.2, fn_weight: float = 0.8) -> tuple[int, int]:
-    """Bands and rows minimizing the weighted false-positive / false-negative areas of the LSH
-    S-curve (as datasketch chooses them). False negatives weigh more here: candidates are
-    verified by their signatures, so a false positive costs only a comparison."""
-    from scipy.integrate import quad
-
-    best, best_err = (1, num_perm), float("inf")
-    for bands in range(1, num_perm + 1):
-        for rows in range(1, num_perm // bands + 1):
-            fp = quad(lambda s: 1 - (1 - s ** rows) ** bands, 0.0, threshold)[0]
-            fn = quad(lambda s: (1 - s ** rows) ** bands, threshold, 1.0)[0]
-            err = fp_weight * fp + fn_weight * fn
-            if err < best_err:
-                best, best_err = (bands, rows), err
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, recall_at_threshold: float = 0.99) -> tuple[int, int]:
+    """Bands and rows: the most rows per band (fewest false candidates) for which a pair exactly
+    at the threshold still becomes a candidate with probability >= `recall_at_threshold`
+    (1 - (1 - t^rows)^bands), using as many bands as the permutations allow. Candidates are
+    verified afterwards, so a false candidate costs one comparison; a missed one is lost."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if bands < 1 or 1 - (1 - threshold ** rows) ** bands < recall_at_threshold:
+            break
+        best = (bands, rows)
     return best
 
 
@@ -238,15 +237,57 @@ def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 15) 
     return out
 
 
-def near_duplicate_pairs(sig: np.ndarray, cfg: DedupNearStep) -> tuple[np.ndarray, tuple[int, int], int]:
-    """Verified duplicate pairs, the (bands, rows) used, and the number of candidates."""
+def near_duplicate_pairs(sig: np.ndarray, cfg: DedupNearStep,
+                         shingles: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, tuple[int, int], int]:
+    """Verified duplicate pairs, the (bands, rows) used, and the number of candidates.
+    `shingles` (document index -> its sorted unique shingle hashes) enables exact verification."""
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
     cands = candidate_pairs(sig, bands, rows)
-    if cfg.verify and len(cands):
-        cands_kept = cands[estimated_jaccard(sig, cands) >= cfg.threshold]
+    if not len(cands) or cfg.verify == "none":
+        return cands, (bands, rows), len(cands)
+    if cfg.verify == "exact" and shingles is not None:
+        sims = np.array([exact_jaccard(shingles[i], shingles[j]) for i, j in cands.tolist()])
     else:
-        cands_kept = cands
-    return cands_kept, (bands, rows), len(cands)
+        sims = estimated_jaccard(sig, cands)
+    return cands[sims >= cfg.threshold], (bands, rows), len(cands)
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - inter
+    return inter / union if union else 0.0
+
+
+def _candidate_shingles(t: pa.Table, cfg: DedupNearStep, wanted_ref: Any) -> pa.Table:
+    wanted = ray.get(wanted_ref) if isinstance(wanted_ref, ray.ObjectRef) else wanted_ref
+    t = t.filter(_live(t))
+    ids = t.column("id").to_pylist()
+    keep = [i for i, x in enumerate(ids) if x in wanted]
+    texts = t.column("text").to_pylist()
+    out_ids, blobs = [], []
+    for i in keep:
+        sh, _ = shingle_hashes([texts[i]], cfg.shingle_size)
+        out_ids.append(ids[i])
+        blobs.append(np.unique(sh).tobytes())
+    return pa.table({"id": pa.array(out_ids, pa.string()), "sh": pa.array(blobs, pa.binary())})
+
+
+def candidate_shingles(ds: ray.data.Dataset, cfg: DedupNearStep, ids: list[str],
+                       sig: np.ndarray) -> dict[int, np.ndarray]:
+    """Sorted unique shingle hashes of the documents in any candidate pair, fetched with one
+    more `map_batches` pass that returns only those documents."""
+    bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
+    cands = candidate_pairs(sig, bands, rows)
+    if not len(cands):
+        return {}
+    wanted = {ids[i] for i in np.unique(cands.ravel())}
+    ref = ray.put(wanted)
+    index = {x: i for i, x in enumerate(ids)}
+    out: dict[int, np.ndarray] = {}
+    for row in ds.map_batches(_candidate_shingles, fn_kwargs={"cfg": cfg, "wanted_ref": ref}, batch_format="pyarrow",
+                              batch_size=cfg.batch_size).iter_rows():
+        out[index[row["id"]]] = np.frombuffer(row["sh"], dtype=np.uint64)
+    return out
 
 
 def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -258,7 +299,8 @@ def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def near_plan(ds: ray.data.Dataset, cfg: DedupNearStep) -> dict[str, Any]:
+def near_signatures(ds: ray.data.Dataset, cfg: DedupNearStep) -> tuple[list[str], np.ndarray]:
+    """Ids and MinHash signatures of the live documents, computed in `map_batches`."""
     keys = ds.map_batches(_near_keys, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=cfg.batch_size)
     ids: list[str] = []
     sigs = []
@@ -268,8 +310,13 @@ def near_plan(ds: ray.data.Dataset, cfg: DedupNearStep) -> dict[str, Any]:
         sigs.append(np.frombuffer(buf.buffers()[1], dtype=np.uint32,
                                   count=len(buf) * cfg.num_perm, offset=buf.offset * 4 * cfg.num_perm)
                     .reshape(len(buf), cfg.num_perm))
-    sig = np.concatenate(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
-    pairs, (bands, rows), n_candidates = near_duplicate_pairs(sig, cfg)
+    return ids, (np.concatenate(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32))
+
+
+def near_plan(ds: ray.data.Dataset, cfg: DedupNearStep) -> dict[str, Any]:
+    ids, sig = near_signatures(ds, cfg)
+    shingles = candidate_shingles(ds, cfg, ids, sig) if cfg.verify == "exact" else None
+    pairs, (bands, rows), n_candidates = near_duplicate_pairs(sig, cfg, shingles)
     labels = clusters(len(ids), pairs) if len(ids) else np.zeros(0, np.int64)
     members: dict[int, list[int]] = {}
     for i in np.unique(pairs.ravel()) if len(pairs) else []:
