@@ -22,13 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raylm.data.steps import live as _live
 from raylm.data.config import BoilerplateStep
 
 SAMPLE_CHARS = 400
-
-
-def _live(t: pa.Table) -> pa.Array:
-    return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
 
 
 def _windows(lines: list[str], window: int) -> list[tuple[int, bytes]]:

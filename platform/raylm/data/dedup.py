@@ -32,15 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raylm.data.steps import live as _live
 from raylm.data.config import DedupExactStep, DedupNearStep
 
 _WORDS = re.compile(r"\w+")
 _MAX_WORD = 24  # characters of a word that enter its hash
 SAMPLE_REMOVED = 20
-
-
-def _live(t: pa.Table) -> pa.Array:
-    return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
 
 
 # --- exact --------------------------------------------------------------------------------------
@@ -342,12 +339,11 @@ def apply_plan(table: pa.Table, cfg: Any, plan_ref: Any, reason: str) -> pa.Tabl
     """Mark the rows whose id the plan drops (the plan is fetched once per worker process)."""
     if isinstance(plan_ref, dict):  # already resolved by Ray
         drop = plan_ref
-        reasons = [reason if i in drop else None for i in table.column("id").to_pylist()]
-        return table.set_column(table.schema.get_field_index("_drop"), "_drop", pa.array(reasons, pa.string()))
-    key = plan_ref.hex()
-    if key not in _PLANS:
-        _PLANS.clear()
-        _PLANS[key] = ray.get(plan_ref)
-    drop = _PLANS[key]
+    else:
+        key = plan_ref.hex()
+        if key not in _PLANS:
+            _PLANS.clear()
+            _PLANS[key] = ray.get(plan_ref)
+        drop = _PLANS[key]
     reasons = [reason if i in drop else None for i in table.column("id").to_pylist()]
     return table.set_column(table.schema.get_field_index("_drop"), "_drop", pa.array(reasons, pa.string()))

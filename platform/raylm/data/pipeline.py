@@ -34,6 +34,7 @@ from raylm import storage
 from raylm.cluster import home
 from raylm.data import sources
 from raylm.data.config import DataConfig
+from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, Tokenize, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, train_bpe,
@@ -62,10 +63,6 @@ def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
 
 
 # --- batch functions (run in Ray tasks) ----------------------------------------------------
-
-def _live(t: pa.Table) -> pa.Array:
-    return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
-
 
 def _only_live(t: pa.Table, label: str | None) -> pa.Table:
     t = t.filter(_live(t))

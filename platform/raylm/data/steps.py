@@ -26,7 +26,8 @@ RAW_KEEP = 1000
 BOOKKEEPING = ("_error", "_raw", "_drop", "_step")  # every other `_` column is a per-step statistic
 
 
-def _live(t: pa.Table) -> pa.Array:
+def live(t: pa.Table) -> pa.Array:
+    """Rows neither quarantined nor dropped."""
     return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
 
 
@@ -258,10 +259,10 @@ def run_step(table: pa.Table, cfg: Any, index: int, key: str, fn: Callable | Non
     (`changed`, `bytes` delta and `added` for the rows it created). Rows already dropped or
     quarantined pass through untouched. `fn` replaces the registered function (the apply phase
     of a whole-dataset step, with its plan bound)."""
-    live_mask = _live(table)
-    live, dead = table.filter(live_mask), table.filter(pc.invert(live_mask))
-    out, inputs, quarantined = _apply(fn or STEPS[cfg.name], live, cfg, key)
-    before = (inputs if inputs is not None else live).column("text")
+    live_mask = live(table)
+    rows, dead = table.filter(live_mask), table.filter(pc.invert(live_mask))
+    out, inputs, quarantined = _apply(fn or STEPS[cfg.name], rows, cfg, key)
+    before = (inputs if inputs is not None else rows).column("text")
     n_orig = len(before)
     # Reasons the step set get its key as a prefix.
     drop = out.column("_drop")
@@ -289,6 +290,6 @@ def run_step(table: pa.Table, cfg: Any, index: int, key: str, fn: Callable | Non
 
 def mark_empty(table: pa.Table) -> pa.Table:
     """Drop (with reason `empty_text`) live rows whose text is empty after the steps."""
-    empty = pc.and_(_live(table), pc.equal(pc.utf8_length(pc.fill_null(table.column("text"), "")), 0))
+    empty = pc.and_(live(table), pc.equal(pc.utf8_length(pc.fill_null(table.column("text"), "")), 0))
     table = _set(table, "_drop", pc.if_else(empty, pa.scalar("empty_text"), table.column("_drop")))
     return _set(table, "_step", pc.if_else(empty, pa.scalar("filter_empty"), table.column("_step")))
