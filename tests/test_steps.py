@@ -75,3 +75,23 @@ def test_parse_file_quarantines_each_bad_record_with_its_reason():
                                            "text_not_a_string", "undecodable_bytes"]
     assert rows[0]["id"] == "7" and rows[0]["label"] == "a" and rows[0]["text"] == "good"
     assert rows[1]["id"] == "/x.jsonl:2" and rows[1]["_raw"] == "{bad json"
+
+
+def test_passages_cover_the_document_at_line_ends():
+    import pyarrow as pa
+
+    from raylm.data.config import PassageConfig
+    from raylm.data.sources import DOC_SCHEMA, _passages, cut_passages
+
+    text = "".join(f"line {i} " + "word " * (i % 7) + "\n" for i in range(400))
+    parts = cut_passages(text, 500)
+    assert "".join(parts) == text  # nothing lost, nothing repeated
+    assert all(p.endswith("\n") for p in parts) and all(len(p) >= 500 for p in parts[:-1])
+    assert len(parts[-1]) >= 500 // 4  # a short tail joins the last passage
+    row = dict.fromkeys(DOC_SCHEMA.names) | {"id": "a/doc", "text": text, "label": "x", "work": "w"}
+    out = _passages(pa.Table.from_pylist([row], schema=DOC_SCHEMA), PassageConfig(chars=500, per_document=5))
+    ids = out.column("id").to_pylist()
+    assert len(parts) > 5 and len(ids) == 5 and ids[0] == "a/doc#p0"
+    assert set(out.column("label").to_pylist()) == {"x"} and set(out.column("work").to_pylist()) == {"w"}
+    spread = [int(i.rsplit("#p", 1)[1]) for i in ids]
+    assert spread == sorted(spread) and spread[-1] >= len(parts) // 2  # spread over the document, not its start

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from conftest import STRATEGIES, train_tiny
 from raylm import cluster, registry
 
@@ -103,3 +104,240 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     assert resumed and resumed[0] >= last_seen, again.stdout[-3000:]
     assert f"step {last_seen + 40}/{last_seen + 40}" in again.stdout
     assert "step 1/" not in again.stdout  # it did not start over
+
+
+def _kl_to(teacher, student, blocks: torch.Tensor) -> float:
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        t = F.log_softmax(teacher(input_ids=blocks).logits.float(), -1)
+        s = F.log_softmax(student(input_ids=blocks).logits.float(), -1)
+    return float(F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
+
+
+def _val_blocks(dataset: dict, n: int = 8) -> torch.Tensor:
+    import pyarrow.dataset as pads
+
+    from raylm import storage
+
+    fs, path = storage.arrow_fs(storage.join(dataset["manifest"]["uri"], "packed", "validation"))
+    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().column("input_ids").to_pylist()[:n]
+    return torch.tensor(rows)
+
+
+def test_distilled_student_moves_toward_its_teacher(trained, dataset):
+    """A GPT-2 student distilled (alpha=1: teacher only) from the trained Llama: its next-token
+    distribution is closer to the teacher's than the same student at its initial weights."""
+    from transformers import AutoModelForCausalLM
+
+    from raylm.train import models
+    from raylm.train.config import ModelConfig
+
+    _, teacher_card = trained("ddp")
+    _, card = train_tiny(dataset, "t-student", ["model.arch=gpt2", f"distill.teacher={teacher_card['id']}",
+                                                "distill.alpha=1.0", "distill.temperature=1.0",
+                                                "train.max_steps=8", "train.num_workers=1"])
+    assert card["teacher"] == teacher_card["id"]
+    teacher = AutoModelForCausalLM.from_pretrained(registry.local_path(teacher_card), local_files_only=True).eval()
+    student = AutoModelForCausalLM.from_pretrained(registry.local_path(card), local_files_only=True).eval()
+    m = dataset["manifest"]
+    torch.manual_seed(0)  # the loop seeds the same way before building the student
+    init = models.build(ModelConfig(arch="gpt2"), m["tokenizer"]["vocab_size"], m["config"]["pack"]["seq_len"],
+                        m["tokenizer"]["eos_id"], None).eval()
+    blocks = _val_blocks(dataset)
+    before, after = _kl_to(teacher, init, blocks), _kl_to(teacher, student, blocks)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_distillation_refuses_a_teacher_with_another_vocabulary(trained, dataset):
+    from raylm import config
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import check_teacher, dataset_meta
+
+    _, teacher_card = trained("ddp")
+    cfg = config.build(TrainConfig, {"name": "x", "data": {"dataset": "trainset", "root": dataset["root"]},
+                                     "distill": {"teacher": teacher_card["id"]},
+                                     "output": {"registry": str(dataset["dir"] / "registry")}})
+    meta = dataset_meta(cfg)
+    check_teacher(cfg, meta)  # the same tokenizer: fine
+    with pytest.raises(config.ConfigError, match="distill.teacher: .* vocabulary of .*same tokenizer"):
+        check_teacher(cfg, {**meta, "vocab_size": meta["vocab_size"] + 1})
+    with pytest.raises(config.ConfigError, match="distill.teacher: no model 'nobody'"):
+        check_teacher(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": "nobody"})}), meta)
+
+
+def test_lora_adapter_on_a_registered_base_and_merged_lora(trained, dataset):
+    """LoRA on the registered Llama exported as an adapter (peft loads it on its base), and
+    LoRA on a fresh model exported merged (a plain transformers directory)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    _, base = trained("ddp")
+    _, card = train_tiny(dataset, "t-lora-adapter", [f"model.path={registry.local_path(base)}", "model.lora.r=4",
+                                                     "model.lora.export=adapter", "train.max_steps=6",
+                                                     "train.num_workers=1", "train.lr=2e-2"])
+    path = registry.local_path(card)
+    assert card["format"] == "lora-adapter" and (path / "adapter_config.json").exists()
+    assert not (path / "model.safetensors").exists()  # the adapter only: the base stays where it is
+    assert card["parameters_trainable"] < 0.2 * sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(registry.local_path(base)).parameters())
+    model = AutoPeftModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+    check = card["export_check"]
+    probe = torch.tensor([check["probe_input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(registry.local_path(base))(input_ids=probe).logits
+    assert torch.allclose(logits[0, -1, :16], torch.tensor(check["last_position_logits_head"]), atol=1e-3)
+    assert not torch.allclose(logits, base_logits, atol=1e-3)  # the trained adapter is applied
+    # the serving engine loads the adapter on its base and merges it: the same answers
+    from raylm.serve import engine
+
+    _, _, served, _ = engine.load(AutoModelForCausalLM, path, 0, "float32", "none", 0.0)
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=probe).logits, logits, atol=1e-4)
+
+    _, merged = train_tiny(dataset, "t-lora-merged", ["model.lora.r=8", "model.lora.target_modules=[all-linear]",
+                                                      "train.max_steps=8", "train.num_workers=1", "train.lr=3e-2"])
+    mpath = registry.local_path(merged)
+    assert merged["format"] == "lora-merged" and not (mpath / "adapter_config.json").exists()
+    curve = [loss for _, loss in merged["loss_curve"]]
+    assert curve[-1] < curve[0] - 0.1, curve  # the adapters (every linear layer) learn
+    plain = AutoModelForCausalLM.from_pretrained(mpath, local_files_only=True)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert merged["export_check"]["max_abs_diff"] <= merged["export_check"]["tolerance"]
+
+
+def test_early_stopping_stops_when_the_metric_stops_improving(dataset):
+    _, card = train_tiny(dataset, "t-early", ["train.lr=1e-9", "train.eval_every=2", "train.max_steps=12",
+                                              "train.early_stopping_patience=2", "train.early_stopping_min_delta=0.01",
+                                              "train.num_workers=1"])
+    # best at the first evaluation (step 2); steps 4 and 6 are no better by 0.01: stop at 6
+    assert card["metrics"]["steps"] == 6, card["metrics"]
+
+
+def test_mixture_samples_datasets_by_weight(ray_session, dataset):
+    """Two dataset versions with one tokenizer, mixed 50/50: the small one is upsampled to
+    half of every epoch; training on the mixture registers a model that records it. A mixture
+    of datasets with different tokenizers is refused."""
+    from helpers import documents, small_config, write_jsonl
+
+    from raylm import config, storage
+    from raylm.data import pipeline
+    from raylm.data.config import DataConfig
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import _datasets, dataset_meta, run
+
+    d, m = dataset["dir"], dataset["manifest"]
+    src = write_jsonl(d / "small.jsonl", documents(12, seed=11, sentences=10))
+    tok_dir = storage.join(m["uri"], m["tokenizer"]["path"])
+    small = pipeline.run(config.build(DataConfig, small_config(
+        d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="smallset",
+        tokenizer={"kind": "pretrained", "path": tok_dir})))
+    cfg = config.build(TrainConfig, {
+        "name": "t-mix", "data": {"mixture": [{"dataset": "trainset", "weight": 1}, {"dataset": "smallset", "weight": 1}],
+                                  "root": dataset["root"]},
+        "model": {"arch": "llama", "preset": "tiny"},
+        "train": {"num_workers": 1, "max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 0, "log_every": 2,
+                  "eval_every": 6, "eval_batches": 2, "checkpoint_every": 6},
+        "output": {"storage": str(d / "runs"), "registry": str(d / "registry")}})
+    meta = dataset_meta(cfg)
+    big_n, small_n = m["splits"]["train"]["blocks"], small["splits"]["train"]["blocks"]
+    assert small_n < big_n / 2
+    half = round((big_n + small_n) / 2)
+    assert [x["blocks_per_epoch"] for x in meta["mixture"]] == [half, half]
+    rows = [tuple(r) for r in _datasets(cfg, meta)["train"].to_pandas()["input_ids"]]
+
+    def read_rows(uri):
+        fs, path = storage.arrow_fs(storage.join(uri, "packed", "train"))
+        import pyarrow.dataset as pads
+        return {tuple(r) for r in pads.dataset(path, filesystem=fs, format="parquet").to_table()
+                .column("input_ids").to_pylist()}
+
+    small_rows = read_rows(small["uri"])
+    from_small = sum(r in small_rows for r in rows)
+    assert len(rows) == 2 * half and from_small == half  # each small block seen about big/small times
+    assert 0 < sum(r in small_rows for r in rows[:half]) < half  # interleaved, not one after the other
+    out = run(cfg, meta)
+    card = registry.resolve(out["model"], str(d / "registry"))
+    assert [x["dataset"] for x in card["mixture"]] == [m["id"], small["id"]]
+    assert card["mixture"][0]["weight"] == pytest.approx(0.5)
+
+    other = pipeline.run(config.build(DataConfig, small_config(
+        d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="ownbpe")))
+    bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mixture": [
+        cfg.data.mixture[0], cfg.data.mixture[1].model_copy(update={"dataset": other["id"]})]})})
+    with pytest.raises(config.ConfigError, match="different tokenizers"):
+        dataset_meta(bad)
+
+
+def test_minilm_classifier_learns_shakespeare_vs_milton(ray_session, tmp_path_factory):
+    """Transfer learning on the real corpus: the MiniLM encoder (lower blocks frozen) learns
+    to tell Shakespeare's passages from Milton's, well above chance on held-out passages; the
+    export is a transformers classifier with the labels; frozen blocks did not move."""
+    import pyarrow.parquet as pq
+    import yaml
+    from sklearn.metrics import balanced_accuracy_score
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import ROOT, SHARED_CACHE
+    from raylm import config
+    from raylm.data import pipeline
+    from raylm.data.config import DataConfig
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run
+
+    d = tmp_path_factory.mktemp("authors")
+    doc = yaml.safe_load((ROOT / "jobs" / "configs" / "authors.yaml").read_text())
+    doc["sources"][0].update(cache_dir=str(SHARED_CACHE), passages={"chars": 1000, "per_document": 40})
+    doc.update(steps=[s for s in doc["steps"] if s["name"] in ("normalize", "quality")],
+               output={"root": str(d / "datasets")}, tokenize={"min_actors": 1, "max_actors": 1})
+    m = pipeline.run(config.build(DataConfig, doc))
+    cfg = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml", [
+        f"data.root={d / 'datasets'}", f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}",
+        "train.max_steps=30", "train.eval_every=15", "model.max_length=128", "model.freeze_layers=4",
+        "train.batch_size=8", "train.lr=3e-4", "train.warmup_steps=2", "train.eval_batches=16"])
+    card = registry.resolve(run(cfg)["model"], str(d / "registry"))
+    assert card["task"] == "classification" and card["labels"] == ["milton", "shakespeare"]
+    # chance: 0.5 (balanced accuracy: the mean of the recall of each author, Milton being 1 in 7)
+    assert card["metrics"]["val_balanced_accuracy"] > 0.7, card["metrics"]
+
+    path = registry.local_path(card)
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    test = pq.read_table(str(Path(m["uri"]) / "docs" / "test"), columns=["text", "label"]).to_pylist()
+    assert {r["label"] for r in test} == {"milton", "shakespeare"}
+    with torch.no_grad():
+        enc = tok([r["text"] for r in test], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1).tolist()
+    truth = [card["labels"].index(r["label"]) for r in test]
+    assert balanced_accuracy_score(truth, pred) > 0.7  # held-out passages, the exported model
+
+    base = AutoModel.from_pretrained(cfg.model.local_path(), local_files_only=True)
+    frozen = base.encoder.layer[0].attention.self.query.weight
+    trained_top = base.encoder.layer[5].attention.self.query.weight
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, frozen)
+    assert not torch.equal(model.bert.encoder.layer[5].attention.self.query.weight, trained_top)
+
+
+def test_checkpoints_on_s3_and_a_rerun_resumes_from_them(s3, dataset):
+    """Run storage on S3 (moto over HTTP): checkpoints land in the bucket, and re-running the
+    same name with more steps continues from the last one there."""
+    from raylm import config, storage
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run
+
+    d = dataset["dir"]
+
+    def cfg(steps: int) -> TrainConfig:
+        return config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", [
+            "name=t-s3", "data.dataset=trainset", f"data.root={dataset['root']}", "train.num_workers=1",
+            f"train.max_steps={steps}", "train.checkpoint_every=3", "train.eval_every=3",
+            "output.storage=s3://raylm-test/runs", f"output.registry={d / 'registry'}"])
+
+    first = registry.resolve(run(cfg(6))["model"], str(d / "registry"))
+    assert first["metrics"]["steps"] == 6
+    assert any(name.startswith("step-00000006") for name in
+               (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir("s3://raylm-test/runs/t-s3")))
+    second = registry.resolve(run(cfg(9))["model"], str(d / "registry"))
+    assert second["metrics"]["resumed_from_step"] == 6 and second["metrics"]["steps"] == 9
+    assert [s for s, _ in second["loss_curve"]][:len(first["loss_curve"])] == [s for s, _ in first["loss_curve"]]

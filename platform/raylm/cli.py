@@ -294,11 +294,13 @@ def cmd_models_list(a: argparse.Namespace) -> int:
     if not cards:
         print(f"no models in {a.registry or registry.default_root()}")
         return 0
-    print(f"{'MODEL':<28} {'TASK':<10} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9}  CREATED")
+    print(f"{'MODEL':<28} {'TASK':<14} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9} {'VAL_ACC':>8}  CREATED")
     for c in cards:
-        vl = c.get("metrics", {}).get("val_loss")
-        print(f"{c['id']:<28} {c['task']:<10} {c.get('strategy', ''):<16} {c.get('dataset', ''):<28} "
-              f"{(f'{vl:.4f}' if vl is not None else '-'):>9}  {c['created'][:19]}")
+        m = c.get("metrics", {})
+        vl, acc = m.get("val_loss"), m.get("val_accuracy")
+        print(f"{c['id']:<28} {c['task']:<14} {c.get('strategy', ''):<16} {c.get('dataset', '')[:28]:<28} "
+              f"{(f'{vl:.4f}' if vl is not None else '-'):>9} {(f'{acc:.3f}' if acc is not None else '-'):>8}  "
+              f"{c['created'][:19]}")
     return 0
 
 

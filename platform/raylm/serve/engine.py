@@ -72,7 +72,16 @@ def load(auto_cls: Any, model_dir: str | Path, num_gpus: float, dtype: str, quan
 
     device = pick_device(num_gpus)
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = auto_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=pick_dtype(dtype, device))
+    if (Path(model_dir) / "adapter_config.json").exists():
+        # a LoRA adapter (train job, model.lora.export=adapter): load it on its base and merge,
+        # so serving runs a plain model at full speed
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        peft_cls = AutoPeftModelForCausalLM if "CausalLM" in auto_cls.__name__ else AutoPeftModelForSequenceClassification
+        model = peft_cls.from_pretrained(str(model_dir), local_files_only=True,
+                                         dtype=pick_dtype(dtype, device)).merge_and_unload()
+    else:
+        model = auto_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=pick_dtype(dtype, device))
     out = compress(model.to(device).eval(), quantize, prune)
     return device, tok, out.pop("model"), out
 

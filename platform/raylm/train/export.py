@@ -1,9 +1,14 @@
 """Export: a consolidated full state dict -> one Hugging Face directory (config, safetensors,
-tokenizer) that `AutoModelForCausalLM.from_pretrained` loads offline -> the model registry."""
+tokenizer) that `AutoModelFor...from_pretrained` loads offline -> the model registry.
+
+LoRA runs export either merged (a plain model directory, the default) or as the adapter alone
+(`adapter_config.json` + `adapter_model.safetensors`, loaded with peft on top of `model.path`).
+"""
 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,51 +18,84 @@ from raylm.train import models
 from raylm.train.config import TrainConfig
 
 
-def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
-    model = models.build(cfg.model.model_copy(update={"activation_checkpointing": False}),
-                         meta["vocab_size"], meta["seq_len"], meta["eos_id"], meta.get("pad_id"))
+def _auto(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str) -> str:
+    """Writes the model and its tokenizer to `out_dir`; returns the export format."""
+    model = models.build(cfg.model.model_copy(update={"activation_checkpointing": False, "compile": False}),
+                         meta["vocab_size"], meta["seq_len"], meta["eos_id"], meta.get("pad_id"), meta.get("labels"))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    tied = set(getattr(models._base(model), "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k.split("base_model.model.", 1)[-1] not in tied and "lm_head" not in k]
     if missing or unexpected:
         raise RuntimeError(f"export: state dict does not match the model (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
-    model.config.use_cache = True
+    fmt = "full"
+    if cfg.model.lora:
+        if cfg.model.lora.export == "merged":
+            model = model.merge_and_unload()
+            fmt = "lora-merged"
+        else:
+            model.peft_config["default"].base_model_name_or_path = str(cfg.model.local_path())
+            fmt = "lora-adapter"
+    models._base(model).config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
-    storage.download_dir(meta["tokenizer_uri"], out_dir)
+    if cfg.model.task == "classification":
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(cfg.model.local_path(), local_files_only=True).save_pretrained(out_dir)
+    else:
+        storage.download_dir(meta["tokenizer_uri"], out_dir)
+    return fmt
 
 
-def check_export(out_dir: str, probe_ids: torch.Tensor, probe_logits: torch.Tensor, precision: str) -> dict[str, Any]:
-    """Load the exported directory the way a user would (transformers, offline) and compare its
-    logits with the trained model's on the same input. A mismatch fails the export."""
-    from transformers import AutoModelForCausalLM
+def load_exported(path: str | Path, task: str, fmt: str = "full") -> torch.nn.Module:
+    """The exported model, loaded the way a user would (transformers, offline; peft for adapters)."""
+    if fmt == "lora-adapter":
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, torch_dtype=torch.float32)
-    model.eval()
+        auto = AutoPeftModelForCausalLM if task == "causal_lm" else AutoPeftModelForSequenceClassification
+        return auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    return _auto(task).from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+
+
+def check_export(out_dir: str, task: str, fmt: str, probe: dict[str, torch.Tensor], probe_logits: torch.Tensor,
+                 precision: str) -> dict[str, Any]:
+    """Load the exported directory and compare its logits with the trained model's on the same
+    input. A mismatch fails the export."""
+    model = load_exported(out_dir, task, fmt)
     with torch.no_grad():
-        logits = model(input_ids=probe_ids).logits.float()
+        logits = model(**probe).logits.float()
     diff = float((logits - probe_logits).abs().max())
     tol = 1e-3 if precision == "fp32" else 0.25 * float(probe_logits.abs().max()) + 0.1
     if not diff <= tol:
         raise RuntimeError(f"export check failed: the exported model's logits differ from the trained model's "
                            f"by {diff:.3g} (tolerance {tol:.3g} for {precision})")
-    return {"probe_input_ids": probe_ids[0].tolist(), "max_abs_diff": diff, "tolerance": tol,
-            "last_position_logits_head": [round(float(x), 5) for x in probe_logits[0, -1, :16]],
+    head = probe_logits[0, -1, :16] if probe_logits.dim() == 3 else probe_logits[0, :16]
+    return {"probe_input_ids": probe["input_ids"][0].tolist(), "max_abs_diff": diff, "tolerance": tol,
+            "last_position_logits_head": [round(float(x), 5) for x in head],
             "logits_abs_sum": float(probe_logits.abs().sum())}
 
 
 def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor],
                         state: dict[str, Any], last: dict[str, Any], n_params: int,
-                        probe_ids: torch.Tensor, probe_logits: torch.Tensor) -> dict[str, Any]:
+                        probe: dict[str, torch.Tensor], probe_logits: torch.Tensor) -> dict[str, Any]:
+    task = cfg.model.task
+    metric_keys = ("loss", "val_loss", "val_ppl", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
     card = {
-        "task": cfg.model.task,
+        "task": task,
         "base": cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset} (random init)",
         "dataset": meta["dataset_id"],
         "strategy": cfg.train.strategy + (f"-zero{cfg.train.deepspeed.stage}" if cfg.train.strategy == "deepspeed"
                                           else ""),
         "parameters_non_embedding": n_params,
+        "parameters_trainable": last.get("params_trainable"),
         "metrics": {k: v for k, v in {
-            "train_loss": last.get("loss"), "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+            **{("train_loss" if k == "loss" else k): last.get(k) for k in metric_keys},
             "best_val_loss": state.get("best_val_loss"), "steps": state["step"], "tokens": state["tokens"],
             "resumed_from_step": state.get("resumed_from_step"),
         }.items() if v is not None},
@@ -65,7 +103,14 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
         "config": cfg.model_dump(mode="json"),
         "run": cfg.name,
     }
+    if task == "classification":
+        card["labels"] = meta["labels"]
+        card["label_counts"] = meta["label_counts"]
+    if meta.get("mixture"):
+        card["mixture"] = meta["mixture"]
+    if cfg.distill:
+        card["teacher"] = cfg.distill.teacher
     with tempfile.TemporaryDirectory() as d:
-        save_hf_dir(cfg, meta, state_dict, d)
-        card["export_check"] = check_export(d, probe_ids, probe_logits, cfg.train.precision)
+        card["format"] = save_hf_dir(cfg, meta, state_dict, d)
+        card["export_check"] = check_export(d, task, card["format"], probe, probe_logits, cfg.train.precision)
         return registry.register(d, cfg.name, card, root=cfg.output.registry)

@@ -17,24 +17,180 @@ def default_runs() -> str:
     return str(home() / "runs")
 
 
-def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
-    """What the workers need to know about the dataset version (a user error if it is missing)."""
+def _tokenizer_digest(m: dict[str, Any]) -> str:
+    """What makes two tokenizers the same: the model (vocabulary, merges) and the added tokens of
+    `tokenizer.json`, not how the file happens to be formatted; every file's bytes otherwise."""
+    import hashlib
+
+    base = storage.join(m["uri"], m["tokenizer"]["path"])
+    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in storage.listdir(base))
+    if "tokenizer.json" in names:
+        doc = json.loads(storage.read_bytes(storage.join(base, "tokenizer.json")))
+        added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [])
+        return hashlib.sha256(json.dumps([doc.get("model"), added], sort_keys=True).encode()).hexdigest()
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + storage.read_bytes(storage.join(base, name)))
+    return h.hexdigest()
+
+
+def _resolve(ref: str, root: Optional[str], what: str) -> dict[str, Any]:
     from raylm.data import versions
 
     try:
-        m = versions.resolve(cfg.data.dataset, cfg.data.root)
+        return versions.resolve(ref, root)
     except FileNotFoundError as e:
-        raise config.ConfigError(f"data.dataset: {e}") from None
-    if not m["splits"]["train"]["blocks"]:
-        raise config.ConfigError(f"data.dataset: {m['id']} has no packed train blocks")
-    return {
+        raise config.ConfigError(f"{what}: {e}") from None
+
+
+def _label_counts(m: dict[str, Any], split: str) -> dict[str, int]:
+    import pyarrow.dataset as pads
+
+    if not m["splits"][split]["documents"]:
+        return {}
+    fs, path = storage.arrow_fs(storage.join(m["uri"], "docs", split))
+    col = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"]).column("label")
+    counts: dict[str, int] = {}
+    for value in col.to_pylist():
+        key = "<none>" if value is None else str(value)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
+    """What the workers need to know about the dataset version(s) (a user error if missing)."""
+    if cfg.model.task == "classification":
+        return _classification_meta(cfg)
+    refs = cfg.data.refs()
+    found = [_resolve(ref, cfg.data.root, "data.dataset" if len(refs) == 1 else f"data.mixture[{i}]")
+             for i, (ref, _) in enumerate(refs)]
+    for m in found:
+        if not m["splits"]["train"]["blocks"]:
+            raise config.ConfigError(f"data: {m['id']} has no packed train blocks")
+    m = found[0]
+    meta = {
         "dataset_id": m["id"], "uri": m["uri"], "seq_len": m["config"]["pack"]["seq_len"],
         "vocab_size": m["tokenizer"]["vocab_size"], "eos_id": m["tokenizer"]["eos_id"], "pad_id": None,
         "tokenizer_uri": storage.join(m["uri"], m["tokenizer"]["path"]),
-        "has_validation": bool(m["splits"]["validation"]["blocks"]),
-        "train_blocks": m["splits"]["train"]["blocks"],
-        "validation_blocks": m["splits"]["validation"]["blocks"],
+        "has_validation": any(x["splits"]["validation"]["blocks"] for x in found),
+        "train_blocks": sum(x["splits"]["train"]["blocks"] for x in found),
+        "validation_blocks": sum(x["splits"]["validation"]["blocks"] for x in found),
     }
+    if len(found) > 1:
+        digest = _tokenizer_digest(m)
+        for x in found[1:]:
+            if x["config"]["pack"]["seq_len"] != meta["seq_len"]:
+                raise config.ConfigError(f"data.mixture: {x['id']} has blocks of {x['config']['pack']['seq_len']} "
+                                         f"tokens, {m['id']} of {meta['seq_len']}: a mixture needs one seq_len")
+            if _tokenizer_digest(x) != digest:
+                raise config.ConfigError(f"data.mixture: {x['id']} and {m['id']} have different tokenizers; build "
+                                         "them with the same tokenizer (tokenizer.kind: pretrained, one path)")
+        total = sum(x["splits"]["train"]["blocks"] for x in found)
+        wsum = sum(w for _, w in refs)
+        meta["mixture"] = [{"dataset": x["id"], "uri": x["uri"], "weight": w / wsum,
+                            "available_blocks": x["splits"]["train"]["blocks"],
+                            "blocks_per_epoch": max(1, round(w / wsum * total))}
+                           for x, (_, w) in zip(found, refs)]
+        meta["dataset_id"] = " + ".join(f"{x['dataset']} ({x['weight']:.0%})" for x in meta["mixture"])
+        meta["train_blocks"] = sum(x["blocks_per_epoch"] for x in meta["mixture"])
+        meta["validation_uris"] = [x["uri"] for x in found if x["splits"]["validation"]["blocks"]]
+    return meta
+
+
+def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    if cfg.data.mixture:
+        raise config.ConfigError("data.mixture is for causal LM training; for classification build one dataset "
+                                 "with several sources")
+    m = _resolve(cfg.data.dataset, cfg.data.root, "data.dataset")
+    counts = {split: _label_counts(m, split) for split in ("train", "validation")}
+    train = {k: v for k, v in counts["train"].items() if k != "<none>"}
+    if len(train) < 2:
+        raise config.ConfigError(f"data.dataset: classification needs at least 2 labels in the train split of "
+                                 f"{m['id']}; found {sorted(train) or 'none'} (set the data config's `label`)")
+    labels = sorted(train)
+    unusable = {split: sum(v for k, v in c.items() if k not in train) for split, c in counts.items()}
+    path = cfg.model.local_path()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        raise config.ConfigError(f"model.path: no tokenizer at {path}: {e}") from None
+    cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    return {
+        "dataset_id": m["id"], "uri": m["uri"], "seq_len": cfg.model.max_length, "vocab_size": len(tok),
+        "eos_id": tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id,
+        "pad_id": tok.pad_token_id, "cls_id": cls_id if cls_id is not None else 0, "tokenizer_path": path,
+        "labels": labels, "label_counts": train, "unlabeled": unusable,
+        "has_validation": any(k in train for k in counts["validation"]),
+        "train_blocks": sum(train.values()), "validation_blocks": 0,
+    }
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str]):
+    """docs rows (text, label) -> fixed-length input_ids, attention_mask and label ids; rows
+    whose label the model does not know (or none) are left out (counted in the driver)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if tokenizer_path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[tokenizer_path] = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    tok = _TOKENIZERS[tokenizer_path]
+    batch = batch.filter(pc.is_in(batch.column("label"), value_set=pa.array(labels)))
+    enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length",
+              return_tensors="np")
+    index = {label: i for i, label in enumerate(labels)}
+    offsets = pa.array(np.arange(0, (batch.num_rows + 1) * max_length, max_length, dtype=np.int32))
+
+    def as_list(a):
+        return pa.ListArray.from_arrays(offsets, pa.array(a.astype(np.int32).ravel()))
+
+    return pa.table({"input_ids": as_list(enc["input_ids"]), "attention_mask": as_list(enc["attention_mask"]),
+                     "labels": pa.array([index[x] for x in batch.column("label").to_pylist()], pa.int64())})
+
+
+def _read(uri: str, *parts: str):
+    import ray
+
+    fs, path = storage.arrow_fs(storage.join(uri, *parts))
+    return ray.data.read_parquet(path, filesystem=fs)
+
+
+def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The train (and validation) Ray Datasets: packed blocks, a weighted mixture of packed
+    blocks, or tokenized labeled texts."""
+    if cfg.model.task == "classification":
+        out = {}
+        for split in ("train", "validation"):
+            if split == "train" or meta["has_validation"]:
+                out[split] = _read(meta["uri"], "docs", split).select_columns(["text", "label"]).map_batches(
+                    encode_texts, fn_kwargs={"tokenizer_path": meta["tokenizer_path"],
+                                             "max_length": cfg.model.max_length, "labels": meta["labels"]},
+                    batch_format="pyarrow", batch_size=256)
+        return out
+    if meta.get("mixture"):
+        parts = []
+        for x in meta["mixture"]:
+            ds, want = _read(x["uri"], "packed", "train"), x["blocks_per_epoch"]
+            repeats = -(-want // x["available_blocks"])  # upsampling repeats a small dataset
+            if repeats > 1:
+                ds = ds.union(*[ds] * (repeats - 1))
+            parts.append(ds.limit(want))
+        out = {"train": parts[0].union(*parts[1:]).random_shuffle(seed=cfg.train.seed)}  # always: interleave
+        if meta["validation_uris"]:
+            vals = [_read(u, "packed", "validation") for u in meta["validation_uris"]]
+            out["validation"] = vals[0].union(*vals[1:]) if len(vals) > 1 else vals[0]
+        return out
+    out = {"train": _read(meta["uri"], "packed", "train")}
+    if meta["has_validation"]:
+        out["validation"] = _read(meta["uri"], "packed", "validation")
+    return out
 
 
 def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
@@ -57,12 +213,11 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
             raise config.ConfigError(
                 f"the training workers take every CPU ({t.num_workers} x {t.cpus_per_worker}) and leave none to "
                 "stream the dataset: lower train.cpus_per_worker or train.num_workers")
-    datasets = {}
-    for split in ("train", "validation"):
-        if split == "train" or meta["has_validation"]:
-            fs, path = storage.arrow_fs(storage.join(meta["uri"], "packed", split))
-            ds = ray.data.read_parquet(path, filesystem=fs)
-            datasets[split] = ds.materialize() if materialize else ds
+    datasets = _datasets(cfg, meta)
+    if t.shuffle:  # seeded: the same order every run; validation too, so `eval_batches` is a fair sample
+        datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
+                    for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
+    datasets = {k: ds.materialize() if materialize else ds for k, ds in datasets.items()}
     runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -82,10 +237,43 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
     )
 
 
+def check_teacher(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """A distillation teacher that cannot work with this student fails here, before any worker
+    starts: it must exist, do the same task, and share the vocabulary or the labels."""
+    import json as _json
+
+    from raylm import registry
+
+    if cfg.distill is None:
+        return
+    try:
+        card = registry.resolve(cfg.distill.teacher, cfg.distill.registry or cfg.output.registry)
+    except FileNotFoundError as e:
+        raise config.ConfigError(f"distill.teacher: {e}") from None
+    if card.get("task", "causal_lm") != cfg.model.task:
+        raise config.ConfigError(f"distill.teacher: {card['id']} is a {card.get('task')} model; the student is "
+                                 f"{cfg.model.task}")
+    conf = _json.loads(storage.read_text(storage.join(card["uri"], "config.json")))
+    if cfg.model.task == "causal_lm" and conf.get("vocab_size") != meta["vocab_size"]:
+        raise config.ConfigError(f"distill.teacher: {card['id']} has a vocabulary of {conf.get('vocab_size')}, the "
+                                 f"dataset's tokenizer {meta['vocab_size']}: distillation needs the same tokenizer")
+    if cfg.model.task == "classification":
+        theirs = [conf.get("id2label", {}).get(str(i)) for i in range(len(conf.get("id2label", {})))]
+        if theirs != meta["labels"]:
+            raise config.ConfigError(f"distill.teacher: {card['id']} predicts {theirs}, the dataset has "
+                                     f"{meta['labels']}")
+
+
 def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     meta = meta or dataset_meta(cfg)
+    check_teacher(cfg, meta)
     trainer = build_trainer(cfg, meta)
-    print(f"[train] {cfg.name}: {cfg.model.arch}-{cfg.model.preset} on {meta['dataset_id']}, strategy "
+    what = (f"{cfg.model.path} classifier ({len(meta['labels'])} labels: {', '.join(meta['labels'])})"
+            if cfg.model.task == "classification" else cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset}")
+    for split, n in (meta.get("unlabeled") or {}).items():
+        if n:
+            print(f"[train] {split}: {n} document(s) without a label the model knows are left out", flush=True)
+    print(f"[train] {cfg.name}: {what}{' + LoRA' if cfg.model.lora else ''} on {meta['dataset_id']}, strategy "
           f"{cfg.train.strategy}, {cfg.train.num_workers} worker(s), {cfg.train.max_steps} steps", flush=True)
     result = trainer.fit()
     metrics = dict(result.metrics or {})
@@ -96,14 +284,18 @@ def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, An
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = config.job_argparser("Train a model on a dataset version (raylm train job).").parse_args(argv)
     cfg = config.load(TrainConfig, args.config, args.overrides)
-    meta = dataset_meta(cfg)  # a missing dataset fails here, before Ray starts
+    meta = dataset_meta(cfg)  # a missing dataset or an unfit teacher fails here, before Ray starts
+    check_teacher(cfg, meta)
     from raylm.runtime import init_ray
 
     init_ray()
     out = run(cfg, meta)
     m = out["metrics"]
     print(f"run {out['run']}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}"
-          + (f", val_loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})" if "val_loss" in m else ""), flush=True)
+          + (f", val_loss {m['val_loss']:.4f}" if "val_loss" in m else "")
+          + (f" (ppl {m['val_ppl']:.1f})" if "val_ppl" in m else "")
+          + (f", val_accuracy {m['val_accuracy']:.3f}, val_macro_f1 {m['val_macro_f1']:.3f}"
+             if "val_accuracy" in m else ""), flush=True)
     if out["model"]:
         print(f"registered model: {out['model']}", flush=True)
     print("RAYLM_RESULT " + json.dumps({"run": out["run"], "model": out["model"],

@@ -23,33 +23,46 @@ import torch
 import torch.distributed as dist
 
 from raylm.train.config import TrainConfig
-from raylm.train import models, strategies
+from raylm.train import losses, models, strategies
 
 
-def _host_ids(batch: pa.Table, pin: bool) -> torch.Tensor:
-    col = batch.column("input_ids").combine_chunks()
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    ids = torch.from_numpy(flat.reshape(len(col), -1))
-    return ids.pin_memory() if pin else ids
+COLUMNS = {"causal_lm": ("input_ids",), "classification": ("input_ids", "attention_mask", "labels")}
 
 
-def _to_ids(batch: pa.Table, device: torch.device) -> torch.Tensor:
-    return _host_ids(batch, pin=False).to(device)
+def _host_batch(batch: pa.Table, task: str, pin: bool) -> dict[str, torch.Tensor]:
+    """A pyarrow batch -> tensors: packed token blocks (the labels are the inputs: the model
+    shifts them), or tokenized texts with their attention mask and label ids."""
+    out = {}
+    for name in COLUMNS[task]:
+        col = batch.column(name).combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+            t = torch.from_numpy(flat.reshape(len(col), -1))
+        else:
+            t = torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.int64))
+        out[name] = t.pin_memory() if pin else t
+    if task == "causal_lm":
+        out["labels"] = out["input_ids"]
+    return out
 
 
-def train_batches(shard, batch_size: int, device: torch.device, skip: int) -> Iterator[torch.Tensor]:
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_batches(shard, batch_size: int, task: str, device: torch.device, skip: int) -> Iterator[dict]:
     """Micro-batches on `device`, forever (epoch after epoch), skipping the first `skip`
     (resume). On a GPU each batch is pinned and its copy issued one step ahead, so fetching
     the next batch overlaps the current step instead of stalling the GPU."""
     pin = device.type == "cuda"
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host tensor kept alive, device copy)
-    for host in _host_batches(shard, batch_size, pin, skip):
-        pending.append((host, host.to(device, non_blocking=True)))
+    pending: list[tuple[dict, dict]] = []  # (host tensors kept alive, device copies)
+    for host in _host_batches(shard, batch_size, task, pin, skip):
+        pending.append((host, _to_device(host, device)))
         if len(pending) == 2:
             yield pending.pop(0)[1]
 
 
-def _host_batches(shard, batch_size: int, pin: bool, skip: int) -> Iterator[torch.Tensor]:
+def _host_batches(shard, batch_size: int, task: str, pin: bool, skip: int) -> Iterator[dict]:
     while True:
         seen = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
@@ -57,9 +70,9 @@ def _host_batches(shard, batch_size: int, pin: bool, skip: int) -> Iterator[torc
             if skip > 0:
                 skip -= 1
                 continue
-            yield _host_ids(batch, pin)
+            yield _host_batch(batch, task, pin)
         if seen == 0:
-            raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} blocks: "
+            raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} rows: "
                              "lower batch_size or num_workers, or use more data")
 
 
@@ -70,27 +83,62 @@ def _all_mean(values: list[float], device: torch.device) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
-def evaluate(strat, shard, batch_size: int, max_batches: int, device: torch.device) -> dict[str, float]:
+def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 from a confusion matrix (rows: true labels)."""
+    total = confusion.sum()
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    present = support > 0
+    return {"val_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "val_balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+            "val_macro_f1": float(f1[present].mean()) if present.any() else float("nan")}
+
+
+def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_labels: int,
+             device: torch.device) -> dict[str, float]:
     if shard is None:
         return {}
     losses = []
-    for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)):
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64, device=device)
+    for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=False)):
         if i >= max_batches:
             break
-        losses.append(float(strat.evaluate(_to_ids(batch, device))))
+        b = _to_device(_host_batch(batch, task, pin=False), device)
+        loss, logits = strat.evaluate(b)
+        losses.append(float(loss))
+        if task == "classification":
+            idx = b["labels"] * num_labels + logits.argmax(-1)
+            confusion += torch.bincount(idx, minlength=num_labels ** 2).view(num_labels, num_labels).to(confusion)
     loss = _all_mean(losses, device)
     if math.isnan(loss):
         return {}
+    if task == "classification":
+        if dist.is_initialized():
+            dist.all_reduce(confusion)
+        return {"val_loss": loss, **classification_metrics(confusion.cpu().numpy())}
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
 
 @torch.no_grad()
-def probe(strat, ids: torch.Tensor) -> torch.Tensor:
+def probe(strat, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of the model as trained (a collective for sharded strategies: every rank calls)."""
     strat.model.eval()
-    logits = strat.model(input_ids=ids).logits.float().cpu()
+    logits = strat.model(**batch).logits.float().cpu()
     strat.model.train()
     return logits
+
+
+def probe_batch(task: str, meta: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed input to compare the exported model with the trained one."""
+    n = min(32, meta["seq_len"])
+    ids = (torch.arange(n, device=device) * 7919 % meta["vocab_size"]).unsqueeze(0)
+    if task == "classification":
+        ids[0, 0] = meta["cls_id"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids}
 
 
 class Metrics:
@@ -136,13 +184,21 @@ def train_loop(config: dict[str, Any]) -> None:
     np.random.seed(t.seed)
     seq_len = meta["seq_len"]
 
-    model = models.build(cfg.model, meta["vocab_size"], seq_len, meta["eos_id"], meta.get("pad_id"))
+    task = cfg.model.task
+    model = models.build(cfg.model, meta["vocab_size"], seq_len, meta["eos_id"], meta.get("pad_id"),
+                         meta.get("labels"))
     n_params = models.num_params(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_tok = models.flops_per_token(model.config, n_params, seq_len)
     peak = models.peak_flops(device)
-    strat = strategies.setup(model, t, device)
+    loss_fn, teacher = losses.make_loss(cfg, meta, device)
+    strat = strategies.setup(model, t, device, loss_fn)
+    if rank == 0 and (n_trainable < models.num_params(model, exclude_embeddings=False) or teacher):
+        print(f"[train] trainable parameters: {n_trainable:,}" + (f"; distilling from {teacher}" if teacher
+                                                                 else ""), flush=True)
+    higher_is_better = t.early_stopping_metric != "val_loss"
 
-    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None,
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None, "best": None,
                              "evals_without_improvement": 0, "registered": None, "resumed_from_step": None,
                              "loss_curve": []}
     ckpt = ray.train.get_checkpoint()
@@ -150,13 +206,15 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state.update(strat.load(d))
         state["resumed_from_step"] = state["step"]
+        if state["step"] < t.max_steps:
+            state["registered"] = None  # more steps to train: the result is a new model version
         if rank == 0:
             print(f"[train] resumed from the checkpoint at step {state['step']}", flush=True)
 
     metrics = Metrics(cfg.name) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if meta.get("has_validation") else None
-    batches = train_batches(train_shard, t.batch_size, device, skip=state["micro_batches"])
+    batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"])
     tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
 
     def checkpoint(extra: dict[str, Any], name: str) -> None:
@@ -186,11 +244,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
         evaluated = {}
         if step % t.eval_every == 0 or step == t.max_steps:
-            evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, device)
+            evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, task, len(meta.get("labels") or []),
+                                 device)
             if evaluated:
-                best = state["best_val_loss"]
-                if best is None or evaluated["val_loss"] < best:
-                    state["best_val_loss"], state["evals_without_improvement"] = evaluated["val_loss"], 0
+                if state["best_val_loss"] is None or evaluated["val_loss"] < state["best_val_loss"]:
+                    state["best_val_loss"] = evaluated["val_loss"]
+                value, best = evaluated[t.early_stopping_metric], state["best"]
+                delta = t.early_stopping_min_delta
+                if best is None or (value > best + delta if higher_is_better else value < best - delta):
+                    state["best"], state["evals_without_improvement"] = value, 0
                 else:
                     state["evals_without_improvement"] += 1
                 stop_early = bool(t.early_stopping_patience) and \
@@ -213,7 +275,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 done = step - start_step
                 eta = (time.time() - t0) / max(done, 1) * (t.max_steps - step)
                 mfu = f" mfu {last['mfu']:.1%}" if last["mfu"] else ""
-                val = f" val_loss {evaluated['val_loss']:.4f} ppl {evaluated['val_ppl']:.1f}" if evaluated else ""
+                val = ""
+                if evaluated:
+                    val = f" val_loss {evaluated['val_loss']:.4f}" + (
+                        f" ppl {evaluated['val_ppl']:.1f}" if "val_ppl" in evaluated else
+                        f" acc {evaluated['val_accuracy']:.3f} macro_f1 {evaluated['val_macro_f1']:.3f}")
                 print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
             window_loss, window_t = [], time.time()
@@ -235,21 +301,23 @@ def train_loop(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         last["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     last["params_non_embedding"] = n_params
+    last["params_trainable"] = n_trainable
 
     if stop_early and rank == 0:
-        print(f"[train] early stop at step {state['step']}: no better val_loss in "
+        print(f"[train] early stop at step {state['step']}: no better {t.early_stopping_metric} in "
               f"{t.early_stopping_patience} evaluations", flush=True)
 
     # Export: one consolidated Hugging Face directory, whatever the strategy.
     export = cfg.output.register_model and state["registered"] is None
     if export:
-        probe_ids = (torch.arange(min(32, seq_len), device=device) * 7919 % meta["vocab_size"]).unsqueeze(0)
-        probe_logits = probe(strat, probe_ids)  # the trained model's own answer, to check the export against
+        probe_in = probe_batch(task, meta, device)
+        probe_logits = probe(strat, probe_in)  # the trained model's own answer, to check the export against
     full = strat.full_state_dict() if export else None  # a collective for fsdp / zero-3
     if rank == 0 and export:
         from raylm.train.export import export_and_register
 
-        card = export_and_register(cfg, meta, full, state, last, n_params, probe_ids.cpu(), probe_logits)
+        card = export_and_register(cfg, meta, full, state, last, n_params,
+                                   {k: v.cpu() for k, v in probe_in.items()}, probe_logits)
         state["registered"] = card["id"]
         print(f"[train] registered {card['id']} at {card['uri']}", flush=True)
     if dist.is_initialized():

@@ -50,34 +50,95 @@ def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_
     return conf
 
 
-def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None) -> torch.nn.Module:
-    """A causal LM on the CPU in fp32 (strategies move and cast it)."""
-    from transformers import AutoModelForCausalLM
+def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None,
+          labels: list[str] | None = None) -> torch.nn.Module:
+    """The model on the CPU in fp32 (strategies move and cast it): a causal LM (from a config or
+    `path`) or a sequence classifier on the pretrained encoder at `path` with a new head for
+    `labels`; frozen parts and LoRA adapters as configured."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if cfg.path:
-        p = Path(cfg.path).expanduser()
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, torch_dtype=torch.float32,
+    path = cfg.local_path()
+    if cfg.task == "classification":
+        if not labels:
+            raise ValueError("classification needs the dataset's labels")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(Path(path).expanduser()), local_files_only=True, dtype=torch.float32, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)},
+            attn_implementation=cfg.attn_implementation, ignore_mismatched_sizes=True)
+    elif path:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), local_files_only=True,
+                                                     dtype=torch.float32,
                                                      attn_implementation=cfg.attn_implementation)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len, eos_id, pad_id),
-                                                 torch_dtype=torch.float32,
+                                                 dtype=torch.float32,
                                                  attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
+    freeze(model, cfg)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        model = add_lora(model, cfg)
     if cfg.compile:
         for block in blocks(model):
             block.compile()  # in place: parameter names (checkpoints, export) stay the same
     return model
 
 
+def freeze(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    if cfg.freeze_embeddings:
+        for p in _base(model).get_input_embeddings().parameters():
+            p.requires_grad_(False)
+        for name, module in _base(model).named_modules():  # BERT also has position / type embeddings
+            if name.endswith("embeddings"):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+    if cfg.freeze_layers:
+        layers = blocks(model)
+        if cfg.freeze_layers > len(layers):
+            raise ValueError(f"model.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} blocks")
+        for block in layers[:cfg.freeze_layers]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+
+
+def add_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """LoRA adapters through peft; the classifier head stays fully trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lcfg = cfg.lora
+    targets = lcfg.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    conf = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
+                      task_type=TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM)
+    if targets is None and getattr(model.config, "model_type", "") == "bert":
+        conf.target_modules = ["query", "value"]  # peft has no default for BERT encoders
+    try:
+        return get_peft_model(model, conf)
+    except ValueError as e:
+        raise ValueError(f"model.lora: {e}") from None
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks (what FSDP shards one by one)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if layers is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    return list(layers)
+    model = _base(model)
+    for attr in ("model", "transformer", "bert", "roberta", "distilbert"):
+        base = getattr(model, attr, None)
+        if base is None:
+            continue
+        holder = getattr(base, "encoder", None) or getattr(base, "transformer", None) or base
+        for name in ("layers", "h", "layer"):
+            layers = getattr(holder, name, None)
+            if layers is not None:
+                return list(layers)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
 def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
@@ -89,7 +150,8 @@ def num_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
 
 
 def flops_per_token(conf: Any, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the dense layers plus attention scores (PaLM appendix B)."""
+    """Training FLOPs per token: 6N for the dense layers plus attention scores (PaLM appendix B)
+    (an upper bound with frozen layers or LoRA, which skip some weight gradients)."""
     layers = getattr(conf, "num_hidden_layers", None) or conf.n_layer
     hidden = getattr(conf, "hidden_size", None) or conf.n_embd
     return 6.0 * n_params + 12.0 * layers * hidden * seq_len

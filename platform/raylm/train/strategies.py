@@ -1,9 +1,9 @@
 """Strategies: one small object per way of spreading a model over workers (torchtune style:
 composition, not a class hierarchy). Each wraps the model and its optimizer and knows how to
 
-  micro_step(input_ids) -> loss      forward + backward of one micro-batch
+  micro_step(batch) -> loss          forward + backward of one micro-batch (a dict of tensors)
   optimizer_step() -> grad_norm      clip, step optimizer and LR schedule, zero grads
-  evaluate(input_ids) -> loss        forward without gradients
+  evaluate(batch) -> (loss, logits)  forward without gradients
   save(dir, client_state) / load(dir) -> client_state      all ranks call both
   full_state_dict() -> dict | None   all ranks call; rank 0 gets the whole fp32 model on CPU
 
@@ -16,7 +16,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,13 @@ from raylm.train.config import TrainLoopConfig
 from raylm.train.models import blocks
 
 CLIENT_STATE = "client_state.json"
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def model_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own loss (causal LM: next-token cross-entropy; classifier: cross-entropy)."""
+    return model(**batch).loss
 
 
 def lr_lambda(cfg: TrainLoopConfig) -> Callable[[int], float]:
@@ -77,8 +84,9 @@ def _read_client_state(path: str) -> dict:
 class DDP:
     """Replicated model, gradients all-reduced (torch DistributedDataParallel)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device,
+                 loss_fn: Optional[LossFn] = None):
+        self.cfg, self.device, self.loss_fn = cfg, device, loss_fn or model_loss
         model.to(device)
         self.module = model
         if _world() > 1:
@@ -94,28 +102,29 @@ class DDP:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def micro_step(self, ids: torch.Tensor, last: bool) -> torch.Tensor:
+    def micro_step(self, batch: Batch, last: bool) -> torch.Tensor:
         sync = nullcontext() if (last or not hasattr(self.model, "no_sync")) else self.model.no_sync()
         with sync:
             with self._autocast():
-                loss = self.model(input_ids=ids, labels=ids).loss
+                loss = self.loss_fn(self.model, batch)
             (loss / self.cfg.grad_accum).backward()
         return loss.detach()
 
     def optimizer_step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip or float("inf"))
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip or float("inf"))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
 
     @torch.no_grad()
-    def evaluate(self, ids: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.eval()
         with self._autocast():
-            loss = self.model(input_ids=ids, labels=ids).loss
+            out = self.model(**batch)
         self.model.train()
-        return loss.detach()
+        return out.loss.detach(), out.logits.detach()
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
@@ -143,11 +152,12 @@ class FSDP(DDP):
     """FSDP2: every transformer block and then the root sharded with `fully_shard` over a
     1-D device mesh; checkpoints with torch.distributed.checkpoint (each rank its shards)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device,
+                 loss_fn: Optional[LossFn] = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.loss_fn = cfg, device, loss_fn or model_loss
         if device.type == "cuda" and not cfg.fsdp.cpu_offload:
             model.to(device)
         mesh = init_device_mesh(device.type, (_world(),))
@@ -166,9 +176,9 @@ class FSDP(DDP):
     def _autocast(self):
         return nullcontext()  # the mixed-precision policy casts
 
-    def micro_step(self, ids: torch.Tensor, last: bool) -> torch.Tensor:
+    def micro_step(self, batch: Batch, last: bool) -> torch.Tensor:
         self.model.set_requires_gradient_sync(last)
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.loss_fn(self.model, batch)
         (loss / self.cfg.grad_accum).backward()
         return loss.detach()
 
@@ -206,10 +216,11 @@ class DeepSpeed:
     """DeepSpeed ZeRO stage 1/2/3 with a torch AdamW as the client optimizer; DeepSpeed's own
     checkpoints (every rank writes its partition)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device,
+                 loss_fn: Optional[LossFn] = None):
         import deepspeed
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.loss_fn = cfg, device, loss_fn or model_loss
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         ds = cfg.deepspeed
         zero: dict[str, Any] = {"stage": ds.stage}
@@ -246,8 +257,8 @@ class DeepSpeed:
         )
         self.model = self.engine
 
-    def micro_step(self, ids: torch.Tensor, last: bool) -> torch.Tensor:
-        loss = self.engine(input_ids=ids, labels=ids).loss
+    def micro_step(self, batch: Batch, last: bool) -> torch.Tensor:
+        loss = self.loss_fn(self.engine, batch)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed steps the optimizer itself at accumulation boundaries
         return loss.detach()
@@ -257,11 +268,11 @@ class DeepSpeed:
         return float(norm) if norm is not None else float("nan")
 
     @torch.no_grad()
-    def evaluate(self, ids: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         self.engine.eval()
-        loss = self.engine(input_ids=ids, labels=ids).loss
+        out = self.engine(**batch)
         self.engine.train()
-        return loss.detach()
+        return out.loss.detach(), out.logits.detach()
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
@@ -287,5 +298,5 @@ class DeepSpeed:
 STRATEGIES = {"ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed}
 
 
-def setup(model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device):
-    return STRATEGIES[cfg.strategy](model, cfg, device)
+def setup(model: torch.nn.Module, cfg: TrainLoopConfig, device: torch.device, loss_fn: Optional[LossFn] = None):
+    return STRATEGIES[cfg.strategy](model, cfg, device, loss_fn)
