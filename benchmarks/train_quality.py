@@ -10,7 +10,7 @@ baseline from the same run.
 
 Usage:
   python benchmarks/train_quality.py lm [--steps 300]
-  python benchmarks/train_quality.py classify [--steps 60]
+  python benchmarks/train_quality.py classify [--steps 120]
 Datasets are built (or reused) under .cache/bench; it starts its own local Ray.
 """
 
@@ -151,7 +151,7 @@ def main() -> int:
     lm = sub.add_parser("lm")
     lm.add_argument("--steps", type=int, default=300)
     cl = sub.add_parser("classify")
-    cl.add_argument("--steps", type=int, default=60)
+    cl.add_argument("--steps", type=int, default=120)
     args = p.parse_args()
     start_ray()
     result = bench_lm(args) if args.which == "lm" else bench_classify(args)

@@ -174,7 +174,7 @@ def test_lora_adapter_on_a_registered_base_and_merged_lora(trained, dataset):
 
     _, base = trained("ddp")
     _, card = train_tiny(dataset, "t-lora-adapter", [f"model.path={registry.local_path(base)}", "model.lora.r=4",
-                                                     "model.lora.export=adapter", "train.max_steps=6",
+                                                     "model.lora.export=adapter", "train.max_steps=4",
                                                      "train.num_workers=1", "train.lr=2e-2"])
     path = registry.local_path(card)
     assert card["format"] == "lora-adapter" and (path / "adapter_config.json").exists()
@@ -262,10 +262,21 @@ def test_mixture_samples_datasets_by_weight(ray_session, dataset):
     assert [x["dataset"] for x in card["mixture"]] == [m["id"], small["id"]]
     assert card["mixture"][0]["weight"] == pytest.approx(0.5)
 
-    other = pipeline.run(config.build(DataConfig, small_config(
-        d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="ownbpe")))
+    # the same version with one vocabulary entry changed: another tokenizer, refused
+    import json
+    import shutil
+
+    other = Path(small["uri"]).parent.parent / "ownbpe" / small["version"]
+    shutil.copytree(small["uri"], other)
+    (other / "manifest.json").write_text(json.dumps({**small, "name": "ownbpe", "id": f"ownbpe@{small['version']}",
+                                                     "uri": str(other)}))
+    tj = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(tj))
     bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mixture": [
-        cfg.data.mixture[0], cfg.data.mixture[1].model_copy(update={"dataset": other["id"]})]})})
+        cfg.data.mixture[0], cfg.data.mixture[1].model_copy(update={"dataset": "ownbpe"})]})})
     with pytest.raises(config.ConfigError, match="different tokenizers"):
         dataset_meta(bad)
 

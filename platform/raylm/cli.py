@@ -36,6 +36,7 @@ STAGES = {
     "prepare_data": "raylm.data.config:DataConfig",
     "train": "raylm.train.config:TrainConfig",
     "deploy": "raylm.serve.config:DeployConfig",
+    "evaluate": "raylm.evaluate.config:EvaluateConfig",
 }
 
 # Never uploaded with a job: environments, caches, local state, VCS.

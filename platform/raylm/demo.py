@@ -35,6 +35,7 @@ dashboard        {state.dashboard_url}   (token: {state.token_path})
 next             export RAYLM_HOME={cluster.home()}    # where this cluster's state lives
                  .venv/bin/raylm datasets show {latest['id']}
                  .venv/bin/raylm submit train --config jobs/configs/train_tiny.yaml
+                 .venv/bin/raylm submit evaluate --config jobs/configs/evaluate_tiny.yaml
                  .venv/bin/raylm keys add me              # prints an API key once
                  .venv/bin/raylm submit deploy --config jobs/configs/deploy_tiny.yaml
 stop the cluster make down""")

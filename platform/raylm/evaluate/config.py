@@ -1,0 +1,76 @@
+"""Config of the evaluation job (`jobs/evaluate.py`). Every field is in the README's
+"Evaluate config reference"; keep the two in step."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from raylm.config import Strict
+from raylm.data.config import _check_uri
+
+
+class EvalData(Strict):
+    dataset: str = Field(..., description="NAME, NAME@VERSION or a dataset version URI")
+    root: Optional[str] = Field(None, description="dataset root; default $RAYLM_HOME/datasets")
+    split: Literal["test", "validation", "train"] = "test"
+    limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many documents (the first ones)")
+
+
+class Compute(Strict):
+    actors: int = Field(1, ge=1, description="model replicas in the Ray Data actor pool")
+    num_cpus: float = Field(1, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica")
+    batch_size: int = Field(16, ge=1, description="documents per inference batch")
+
+
+class Slices(Strict):
+    columns: list[str] = Field(default_factory=list, description="group columns of the docs view, e.g. [genre]")
+    max_gap: float = Field(0.1, ge=0, description="flag a slice column when the best and worst group differ by "
+                           "more than this on `metric`")
+    metric: Optional[str] = Field(None, description="the gap metric; default accuracy (classification) or "
+                                  "bits_per_byte (causal LM)")
+    min_size: int = Field(5, ge=1, description="groups with fewer documents are listed but not compared")
+
+
+class Robustness(Strict):
+    ops: list[Literal["swap", "insert", "delete", "typo"]] = Field(
+        default_factory=lambda: ["typo", "delete", "swap"], description="perturbations (the data augment ops)")
+    strengths: list[float] = Field(default_factory=lambda: [0.05, 0.15], description="fraction of words touched")
+    seed: int = 0
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in v):
+            raise ValueError("robustness.strengths must be in (0, 1]")
+        return v
+
+
+class Baselines(Strict):
+    tfidf: bool = Field(True, description="classification: TF-IDF + logistic regression fit on the train split")
+    ngram: Optional[int] = Field(3, ge=1, le=5, description="causal LM: order of the interpolated n-gram model fit "
+                                 "on the train split's tokens; null: none")
+    previous_versions: int = Field(1, ge=0, description="also evaluate this many earlier registry versions")
+
+
+class EvaluateConfig(Strict):
+    model: str = Field(..., description="registry model: NAME, NAME@vN or a model directory URI")
+    registry: Optional[str] = Field(None, description="registry root; default $RAYLM_HOME/registry")
+    data: EvalData
+    compute: Compute = Compute()
+    max_length: Optional[int] = Field(None, ge=8, description="tokens per text (classification) or window "
+                                      "(causal LM); default: what the model was trained with")
+    max_tokens_per_doc: int = Field(8192, ge=16, description="causal LM: score at most this many tokens of a document")
+    calibration_bins: int = Field(10, ge=2, le=100)
+    slices: Slices = Slices()
+    robustness: Optional[Robustness] = Field(default_factory=Robustness, description="null: skip")
+    baselines: Baselines = Baselines()
+    output: Optional[str] = Field(None, description="report directory; default beside the model: "
+                                  "<model>/eval/<dataset>-<version>-<split>")
+
+    @field_validator("registry", "output")
+    @classmethod
+    def _uris(cls, v: Optional[str]) -> Optional[str]:
+        return _check_uri(v, "path", ray_visible=True)

