@@ -25,7 +25,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 if not os.environ.get("RAY_ADDRESS"):  # Ray reads its auth mode at import: set it before anything imports Ray
