@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from raylm.data.steps import fetch_plan
 from raylm.data.steps import live as _live
 from raylm.data.config import BoilerplateStep
 
@@ -100,18 +101,8 @@ def strip_text(text: str, hashes: set[bytes], cfg: BoilerplateStep) -> tuple[str
     return "\n".join(kept).strip("\n"), blocks
 
 
-_PLAN: dict[str, set[bytes]] = {}
-
-
 def apply(table: pa.Table, cfg: BoilerplateStep, plan_ref: Any) -> pa.Table:
-    if isinstance(plan_ref, set):
-        hashes = plan_ref
-    else:
-        key = plan_ref.hex()
-        if key not in _PLAN:
-            _PLAN.clear()
-            _PLAN[key] = ray.get(plan_ref)
-        hashes = _PLAN[key]
+    hashes = fetch_plan(plan_ref)
     texts, n_lines, samples = [], [], []
     for text in table.column("text").to_pylist():
         new, blocks = strip_text(text, hashes, cfg) if hashes else (text, [])

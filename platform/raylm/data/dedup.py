@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from raylm.data.steps import fetch_plan
 from raylm.data.steps import live as _live
 from raylm.data.config import DedupExactStep, DedupNearStep
 
@@ -331,18 +332,8 @@ def near_plan(ds: ray.data.Dataset, cfg: DedupNearStep) -> dict[str, Any]:
 
 # --- applying a plan -----------------------------------------------------------------------------------
 
-_PLANS: dict[str, dict[str, str]] = {}
-
-
 def apply_plan(table: pa.Table, cfg: Any, plan_ref: Any, reason: str) -> pa.Table:
     """Mark the rows whose id the plan drops (the plan is fetched once per worker process)."""
-    if isinstance(plan_ref, dict):  # already resolved by Ray
-        drop = plan_ref
-    else:
-        key = plan_ref.hex()
-        if key not in _PLANS:
-            _PLANS.clear()
-            _PLANS[key] = ray.get(plan_ref)
-        drop = _PLANS[key]
+    drop = fetch_plan(plan_ref)
     reasons = [reason if i in drop else None for i in table.column("id").to_pylist()]
     return table.set_column(table.schema.get_field_index("_drop"), "_drop", pa.array(reasons, pa.string()))

@@ -26,6 +26,24 @@ RAW_KEEP = 1000
 BOOKKEEPING = ("_error", "_raw", "_drop", "_step")  # every other `_` column is a per-step statistic
 
 
+_PLANS: dict[str, Any] = {}
+
+
+def fetch_plan(plan_ref: Any) -> Any:
+    """A whole-dataset step's plan, passed to a row function as an ObjectRef (or already
+    resolved by Ray), fetched once per worker process; the last few plans are kept."""
+    import ray
+
+    if not isinstance(plan_ref, ray.ObjectRef):
+        return plan_ref
+    key = plan_ref.hex()
+    if key not in _PLANS:
+        if len(_PLANS) >= 4:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = ray.get(plan_ref)
+    return _PLANS[key]
+
+
 def live(t: pa.Table) -> pa.Array:
     """Rows neither quarantined nor dropped."""
     return pc.and_(pc.is_null(t.column("_error")), pc.is_null(t.column("_drop")))
