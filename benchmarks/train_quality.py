@@ -55,15 +55,6 @@ def build(config_file: str, overrides: list[str]) -> dict:
     return pipeline.run(cfg)
 
 
-def read_split(m: dict, view: str, split: str, columns: list[str]):
-    import pyarrow.dataset as pads
-
-    from raylm import storage
-
-    fs, path = storage.arrow_fs(storage.join(m["uri"], view, split))
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-
-
 def train(config_file: str, overrides: list[str]) -> tuple[dict, dict, float]:
     from raylm import config, registry
     from raylm.train.config import TrainConfig
@@ -80,6 +71,8 @@ def train(config_file: str, overrides: list[str]) -> tuple[dict, dict, float]:
 
 def bench_lm(args) -> dict:
     import numpy as np
+
+    from raylm.data.versions import read_split
 
     m = build("shakespeare.yaml", ["steps=[{name: normalize}]", "pack.seq_len=256"])
     _, card, seconds = train("train_tiny.yaml", [
@@ -103,13 +96,14 @@ def bench_lm(args) -> dict:
 
 
 def bench_classify(args) -> dict:
+    import numpy as np
     import torch
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+    from sklearn.metrics import balanced_accuracy_score
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from raylm import registry
+    from raylm.data.versions import read_split
+    from raylm.evaluate import baselines, metrics
 
     m = build("authors.yaml", [])
     _, card, seconds = train("train_authors.yaml", [f"data.dataset={m['id']}", f"train.max_steps={args.steps}"])
@@ -128,15 +122,14 @@ def bench_classify(args) -> dict:
                       max_length=card["config"]["model"]["max_length"], return_tensors="pt")
             pred += model(**enc).logits.argmax(-1).tolist()
 
-    vec = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced")
-    clf.fit(vec.fit_transform([r["text"] for r in tr]), [labels.index(r["label"]) for r in tr])
-    base = clf.predict(vec.transform([r["text"] for r in te])).tolist()
+    base = baselines.tfidf_logreg([r["text"] for r in tr], [labels.index(r["label"]) for r in tr],
+                                  [r["text"] for r in te], len(labels)).argmax(1).tolist()
 
     def scores(p):
-        return {"accuracy": round(accuracy_score(y_test, p), 4),
+        m = metrics.classification(np.eye(len(labels))[p], np.array(y_test), labels)
+        return {"accuracy": round(m["accuracy"], 4),
                 "balanced_accuracy": round(balanced_accuracy_score(y_test, p), 4),
-                "macro_f1": round(f1_score(y_test, p, average="macro"), 4)}
+                "macro_f1": round(m["f1_macro"], 4)}
 
     return {"benchmark": "train_quality_classify", "model": "all-MiniLM-L6-v2", "steps": card["metrics"]["steps"],
             "test_passages": len(te), "train_passages": len(tr),

@@ -148,16 +148,14 @@ def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path)
     ROC AUC 0.5, ECE = |accuracy - confidence|, and a gap of 1.0 between the label slices;
     the previous version (always 'comedy') is evaluated beside it; the job script runs as a
     Ray job would, and `raylm models show` prints the evaluation."""
-    import pyarrow.parquet as pq
-
     from raylm import registry
+    from raylm.data.versions import read_split
 
     reg = str(tmp_path / "registry")
     _register_constant_classifier(reg, "const", [1.0, 0.0])  # v1: always comedy
     card = _register_constant_classifier(reg, "const", [0.0, 1.0])  # v2: always tragedy
     m = labeled["manifest"]
-    truth = pq.read_table(str(registry.storage.join(m["uri"], "docs", "test")), columns=["label"]).column("label")
-    truth = truth.to_pylist()
+    truth = read_split(m, "docs", "test", ["label"]).column("label").to_pylist()
     n_trag = truth.count("tragedy")
     assert 0 < n_trag < len(truth)
     cfg_file = tmp_path / "eval.yaml"

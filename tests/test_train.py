@@ -109,13 +109,9 @@ def _kl_to(teacher, student, blocks: torch.Tensor) -> float:
 
 
 def _val_blocks(dataset: dict, n: int = 8) -> torch.Tensor:
-    import pyarrow.dataset as pads
+    from raylm.data.versions import read_split
 
-    from raylm import storage
-
-    fs, path = storage.arrow_fs(storage.join(dataset["manifest"]["uri"], "packed", "validation"))
-    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().column("input_ids").to_pylist()[:n]
-    return torch.tensor(rows)
+    return torch.tensor(read_split(dataset["manifest"], "packed", "validation").column("input_ids").to_pylist()[:n])
 
 
 def test_distilled_gpt2_student_sharded_with_fsdp_moves_toward_its_teacher(trained, dataset):
@@ -238,6 +234,7 @@ def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, data
     from raylm.data import pipeline
     from raylm.data.config import DataConfig
     from raylm.train.config import TrainConfig
+    from raylm.data.versions import read_split
     from raylm.train.job import _datasets, dataset_meta, run
 
     d, m = dataset["dir"], dataset["manifest"]
@@ -261,13 +258,7 @@ def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, data
     assert [x["blocks_per_epoch"] for x in meta["mixture"]] == [half, half]
     rows = [tuple(r) for r in _datasets(cfg, meta)["train"].to_pandas()["input_ids"]]
 
-    def read_rows(uri):
-        fs, path = storage.arrow_fs(storage.join(uri, "packed", "train"))
-        import pyarrow.dataset as pads
-        return {tuple(r) for r in pads.dataset(path, filesystem=fs, format="parquet").to_table()
-                .column("input_ids").to_pylist()}
-
-    small_rows = read_rows(small["uri"])
+    small_rows = {tuple(r) for r in read_split(small, "packed", "train").column("input_ids").to_pylist()}
     from_small = sum(r in small_rows for r in rows)
     assert len(rows) == 2 * half and from_small == half  # each small block seen about big/small times
     assert 0 < sum(r in small_rows for r in rows[:half]) < half  # interleaved, not one after the other
@@ -301,7 +292,6 @@ def test_minilm_classifier_learns_shakespeare_vs_milton(ray_session, tmp_path_fa
     """Transfer learning on the real corpus: the MiniLM encoder (lower blocks frozen) learns
     to tell Shakespeare's passages from Milton's, well above chance on held-out passages; the
     export is a transformers classifier with the labels; frozen blocks did not move."""
-    import pyarrow.parquet as pq
     import yaml
     from sklearn.metrics import balanced_accuracy_score
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -310,6 +300,7 @@ def test_minilm_classifier_learns_shakespeare_vs_milton(ray_session, tmp_path_fa
     from raylm import config
     from raylm.data import pipeline
     from raylm.data.config import DataConfig
+    from raylm.data.versions import read_split
     from raylm.train.config import TrainConfig
     from raylm.train.job import run
 
@@ -331,7 +322,7 @@ def test_minilm_classifier_learns_shakespeare_vs_milton(ray_session, tmp_path_fa
     path = registry.local_path(card)
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    test = pq.read_table(str(Path(m["uri"]) / "docs" / "test"), columns=["text", "label"]).to_pylist()
+    test = read_split(m, "docs", "test", ["text", "label"]).to_pylist()
     assert {r["label"] for r in test} == {"milton", "shakespeare"}
     with torch.no_grad():
         enc = tok([r["text"] for r in test], truncation=True, max_length=128, padding=True, return_tensors="pt")

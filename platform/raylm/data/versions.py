@@ -36,3 +36,12 @@ def resolve(ref: str, root: Optional[str] = None) -> dict[str, Any]:
         raise FileNotFoundError(f"no dataset {ref!r} under {storage.normalize(root or default_root())}; "
                                 f"known: {', '.join(known) or 'none'}")
     return candidates[0]
+
+
+def read_split(m: dict[str, Any], view: str, split: str, columns: Optional[list[str]] = None):
+    """One split of a version's `docs` or `packed` view as a pyarrow table, read in this process
+    (for small reads in drivers, tests and benchmarks; jobs read through Ray Data)."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.arrow_fs(storage.join(m["uri"], view, split))
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)

@@ -11,6 +11,7 @@ import numpy as np
 
 from raylm import config, registry, storage
 from raylm.evaluate import baselines, infer, metrics, report
+from raylm.data.versions import read_split
 from raylm.evaluate.config import EvaluateConfig
 
 CLS_COMPARE = ["accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "ece"]
@@ -36,14 +37,6 @@ def _window(cfg: EvaluateConfig, card: dict[str, Any], task: str) -> int:
         return int(trained or 256)
     conf = _model_conf(card)
     return int(conf.get("max_position_embeddings") or conf.get("n_positions") or 1024)
-
-
-def _read_docs(m: dict[str, Any], split: str, columns: list[str], limit: Optional[int] = None):
-    import pyarrow.dataset as pads
-
-    fs, path = storage.arrow_fs(storage.join(m["uri"], "docs", split))
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-    return t.slice(0, limit) if limit else t
 
 
 class Evaluation:
@@ -105,7 +98,7 @@ class Evaluation:
 def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
     cfg, out = ev.cfg, {}
     if ev.task == "classification" and cfg.baselines.tfidf:
-        tr = _read_docs(ev.m, "train", ["text", "label"]).to_pylist()
+        tr = read_split(ev.m, "docs", "train", ["text", "label"]).to_pylist()
         tr = [r for r in tr if r["label"] in ev.labels]
         probs = baselines.tfidf_logreg([r["text"] or "" for r in tr], [ev.labels.index(r["label"]) for r in tr],
                                        [t or "" for t in frame["text"]], len(ev.labels))
@@ -116,7 +109,7 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(registry.local_path(ev.card)), local_files_only=True)
-        train = [t or "" for t in _read_docs(ev.m, "train", ["text"]).column("text").to_pylist()]
+        train = [t or "" for t in read_split(ev.m, "docs", "train", ["text"]).column("text").to_pylist()]
 
         def enc(texts: list[str], cut: Optional[int] = None) -> list[list[int]]:
             return [ids[:cut] for ids in tok(texts, add_special_tokens=False)["input_ids"]]

@@ -44,12 +44,11 @@ def _resolve(ref: str, root: Optional[str], what: str) -> dict[str, Any]:
 
 
 def _label_counts(m: dict[str, Any], split: str) -> dict[str, int]:
-    import pyarrow.dataset as pads
+    from raylm.data.versions import read_split
 
     if not m["splits"][split]["documents"]:
         return {}
-    fs, path = storage.arrow_fs(storage.join(m["uri"], "docs", split))
-    col = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"]).column("label")
+    col = read_split(m, "docs", split, ["label"]).column("label")
     counts: dict[str, int] = {}
     for value in col.to_pylist():
         key = "<none>" if value is None else str(value)
