@@ -11,29 +11,29 @@ import pyarrow as pa
 import torch
 
 
-def _load(model_dir: str, task: str, num_gpus: float):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def _load_lm(model_dir: str, num_gpus: float):
+    from transformers import AutoModelForCausalLM
 
     from raylm.serve import engine  # one loader for serving and evaluation (adapters, devices)
 
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    device, tok, model, _ = engine.load(auto, model_dir, num_gpus, "float32", "none", 0.0)
+    device, tok, model, _ = engine.load(AutoModelForCausalLM, model_dir, num_gpus, "float32", "none", 0.0)
     return device, tok, model
 
 
 class ClassifierScorer:
-    """text -> `probs` (class probabilities, the model's label order)."""
+    """text -> `probs` (class probabilities, the model's label order): the serving engine's
+    classifier, with texts cut where the model was trained to cut them."""
 
     def __init__(self, model_dir: str, max_length: int, num_gpus: float = 0):
-        self.device, self.tok, self.model = _load(model_dir, "classification", num_gpus)
+        from raylm.serve.engine import ClassifierEngine
+
+        self.engine = ClassifierEngine(model_dir, num_gpus=num_gpus, dtype="float32")
         self.max_length = max_length
 
-    @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [t or "" for t in batch.column("text").to_pylist()]
-        enc = self.tok(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        probs = torch.softmax(self.model(**enc.to(self.device)).logits.float(), -1).cpu().numpy()
-        return batch.append_column("probs", pa.array(list(probs.astype(np.float64)), pa.list_(pa.float64())))
+        probs = self.engine.probabilities(texts, self.max_length).numpy().astype(np.float64)
+        return batch.append_column("probs", pa.array(list(probs), pa.list_(pa.float64())))
 
 
 class LMScorer:
@@ -43,7 +43,7 @@ class LMScorer:
     windows of `window` tokens (the first token of a window is context only)."""
 
     def __init__(self, model_dir: str, window: int, max_tokens: int, num_gpus: float = 0, windows_per_call: int = 8):
-        self.device, self.tok, self.model = _load(model_dir, "causal_lm", num_gpus)
+        self.device, self.tok, self.model = _load_lm(model_dir, num_gpus)
         self.window, self.max_tokens, self.per_call = window, max_tokens, windows_per_call
 
     @torch.no_grad()

@@ -313,12 +313,18 @@ class ClassifierEngine:
         self.max_len = min(int(self.tok.model_max_length or 512),
                            int(getattr(self.model.config, "max_position_embeddings", 512)))
 
-    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
-        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+    def probabilities(self, texts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
+        """(N, labels) class probabilities on the CPU; texts cut at `max_length` tokens (default:
+        the most the model takes)."""
+        enc = self.tok(texts, padding=True, truncation=True, max_length=max_length or self.max_len,
+                       return_tensors="pt")
         with torch.inference_mode():
-            probs = torch.softmax(self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float(), -1)
+            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float()
+        return torch.softmax(logits, -1).cpu()
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         out = []
-        for p in probs.tolist():
+        for p in self.probabilities(texts).tolist():
             best = max(range(len(p)), key=p.__getitem__)
             out.append({"label": self.labels[best], "probabilities": dict(zip(self.labels, p))})
         return out
