@@ -100,11 +100,16 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
     if ev.task == "classification" and cfg.baselines.tfidf:
         tr = read_split(ev.m, "docs", "train", ["text", "label"]).to_pylist()
         tr = [r for r in tr if r["label"] in ev.labels]
-        probs = baselines.tfidf_logreg([r["text"] or "" for r in tr], [ev.labels.index(r["label"]) for r in tr],
-                                       [t or "" for t in frame["text"]], len(ev.labels))
-        y = np.array([ev.labels.index(x) for x in frame["label"]])
-        out["tfidf + logistic regression"] = {"metrics": metrics.classification(probs, y, ev.labels,
-                                                                                cfg.calibration_bins)}
+        name = "tfidf + logistic regression"
+        try:  # a tiny or one-label train split cannot fit it: say so, keep the rest of the report
+            probs = baselines.tfidf_logreg([r["text"] or "" for r in tr], [ev.labels.index(r["label"]) for r in tr],
+                                           [t or "" for t in frame["text"]], len(ev.labels))
+        except ValueError as e:
+            print(f"[evaluate] {name} baseline skipped: {e}", flush=True)
+            out[name] = {"skipped": str(e), "metrics": {}}
+        else:
+            y = np.array([ev.labels.index(x) for x in frame["label"]])
+            out[name] = {"metrics": metrics.classification(probs, y, ev.labels, cfg.calibration_bins)}
     if ev.task == "causal_lm" and cfg.baselines.ngram:
         from transformers import AutoTokenizer
 
