@@ -288,28 +288,19 @@ def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, data
         dataset_meta(bad)
 
 
-def test_minilm_classifier_learns_shakespeare_vs_milton(ray_session, tmp_path_factory):
+def test_minilm_classifier_learns_shakespeare_vs_milton(authors_dataset):
     """Transfer learning on the real corpus: the MiniLM encoder (lower blocks frozen) learns
     to tell Shakespeare's passages from Milton's, well above chance on held-out passages; the
     export is a transformers classifier with the labels; frozen blocks did not move."""
-    import yaml
     from sklearn.metrics import balanced_accuracy_score
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from conftest import ROOT, SHARED_CACHE
     from raylm import config
-    from raylm.data import pipeline
-    from raylm.data.config import DataConfig
     from raylm.data.versions import read_split
     from raylm.train.config import TrainConfig
     from raylm.train.job import run
 
-    d = tmp_path_factory.mktemp("authors")
-    doc = yaml.safe_load((ROOT / "jobs" / "configs" / "authors.yaml").read_text())
-    doc["sources"][0].update(cache_dir=str(SHARED_CACHE), passages={"chars": 1000, "per_document": 40})
-    doc.update(steps=[s for s in doc["steps"] if s["name"] in ("normalize", "quality")],
-               output={"root": str(d / "datasets")}, tokenize={"min_actors": 1, "max_actors": 1})
-    m = pipeline.run(config.build(DataConfig, doc))
+    d, m = authors_dataset["dir"], authors_dataset["manifest"]
     cfg = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml", [
         f"data.root={d / 'datasets'}", f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}",
         "train.max_steps=30", "train.eval_every=15", "model.max_length=128", "model.freeze_layers=4",

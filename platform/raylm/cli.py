@@ -37,6 +37,8 @@ STAGES = {
     "train": "raylm.train.config:TrainConfig",
     "deploy": "raylm.serve.config:DeployConfig",
     "evaluate": "raylm.evaluate.config:EvaluateConfig",
+    "tune": "raylm.tune.config:TuneConfig",
+    "ensemble": "raylm.tune.config:EnsembleConfig",
 }
 
 # Never uploaded with a job: environments, caches, local state, VCS.

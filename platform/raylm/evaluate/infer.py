@@ -26,8 +26,12 @@ class ClassifierScorer:
 
     def __init__(self, model_dir: str, max_length: int, num_gpus: float = 0):
         from raylm.serve.engine import ClassifierEngine
+        from raylm.tune.ensemble import EnsembleClassifier, read_spec
 
-        self.engine = ClassifierEngine(model_dir, num_gpus=num_gpus, dtype="float32")
+        if read_spec(model_dir) is not None:  # an ensemble: its members, combined
+            self.engine = EnsembleClassifier(model_dir, num_gpus=num_gpus)
+        else:
+            self.engine = ClassifierEngine(model_dir, num_gpus=num_gpus, dtype="float32")
         self.max_length = max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:

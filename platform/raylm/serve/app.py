@@ -262,8 +262,9 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         async def probe(m: dict) -> str:
+            handles = m["handle"] if isinstance(m["handle"], list) else [m["handle"]]
             try:
-                await asyncio.wait_for(m["handle"].info.remote(), timeout=5)
+                await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in handles)), timeout=5)
                 return "ready"
             except Exception:  # noqa: BLE001 - a health check reports, it does not fail
                 return "unavailable"
@@ -503,7 +504,10 @@ class Ingress:
         if not texts or len(texts) > 64:
             raise ApiError(400, "send 1 to 64 texts", param="texts")
         try:
-            results = await m["handle"].classify.remote(texts)
+            if m.get("ensemble"):
+                results = self._combine(m, await asyncio.gather(*(h.classify.remote(texts) for h in m["handle"])))
+            else:
+                results = await m["handle"].classify.remote(texts)
         except BackPressureError:
             raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
                            {"Retry-After": "1"}) from None
@@ -511,6 +515,21 @@ class Ingress:
         self._remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
         return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    @staticmethod
+    def _combine(m: dict[str, Any], member_results: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The members' answers -> the ensemble's (tune/ensemble.py's combiner)."""
+        import numpy as np
+
+        from raylm.tune.ensemble import combine
+
+        labels = m["ensemble"]["labels"]
+        probs = np.array([[[r["probabilities"][label] for label in labels] for r in res] for res in member_results])
+        out = []
+        for p in combine(probs, m["ensemble"]).tolist():
+            best = max(range(len(p)), key=p.__getitem__)
+            out.append({"label": labels[best], "probabilities": dict(zip(labels, p))})
+        return out
 
     @app.post("/v1/feedback", openapi_extra=body_schema(FeedbackRequest))
     async def feedback(self, request: Request) -> dict:
@@ -555,6 +574,7 @@ def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
 
 
 def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
+    from raylm import storage
     from raylm.serve.deployments import ClassifierDeployment, LMDeployment
 
     if cards is None:
@@ -578,12 +598,21 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
             options["num_replicas"] = m.num_replicas
         spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
                 "options": m.model_dump(mode="json")}
-        cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-        handles[m.name] = cls.options(**options).bind(spec)
+        ensemble = None
+        if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
+            ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
+            handles[m.name] = [ClassifierDeployment.options(**{**options, "name": f"model-{m.name}-m{i}"}).bind(
+                {**spec, "name": f"{m.name}-m{i}", "card": {
+                    "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
+                    "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
+                for i in range(len(ensemble["members"]))]
+        else:
+            cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
+            handles[m.name] = cls.options(**options).bind(spec)
         labels = None
         if card["task"] == "classification":
             labels = card.get("labels") or (card.get("config") or {}).get("labels")
-        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels,
+        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
                         "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
                         if card.get("created") else None}
     return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,

@@ -192,7 +192,10 @@ def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
+def build_trainer(cfg: TrainConfig, meta: dict[str, Any], datasets: Optional[dict[str, Any]] = None,
+                  callbacks: Optional[list] = None):
+    """The TorchTrainer of a run: the dataset version's splits (or `datasets`, already prepared:
+    a Tune trial's fold or sample), checkpoints under `output.storage`."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -205,15 +208,17 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
     # ingest never waits for a CPU that training holds (2 workers on a 2-CPU laptop). Larger
     # ones stream, and need a CPU left over for Ray Data.
     packed_bytes = 4 * meta["seq_len"] * (meta["train_blocks"] + meta.get("validation_blocks", 0))
-    materialize = packed_bytes <= MATERIALIZE_BYTES
-    if not materialize:
+    prepared = datasets is not None  # already selected, shuffled and in memory
+    materialize = packed_bytes <= MATERIALIZE_BYTES and not prepared
+    if not materialize and not prepared:
         spare = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
         if spare < 1:
             raise config.ConfigError(
                 f"the training workers take every CPU ({t.num_workers} x {t.cpus_per_worker}) and leave none to "
                 "stream the dataset: lower train.cpus_per_worker or train.num_workers")
-    datasets = _datasets(cfg, meta)
-    if t.shuffle:  # seeded: the same order every run; validation too, so `eval_batches` is a fair sample
+    if datasets is None:
+        datasets = _datasets(cfg, meta)
+    if t.shuffle and not prepared:  # seeded: the same order every run; validation too, so `eval_batches` is a fair sample
         datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
                     for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
     datasets = {k: ds.materialize() if materialize else ds for k, ds in datasets.items()}
@@ -230,6 +235,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any]):
             name=cfg.name, storage_path=runs_path, storage_filesystem=runs_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(enable_shard_locality=False),

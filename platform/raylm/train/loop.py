@@ -2,6 +2,7 @@
 
 Data comes from the dataset version through `ray.train.get_dataset_shard` (streaming, each
 worker its own shard). Metrics go to Ray (`ray.train.report`) and Prometheus (`raylm_train_*`);
+the same loop also runs in one plain process (a one-worker Tune trial: `session.LocalSession`);
 checkpoints every `checkpoint_every` steps hold model, optimizer, schedule, step and data
 position, so a re-run of the same run name (or a restart after a failure) continues there.
 At the end every rank helps consolidate the model; rank 0 writes one Hugging Face directory
@@ -18,7 +19,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray.train
 import torch
 import torch.distributed as dist
 
@@ -141,6 +141,18 @@ def probe_batch(task: str, meta: dict[str, Any], device: torch.device) -> dict[s
     return {"input_ids": ids}
 
 
+def set_base_lr(strat, lr: float) -> None:
+    """Make the LR schedule peak at `lr` from the current step on (a checkpoint restores the
+    schedule with the lr it was saved with)."""
+    sched = strat.sched
+    if all(abs(b - lr) <= 1e-12 * max(1.0, lr) for b in sched.base_lrs):
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["lr"] = lr * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
 class Metrics:
     """Prometheus gauges through ray.util.metrics (exported by Ray, prefix raylm_train_)."""
 
@@ -173,13 +185,16 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(config: dict[str, Any], session=None) -> None:
+    """The loop. `session` (train/session.py) is where it runs: a Ray Train worker by default,
+    or one local process (a one-worker Tune trial)."""
+    from raylm.train.session import TrainSession
+
     cfg = TrainConfig.model_validate(config["train_config"])
     meta = config["dataset"]  # vocab, eos, seq_len, tokenizer location, dataset id
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = session or TrainSession()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     np.random.seed(t.seed)
     seq_len = meta["seq_len"]
@@ -201,10 +216,11 @@ def train_loop(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None, "best": None,
                              "evals_without_improvement": 0, "registered": None, "resumed_from_step": None,
                              "loss_curve": []}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
+    with session.resume_dir() as d:
+        if d:
             state.update(strat.load(d))
+            set_base_lr(strat, t.lr)  # a resumed run (or a PBT exploit) may come with another lr
+    if state["step"]:
         state["resumed_from_step"] = state["step"]
         if state["step"] < t.max_steps:
             state["registered"] = None  # more steps to train: the result is a new model version
@@ -212,21 +228,20 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[train] resumed from the checkpoint at step {state['step']}", flush=True)
 
     metrics = Metrics(cfg.name) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if meta.get("has_validation") else None
+    train_shard = session.shard("train")
+    val_shard = session.shard("validation") if meta.get("has_validation") else None
     batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"])
     tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
 
     def checkpoint(extra: dict[str, Any], name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             strat.save(d, state)
-            ray.train.report({**extra, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=name)
+            session.report({**extra, "step": state["step"]}, d, name)
 
     start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
+    last: dict[str, Any] = dict(state.get("last") or {})  # a run resumed at its end still reports them
     warm_steps = max(1, min(5, (t.max_steps - start_step) // 4))
     steady_t0 = None
-    last: dict[str, Any] = {}
     stop_early = False
     while state["step"] < t.max_steps and not stop_early:
         for micro in range(t.grad_accum):
@@ -283,10 +298,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
             window_loss, window_t = [], time.time()
-            if step % t.checkpoint_every != 0:
-                ray.train.report({k: v for k, v in last.items() if v is not None} | {"step": step})
+            state["last"] = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+            if step % t.checkpoint_every != 0 and step != t.max_steps:  # the last step reports with the model
+                session.report({k: v for k, v in last.items() if v is not None} | {"step": step})
 
-        if step % t.checkpoint_every == 0:
+        if step % t.checkpoint_every == 0 and step != t.max_steps:  # the last step's checkpoint is the final one
             checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
             if rank == 0:
                 print(f"[train] checkpoint saved at step {step}", flush=True)

@@ -221,6 +221,13 @@ class DeepSpeed:
         import deepspeed
 
         self.cfg, self.device, self.loss_fn = cfg, device, loss_fn or model_loss
+        if device.type == "cpu" and os.environ.get("RAYLM_DEEPSPEED_SHM", "0") != "1":
+            # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (60-90 s, once per
+            # machine) before the first step; plain gloo collectives do the same job for the CPU
+            # runs this is for (laptops, tests). RAYLM_DEEPSPEED_SHM=1 builds and uses it.
+            import deepspeed.comm.torch as ds_torch
+
+            ds_torch.build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         ds = cfg.deepspeed
         zero: dict[str, Any] = {"stage": ds.stage}

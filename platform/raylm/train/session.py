@@ -1,0 +1,98 @@
+"""Where the training loop runs, behind one small interface.
+
+`TrainSession`: a Ray Train worker (the loop's usual home: one of N ranks, data from
+`get_dataset_shard`, reports and checkpoints through `ray.train.report`).
+`LocalSession`: one process that is not a Ray Train worker, e.g. a one-worker Ray Tune trial,
+which trains in the trial's own process instead of starting a worker group for it (a Ray
+Train run costs ~20 s of start-up on a laptop; a search runs dozens of trials). Its data are
+pyarrow tables already in memory; reports and checkpoints go through `ray.tune.report`.
+
+Both give the loop the same things: rank, world size, device, the checkpoint to resume from,
+the train / validation data, and `report(metrics, checkpoint_dir, name)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import torch
+
+
+class TrainSession:
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextmanager
+    def resume_dir(self) -> Iterator[Optional[str]]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,
+               name: Optional[str] = None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=name)
+
+
+class TableShard:
+    """A pyarrow table with the `iter_batches` of a Ray Data shard (the subset the loop uses)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, batch_format: str = "pyarrow", drop_last: bool = False):
+        n = self.table.num_rows
+        end = n - n % batch_size if drop_last else n
+        for start in range(0, end, batch_size):
+            yield self.table.slice(start, min(batch_size, end - start))
+
+
+class LocalSession:
+    """One process, data in memory, reports to Ray Tune (or nowhere, outside Tune)."""
+
+    def __init__(self, tables: dict[str, pa.Table], device: Optional[torch.device] = None):
+        self.rank, self.world = 0, 1
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tables = tables
+
+    @contextmanager
+    def resume_dir(self) -> Iterator[Optional[str]]:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def shard(self, name: str):
+        return TableShard(self.tables[name]) if name in self.tables else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,
+               name: Optional[str] = None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)

@@ -1,0 +1,119 @@
+"""One trial of a search (or one ensemble member): a train config plus a choice of rows.
+
+The dataset version is read and tokenized once, in the driver, into pyarrow tables in the
+object store; every trial picks its rows from them (all, one cross-validation fold, a
+bootstrap sample, or a weighted resample for boosting) and trains:
+
+- in its own process when it has one worker with `ddp` (no worker group to start: a Ray
+  Train run costs ~20 s of start-up on a laptop, a trial here a few seconds);
+- as a Ray Train run inside the trial otherwise (Train inside Tune, the Ray 2.5x way: the trial
+  function builds a TorchTrainer and calls `fit()`; Train's reports reach Tune through
+  `TuneReportCallback`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raylm import config
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """`data` with `a.b.c` set to `value` (sections created as needed)."""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return data
+
+
+def train_dict(base: dict[str, Any], params: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    """The base train config with a trial's values (dotted keys) and `fixed` dotted keys set."""
+    out = copy.deepcopy(base)
+    for k, v in {**params, **fixed}.items():
+        set_path(out, k, v.item() if isinstance(v, np.generic) else v)
+    return out
+
+
+def select_rows(tables: dict[str, pa.Table], rows: Optional[dict[str, Any]], shuffle_seed: Optional[int]
+                ) -> dict[str, pa.Table]:
+    """A trial's train / validation tables.
+
+    rows: None (all), {"fold": i, "folds": k, "seed": s} (validate on fold i of the train split,
+    train on the rest), {"bootstrap": s} (n rows drawn with replacement), {"weights": [...]} with
+    "seed" (n rows drawn with these probabilities: boosting by resampling).
+    shuffle_seed: shuffle both (seeded) unless None."""
+    train = tables["train"]
+    out = dict(tables)
+    n = train.num_rows
+    if rows and "fold" in rows:
+        perm = np.random.default_rng(rows.get("seed", 0)).permutation(n)
+        parts = np.array_split(perm, rows["folds"])
+        out["validation"] = train.take(np.sort(parts[rows["fold"]]))
+        out["train"] = train.take(np.sort(np.concatenate([p for i, p in enumerate(parts) if i != rows["fold"]])))
+    elif rows and "bootstrap" in rows:
+        out["train"] = train.take(np.random.default_rng(rows["bootstrap"]).integers(0, n, n))
+    elif rows and "weights" in rows:
+        w = np.asarray(rows["weights"], dtype=np.float64)
+        out["train"] = train.take(np.random.default_rng(rows.get("seed", 0)).choice(n, n, p=w / w.sum()))
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        out = {k: t.take(rng.permutation(t.num_rows)) for k, t in out.items()}
+    return out
+
+
+def runs_in_process(train_cfg) -> bool:
+    t = train_cfg.train
+    return t.num_workers == 1 and t.strategy == "ddp"
+
+
+def resources(train_cfg) -> dict[str, float]:
+    """What one trial asks Tune for: a process's CPUs (and GPU), or nothing to speak of when a
+    Ray Train run inside it asks for its workers' resources itself (one byte of memory: Tune
+    refuses an empty request, and a fraction of a CPU would keep 2 one-CPU workers off 2 CPUs)."""
+    t = train_cfg.train
+    if not runs_in_process(train_cfg):
+        return {"memory": 1}
+    return {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+
+
+def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any],
+              name: str, registry: str, runs: str) -> None:
+    """The Tune trainable (a function): train one configuration on its rows. `config_` holds
+    `params` (dotted train fields) and `rows` (see select_rows), at the top level (a search) or
+    under `member` (an ensemble member)."""
+    import ray
+    import torch
+    from ray import tune
+
+    from raylm.train.config import TrainConfig
+    from raylm.train.loop import train_loop
+    from raylm.train.session import LocalSession
+
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{name[:40]}-{trial_id}"
+    fixed = {"name": run_name, "output.registry": registry, "output.storage": runs, "output.register_model": True}
+    spec = config_.get("member") or config_
+    cfg = config.build(TrainConfig, train_dict(base, spec.get("params") or {}, **fixed), f"trial {trial_id}")
+    tables = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in tables.items()}
+    tables = select_rows(tables, spec.get("rows"), cfg.train.seed if cfg.train.shuffle else None)
+    meta = dict(meta, has_validation="validation" in tables and tables["validation"].num_rows > 0)
+    loop_config = {"train_config": cfg.model_dump(mode="json"), "dataset": meta}
+    if runs_in_process(cfg):
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        device = torch.device("cuda") if cfg.train.use_gpu else torch.device("cpu")
+        train_loop(loop_config, LocalSession(tables, device))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylm.train.job import build_trainer
+
+    datasets = {k: ray.data.from_arrow(t) for k, t in tables.items() if t.num_rows}
+    build_trainer(cfg, meta, datasets=datasets, callbacks=[TuneReportCallback()]).fit()

@@ -1,0 +1,150 @@
+"""Ensembles: each combiner on planted predictions gives the expected combination; an ensemble
+of three MiniLM classifiers trained on bootstrap samples of the real authors split beats its
+average member on held-out passages, is registered as one model, scores the same in the
+evaluation job, and answers behind one endpoint (a deployment per member, combined in the
+ingress)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import ROOT
+from helpers import free_port
+from raylm import config, registry
+from raylm.tune import ensemble as ens
+
+
+def test_mean_and_logit_mean_on_planted_predictions():
+    p = np.array([[[0.9, 0.1], [0.2, 0.8]],
+                  [[0.6, 0.4], [0.4, 0.6]],
+                  [[0.3, 0.7], [0.3, 0.7]]])
+    assert np.allclose(ens.combine(p, {"combiner": "mean"}), [[0.6, 0.4], [0.3, 0.7]])
+    geo = np.exp(np.log(p).mean(0))
+    assert np.allclose(ens.combine(p, {"combiner": "logit_mean"}), geo / geo.sum(-1, keepdims=True))
+    assert np.allclose(ens.combine(p, {"combiner": "weighted", "weights": [0, 0, 1]}), p[2])
+
+
+def test_learned_weights_trust_the_member_that_is_right():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    right = np.full((400, 3), 0.05)
+    right[np.arange(400), y] = 0.9
+    noise = rng.dirichlet(np.ones(3), 400)
+    w = ens.fit_weights(np.stack([noise, right]), y)
+    assert w[1] > 0.9 and math.isclose(sum(w), 1.0)
+
+
+def test_stacking_learns_what_averaging_cannot():
+    """Member A is informative but has the labels backwards; member B is noise. Averaging gets
+    them wrong; a logistic regression on their probabilities learns to flip A."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    a = np.where(y[:, None] == 1, [0.8, 0.2], [0.2, 0.8]) + rng.normal(0, 0.05, (300, 2))
+    a = np.clip(a, 0.01, 0.99)
+    a /= a.sum(-1, keepdims=True)
+    b = rng.dirichlet(np.ones(2), 300)
+    probs = np.stack([a, b])
+    spec = {"combiner": "stacking", **ens.fit_stacking(probs, y, 2)}
+    stacked = ens.combine(probs, spec).argmax(-1)
+    averaged = ens.combine(probs, {"combiner": "mean"}).argmax(-1)
+    assert (stacked == y).mean() > 0.95 and (averaged == y).mean() < 0.2
+    # three labels, one never held out: it gets no probability
+    spec3 = ens.fit_stacking(np.stack([np.eye(3)[y]]), y, 3)
+    assert np.allclose(ens.combine(np.stack([np.eye(3)[y]]), {"combiner": "stacking", **spec3})[:, 2], 0)
+
+
+def test_samme_round_and_votes():
+    y = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 0])  # one mistake in five: error 0.2
+    w0 = np.full(5, 0.2)
+    alpha, w = ens.samme_round(pred, y, w0, 3)
+    assert alpha == pytest.approx(math.log(0.8 / 0.2) + math.log(2))
+    assert w[4] / w[0] == pytest.approx(math.exp(alpha)) and w.sum() == pytest.approx(1)
+    assert ens.samme_round(np.array([1, 1, 0, 0, 0]), y, w0, 3)[0] == 0.0  # worse than chance: no vote
+    votes = ens.combine(np.stack([np.eye(3)[[0, 1]], np.eye(3)[[2, 2]]]), {"combiner": "boosting",
+                                                                           "alphas": [1.0, 3.0]})
+    assert np.allclose(votes, [[0.25, 0, 0.75], [0, 0.25, 0.75]])
+
+
+def test_soup_is_the_mean_of_the_weights():
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor([7])}
+    b = {"w": torch.tensor([3.0, 6.0]), "steps": torch.tensor([9])}
+    out = ens.soup([a, b])
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and torch.equal(out["steps"], a["steps"])
+    with pytest.raises(ValueError, match="one architecture"):
+        ens.soup([a, {"w": torch.zeros(3), "steps": torch.tensor([1])}])
+
+
+@pytest.fixture(scope="module")
+def bagged(authors_dataset):
+    """Three MiniLM classifiers on bootstrap samples of the authors train split, averaged."""
+    from raylm.tune.config import EnsembleConfig
+    from raylm.tune.ensemble_job import run
+
+    d = authors_dataset["dir"]
+    cfg = config.build(EnsembleConfig, {
+        "name": "authors-bag", "train": str(ROOT / "jobs" / "configs" / "train_authors.yaml"),
+        "set": [f"data.root={authors_dataset['root']}", "train.num_workers=1", "train.max_steps=16",
+                "train.eval_every=16", "train.batch_size=8", "model.freeze_layers=4", "model.max_length=96",
+                "train.lr=3e-4", "train.warmup_steps=2"],
+        "members": {"source": "bagging", "n": 3}, "combiner": "mean",
+        "output": {"storage": str(d / "tune"), "registry": str(d / "registry")}})
+    return run(cfg), d
+
+
+def test_bagged_ensemble_beats_its_average_member_on_held_out_passages(bagged):
+    summary, d = bagged
+    test = summary["scores"]["test"]
+    assert len(test["members"]) == 3 and test["n"] >= 20
+    assert test["ensemble"]["macro_f1"] > test["member_mean"]["macro_f1"], test
+    assert test["ensemble"]["log_loss"] < test["member_mean"]["log_loss"], test
+    card = registry.resolve(summary["model"], str(d / "registry"))
+    assert card["format"] == "ensemble" and card["ensemble"]["combiner"] == "mean"
+    assert len(card["ensemble"]["members"]) == 3 and card["labels"] == ["milton", "shakespeare"]
+
+
+def test_ensemble_is_evaluated_like_any_model(bagged, authors_dataset):
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run as evaluate
+
+    summary, d = bagged
+    rep = evaluate(config.build(EvaluateConfig, {
+        "model": summary["model"], "registry": str(d / "registry"),
+        "data": {"dataset": "authors", "root": authors_dataset["root"], "split": "test"},
+        "baselines": {"tfidf": False}, "robustness": None}))
+    ours = summary["scores"]["test"]["ensemble"]
+    assert rep["metrics"]["n"] == summary["scores"]["test"]["n"]
+    assert rep["metrics"]["accuracy"] == pytest.approx(ours["accuracy"], abs=1.5 / rep["metrics"]["n"])
+
+
+def test_ensemble_answers_behind_one_endpoint(bagged, tmp_path):
+    from ray import serve
+
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.job import run as deploy
+    from raylm.tune.ensemble import EnsembleClassifier
+
+    summary, d = bagged
+    port = free_port()
+    out = deploy(config.build(DeployConfig, {
+        "name": "ens", "registry": str(d / "registry"), "http": {"port": port}, "auth": {"required": False},
+        "models": [{"name": "authors", "model": summary["model"], "num_cpus": 0.25}]}))
+    try:
+        texts = ["Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought "
+                 "death into the World, and all our woe", "To be, or not to be, that is the question"]
+        r = requests.post(out["url"] + "/v1/classify", json={"model": "authors", "texts": texts}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = [x["probabilities"] for x in r.json()["data"]]
+        local = EnsembleClassifier(registry.local_path(registry.resolve(summary["model"], str(d / "registry"))))
+        want = local.probabilities(texts).numpy()
+        assert np.allclose([[g["milton"], g["shakespeare"]] for g in got], want, atol=1e-4)
+        assert len([n for n in serve.status().applications["ens"].deployments if n.startswith("model-")]) == 3
+        health = requests.get(out["url"] + "/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["models"] == {"authors": "ready"}
+    finally:
+        serve.shutdown()  # as tests/test_serve.py does: the next app starts Serve on its own port

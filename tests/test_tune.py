@@ -1,0 +1,211 @@
+"""Ray Tune searches on a real local Ray: every algorithm and scheduler returns a best config
+(the trial with the best metric), writes a results table, a ready train config and a report,
+and registers the best model; k-fold cross-validation reports mean and std per config; a
+trial can be a Ray Train run (Train inside Tune); a killed search resumes without re-running
+its finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from raylm import config, registry
+from raylm.train.config import TrainConfig
+from raylm.tune.config import TuneConfig
+
+
+def tune_cfg(dataset: dict, name: str, space: dict, search: dict, tmp: Path, **extra) -> TuneConfig:
+    d = dataset["dir"]
+    data = {
+        "name": name,
+        "train": str(ROOT / "tests" / "data" / "train_tiny.yaml"),
+        "set": ["train.num_workers=1", "train.max_steps=8", "train.eval_every=4", "train.log_every=4",
+                "train.batch_size=4", "data.dataset=trainset", f"data.root={dataset['root']}"],
+        "space": space,
+        "search": {"max_concurrent": 2, **search},
+        "output": {"storage": str(tmp / "tune"), "registry": str(d / "registry")},
+        **extra,
+    }
+    return config.build(TuneConfig, data)
+
+
+def run_search(cfg: TuneConfig) -> tuple[dict, pd.DataFrame]:
+    from raylm.tune.job import run
+
+    summary = run(cfg)
+    root = Path(summary["storage"])
+    df = pd.read_parquet(root / "results.parquet")
+    assert len(pd.read_csv(root / "results.csv")) == len(df) == summary["trials"]
+    assert (root / "report.html").is_file() and list(root.glob("*.png"))
+    return summary, df
+
+
+def check_best(cfg: TuneConfig, summary: dict, df: pd.DataFrame) -> None:
+    """The best is the trial with the lowest val_loss among those that finished; its config is a
+    ready train config and its model is registered under the search's name."""
+    done = df[df["model"].notna()]
+    assert summary["errors"] == 0 and len(done) >= 1
+    best = done.loc[done["val_loss"].idxmin()]
+    assert summary["best"]["trial"] == best["trial"]
+    assert summary["best"]["val_loss"] == pytest.approx(best["val_loss"])
+    written = yaml.safe_load(Path(summary["best_config"]).read_text())
+    train = config.build(TrainConfig, written)
+    for key, value in summary["best"]["params"].items():
+        node = train.model_dump(mode="json")
+        for part in key.split("."):
+            node = node[part]
+        assert node == pytest.approx(value)
+    card = registry.resolve(summary["best"]["model"], cfg.output.registry)
+    assert card["name"] == cfg.name and card["search"]["trial"] == best["trial"]
+    assert card["metrics"]["val_loss"] == pytest.approx(best["val_loss"])
+
+
+LR = {"loguniform": [1.0e-4, 2.0e-2]}
+
+
+def test_grid_search_with_cross_validation(train_dataset, tmp_path):
+    """grid: every combination, each on 3 folds; mean and std per configuration."""
+    cfg = tune_cfg(train_dataset, "grid-cv", {"train.lr": {"grid": [1.0e-4, 1.0e-2]}},
+                   {"algorithm": "grid", "num_samples": 1}, tmp_path, cv={"folds": 3})
+    summary, df = run_search(cfg)
+    assert summary["trials"] == 6 and sorted(df["fold"]) == [0, 0, 1, 1, 2, 2]
+    assert sorted(df["param:train.lr"].unique()) == [1.0e-4, 1.0e-2]
+    cv = {e["params"]["train.lr"]: e for e in summary["cv"]}
+    for lr, e in cv.items():
+        per_fold = df[df["param:train.lr"] == lr]["val_loss"].tolist()
+        assert e["folds"] == 3 and e["val_loss"]["mean"] == pytest.approx(sum(per_fold) / 3)
+        assert e["val_loss"]["std"] > 0  # three different folds give three different losses
+    # 8 steps at 1e-4 barely move a random model: the larger rate wins on every fold
+    assert summary["best"]["params"]["train.lr"] == 1.0e-2
+    assert cv[1.0e-2]["val_loss"]["mean"] < cv[1.0e-4]["val_loss"]["mean"]
+
+
+@pytest.mark.parametrize("algorithm,scheduler", [("random", "asha"), ("tpe", "fifo"), ("gp", "hyperband"),
+                                                 ("cmaes", "fifo")])
+def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tmp_path, algorithm, scheduler):
+    space = {"train.lr": LR, "train.warmup_steps": {"choice": [0, 2]}}
+    if algorithm == "cmaes":
+        space = {"train.lr": LR, "train.weight_decay": {"uniform": [0.0, 0.2]}}
+    n = 6 if scheduler in ("asha", "hyperband") else 4
+    cfg = tune_cfg(train_dataset, f"{algorithm}-{scheduler}", space,
+                   {"algorithm": algorithm, "scheduler": scheduler, "num_samples": n, "grace_period": 4,
+                    "reduction_factor": 2}, tmp_path)
+    summary, df = run_search(cfg)
+    assert summary["trials"] == n
+    check_best(cfg, summary, df)
+    lrs = df["param:train.lr"]
+    assert lrs.between(1.0e-4, 2.0e-2).all() and lrs.nunique() == n  # sampled, not repeated
+    if scheduler in ("asha", "hyperband"):  # the worse trials stopped early: less compute than n full runs
+        assert (df["steps"] < 8).any() and summary["trial_steps"] < n * 8
+    else:
+        assert (df["steps"] == 8).all()
+    if algorithm == "tpe":  # the base config's own values are evaluated first
+        assert summary["default"]["params"] == {"train.lr": 5.0e-3, "train.warmup_steps": 0}
+
+
+def test_population_based_training_exploits_and_mutates(train_dataset, tmp_path):
+    cfg = tune_cfg(train_dataset, "pbt", {"train.lr": LR}, {"algorithm": "random", "scheduler": "pbt",
+                                                            "num_samples": 4, "perturbation_interval": 4},
+                   tmp_path, set=["train.num_workers=1", "train.max_steps=16", "train.batch_size=4",
+                                  "data.dataset=trainset", f"data.root={train_dataset['root']}"])
+    summary, df = run_search(cfg)
+    check_best(cfg, summary, df)
+    assert (df["steps"] == 16).all()
+    # PBT wrote down every exploit: a bottom trial took a top trial's checkpoint and a new lr
+    policy = (Path(summary["storage"]) / "trials" / "pbt_global.txt").read_text().splitlines()
+    assert policy, "no exploit happened"
+    target, clone, _, _, old, new = json.loads(policy[0])
+    assert target != clone and old["params"]["train.lr"] != new["params"]["train.lr"]
+
+
+def test_trial_can_be_a_multi_worker_ray_train_run(train_dataset, tmp_path):
+    """Train inside Tune: the trial is a 2-worker TorchTrainer run (its own Ray Train run dir)."""
+    cfg = tune_cfg(train_dataset, "train-in-tune", {"train.lr": {"grid": [1.0e-2]}},
+                   {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1}, tmp_path,
+                   set=["train.num_workers=2", "train.max_steps=6", "train.eval_every=3", "data.dataset=trainset",
+                        f"data.root={train_dataset['root']}"])
+    summary, df = run_search(cfg)
+    check_best(cfg, summary, df)
+    runs = Path(summary["storage"]) / "runs"
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == [f"train-in-tune-{summary['best']['trial']}"]
+    card = registry.resolve(summary["best"]["model"], cfg.output.registry)
+    assert card["metrics"]["steps"] == 6
+
+
+def test_bad_search_configs_fail_with_one_clear_message(train_dataset, tmp_path):
+    from raylm.tune.job import base_train_dict, check
+
+    def error(**kw) -> str:
+        try:
+            cfg = tune_cfg(train_dataset, "bad", kw.pop("space", {"train.lr": LR}), kw.pop("search", {}),
+                           tmp_path, **kw)
+            check(cfg, base_train_dict(cfg, None))
+        except config.ConfigError as e:
+            return str(e)
+        raise AssertionError("no error")
+
+    assert "train.lrr" in error(space={"train.lrr": LR})
+    assert "data" in error(space={"data.dataset": {"choice": ["a", "b"]}})
+    assert "val_accuracy" in error(metric="val_accuracy")
+    assert "grid" in error(search={"algorithm": "grid"})
+    assert "choice" in error(space={"train.lr": {"grid": [1e-3]}}, search={"algorithm": "tpe"})
+    assert "low must be below high" in error(space={"train.lr": {"uniform": [1, 0]}})
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, tmp_path):
+    """The search runs as its own driver (as `ray job submit` runs it); it is killed after two
+    trials finished; the same command again finishes the rest and leaves the finished ones."""
+    cfg = tune_cfg(train_dataset, "resume-search", {"train.lr": {"grid": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]}},
+                   {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1}, tmp_path,
+                   set=["train.num_workers=1", "train.max_steps=24", "train.eval_every=8", "train.batch_size=4",
+                        "data.dataset=trainset", f"data.root={train_dataset['root']}"])
+    cfg_file = tmp_path / "tune.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(cfg_file)]
+    trials = tmp_path / "tune" / "resume-search" / "trials"
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child writes it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+    def finished() -> set[str]:
+        """Trials the saved experiment state calls finished."""
+        states = sorted(trials.glob("experiment_state-*.json"))
+        if not states:
+            return set()
+        try:
+            data = json.loads(states[-1].read_text())
+        except ValueError:  # being written
+            return set()
+        out = set()
+        for entry in data["trial_data"]:
+            t = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            if t["status"] == "TERMINATED":
+                out.add(t["trial_id"])
+        return out
+
+    deadline = time.time() + 300
+    while len(finished()) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = finished()
+    assert 2 <= len(first) < 5, (tmp_path / "first.log").read_text()[-3000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search resume-search" in second.stdout
+    assert len(finished()) == 5
+    models = tmp_path / "tune" / "resume-search" / "models"
+    for trial in first:  # not run again: a second run would have registered its model as v2
+        assert sorted(p.name for p in (models / f"resume-search-{trial}").iterdir()) == ["v1"]
+    df = pd.read_parquet(tmp_path / "tune" / "resume-search" / "results.parquet")
+    assert len(df) == 5 and df["model"].notna().all()
+    assert sorted(df["param:train.lr"]) == [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
