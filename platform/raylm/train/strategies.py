@@ -225,9 +225,10 @@ class DeepSpeed:
             # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (60-90 s, once per
             # machine) before the first step; plain gloo collectives do the same job for the CPU
             # runs this is for (laptops, tests). RAYLM_DEEPSPEED_SHM=1 builds and uses it.
-            import deepspeed.comm.torch as ds_torch
+            import importlib
 
-            ds_torch.build_shm_op = lambda: None
+            # (the module, not `deepspeed.comm.torch`: that attribute is the torch package)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         ds = cfg.deepspeed
         zero: dict[str, Any] = {"stage": ds.stage}
