@@ -90,7 +90,8 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     client.stop_job(job_id)
     while str(client.get_job_status(job_id)) not in ("JobStatus.STOPPED", "STOPPED", "JobStatus.FAILED"):
         time.sleep(0.5)
-    last_seen = max(saved)
+    # the job may have saved more checkpoints before the stop reached it: the last one counts
+    last_seen = max(int(s) for s in re.findall(r"checkpoint saved at step (\d+)", client.get_job_logs(job_id)))
     again = run_cli(*args, "--set", f"train.max_steps={last_seen + 10}")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint at step (\d+)", again.stdout)]

@@ -104,6 +104,10 @@ def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
     )
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
     env.pop("RAY_ADDRESS", None)
+    # Ray Train's controller polls its workers every 2 s by default, so every run waits up to
+    # that long at each state change; a laptop cluster runs short runs: poll 8x as often
+    # (measured: a 4-step one-worker run took 25 s instead of 30-38 s).
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     return env
 
 

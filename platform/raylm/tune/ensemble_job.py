@@ -241,8 +241,9 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             "task": "classification", "format": fmt, "labels": meta["labels"], "dataset": meta["dataset_id"],
             "base": train_cfg.model.path, "run": cfg.name,
             "ensemble": {k: v for k, v in spec.items() if k not in ("labels",)},
-            "metrics": {f"{split}_{k}": v for split, s in scores.items() if s["ensemble"]
-                        for k, v in s["ensemble"].items()},
+            "strategy": f"ensemble-{cfg.combiner}",
+            "metrics": {f"{'val' if split == 'validation' else split}_{k}": v for split, s in scores.items()
+                        if s["ensemble"] for k, v in s["ensemble"].items()},
             "ensemble_scores": scores,
             "config": {"model": {"max_length": train_cfg.model.max_length, "path": train_cfg.model.path},
                        "data": train_cfg.data.model_dump(mode="json")},
