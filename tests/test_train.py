@@ -90,13 +90,15 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     client.stop_job(job_id)
     while str(client.get_job_status(job_id)) not in ("JobStatus.STOPPED", "STOPPED", "JobStatus.FAILED"):
         time.sleep(0.5)
-    # the job may have saved more checkpoints before the stop reached it: the last one counts
-    last_seen = max(int(s) for s in re.findall(r"checkpoint saved at step (\d+)", client.get_job_logs(job_id)))
-    again = run_cli(*args, "--set", f"train.max_steps={last_seen + 10}")
+    last_seen = max(saved)
+    # the job may have gone on before the stop reached it: train past its last printed step
+    printed = max(int(s) for s in re.findall(r"checkpoint saved at step (\d+)", client.get_job_logs(job_id)))
+    end = printed + 10
+    again = run_cli(*args, "--set", f"train.max_steps={end}")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint at step (\d+)", again.stdout)]
     assert resumed and resumed[0] >= last_seen, again.stdout[-3000:]
-    assert f"step {last_seen + 10}/{last_seen + 10}" in again.stdout
+    assert f"step {end}/{end}" in again.stdout
     assert "step 1/" not in again.stdout  # it did not start over
 
 
