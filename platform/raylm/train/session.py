@@ -20,6 +20,16 @@ import pyarrow as pa
 import torch
 
 
+@contextmanager
+def _as_dir(ckpt) -> Iterator[Optional[str]]:
+    """The checkpoint to resume from as a local directory (None: start fresh)."""
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield d
+
+
 class TrainSession:
     def __init__(self):
         import ray.train
@@ -29,16 +39,10 @@ class TrainSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    @contextmanager
-    def resume_dir(self) -> Iterator[Optional[str]]:
+    def resume_dir(self):
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
+        return _as_dir(ray.train.get_checkpoint())
 
     def shard(self, name: str):
         import ray.train
@@ -77,16 +81,10 @@ class LocalSession:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tables = tables
 
-    @contextmanager
-    def resume_dir(self) -> Iterator[Optional[str]]:
+    def resume_dir(self):
         from ray import tune
 
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
+        return _as_dir(tune.get_checkpoint())
 
     def shard(self, name: str):
         return TableShard(self.tables[name]) if name in self.tables else None
