@@ -48,10 +48,19 @@ def test_jobs_api_refuses_requests_without_the_right_token(raylm_cluster):
 
 
 def test_raylm_submit_runs_prepare_data_and_lists_the_dataset(raylm_cluster):
+    """Submitted without waiting (the CLI finds the token in the state dir by itself), followed
+    with `raylm logs --follow`, seen in `raylm status`, then listed and shown."""
     proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml", "--set", "pack.seq_len=16",
-                   env=no_token_env())  # the CLI finds the token in the state dir by itself
+                   "--no-wait", env=no_token_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RAYLM_RESULT ", 1)[1].splitlines()[0])
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raylm-prepare_data-")
+    logs = run_cli("logs", job_id, "--follow")
+    assert logs.returncode == 0, logs.stderr
+    assert "dataset version: tiny@v" in logs.stdout
+    status = run_cli("status")
+    assert status.returncode == 0 and job_id in status.stdout and "SUCCEEDED" in status.stdout
+    result = json.loads(logs.stdout.split("RAYLM_RESULT ", 1)[1].splitlines()[0])
     assert result["dataset"].startswith("tiny@v")
     manifest = json.loads((Path(result["uri"]) / "manifest.json").read_text())
     assert manifest["counts"]["documents"] == 30 and manifest["counts"]["quarantined"] == 1
@@ -83,18 +92,6 @@ def test_bad_config_is_refused_before_submitting(raylm_cluster):
     assert proc.returncode == 2
     assert "unknown key `pack.seq_lenn`; did you mean `pack.seq_len`?" in proc.stderr
     assert len(cluster.job_client(cluster.resolve_target()).list_jobs()) == before
-
-
-def test_no_wait_then_logs_and_status(raylm_cluster):
-    proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml", "--no-wait")
-    assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("raylm-prepare_data-")
-    logs = run_cli("logs", job_id, "--follow")
-    assert logs.returncode == 0, logs.stderr
-    assert "dataset version: tiny@v" in logs.stdout
-    status = run_cli("status")
-    assert status.returncode == 0 and job_id in status.stdout and "SUCCEEDED" in status.stdout
 
 
 def test_plain_ray_job_submit_with_raylm_env(raylm_cluster):

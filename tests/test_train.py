@@ -238,7 +238,7 @@ def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, data
     from raylm.data.config import DataConfig
     from raylm.train.config import TrainConfig
     from raylm.data.versions import read_split
-    from raylm.train.job import _datasets, dataset_meta, run
+    from raylm.train.job import _datasets, dataset_meta, read_tables, run
 
     d, m = dataset["dir"], dataset["manifest"]
     src = write_jsonl(d / "small.jsonl", documents(12, seed=11, sentences=10))
@@ -259,12 +259,16 @@ def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, data
     assert small_n < big_n / 2
     half = round((big_n + small_n) / 2)
     assert [x["blocks_per_epoch"] for x in meta["mixture"]] == [half, half]
-    rows = [tuple(r) for r in _datasets(cfg, meta)["train"].to_pandas()["input_ids"]]
-
     small_rows = {tuple(r) for r in read_split(small, "packed", "train").column("input_ids").to_pylist()}
-    from_small = sum(r in small_rows for r in rows)
-    assert len(rows) == 2 * half and from_small == half  # each small block seen about big/small times
-    assert 0 < sum(r in small_rows for r in rows[:half]) < half  # interleaved, not one after the other
+    streamed = [tuple(r) for r in _datasets(cfg, meta)["train"].to_pandas()["input_ids"]]
+    in_memory = [tuple(r) for r in read_tables(cfg, meta)["train"].column("input_ids").to_pylist()]
+    for rows in (streamed, in_memory):  # ingest: stream (Ray Data) and memory (read by the driver)
+        from_small = sum(r in small_rows for r in rows)
+        assert len(rows) == 2 * half and from_small == half  # each small block seen about big/small times
+        assert 0 < sum(r in small_rows for r in rows[:half]) < half  # interleaved, not one after the other
+    assert sorted(streamed) == sorted(in_memory)
+    # this run streams through Ray Data while it trains (every other test reads small sets first)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"ingest": "stream"})})
     out = run(cfg, meta)
     card = registry.resolve(out["model"], str(d / "registry"))
     assert [x["dataset"] for x in card["mixture"]] == [m["id"], small["id"]]
@@ -306,7 +310,7 @@ def test_minilm_classifier_learns_shakespeare_vs_milton(authors_dataset):
     d, m = authors_dataset["dir"], authors_dataset["manifest"]
     cfg = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml", [
         f"data.root={d / 'datasets'}", f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}",
-        "train.max_steps=30", "train.eval_every=15", "model.max_length=128", "model.freeze_layers=4",
+        "train.max_steps=30", "train.eval_every=15", "model.max_length=64", "model.freeze_layers=4",
         "train.batch_size=8", "train.lr=3e-4", "train.warmup_steps=2", "train.eval_batches=16"])
     card = registry.resolve(run(cfg)["model"], str(d / "registry"))
     assert card["task"] == "classification" and card["labels"] == ["milton", "shakespeare"]

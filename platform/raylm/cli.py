@@ -39,6 +39,7 @@ STAGES = {
     "evaluate": "raylm.evaluate.config:EvaluateConfig",
     "tune": "raylm.tune.config:TuneConfig",
     "ensemble": "raylm.tune.config:EnsembleConfig",
+    "pipeline": "raylm.pipeline:PipelineConfig",
 }
 
 # Never uploaded with a job: environments, caches, local state, VCS.
@@ -149,7 +150,11 @@ def build_submission(stage: str, config_path: str, overrides: Sequence[str], roo
     if not script.is_file():
         raise config.ConfigError(f"{script} does not exist")
     cfg_file = Path(config_path).expanduser().resolve()
-    config.load(_model_for(stage), cfg_file, overrides)
+    cfg = config.load(_model_for(stage), cfg_file, overrides)
+    if stage == "pipeline":
+        from raylm.pipeline import check
+
+        check(cfg, str(cfg_file))  # every stage's config too
     try:
         rel = cfg_file.relative_to(root)
     except ValueError:

@@ -1,15 +1,56 @@
 """`make demo`: start the local cluster (token auth, dashboard on 127.0.0.1) if it is not
-running, submit the data job on the Shakespeare + Milton corpus as a Ray job, and print the
-dataset version, where it was written and where to look. The cluster stays up afterwards so
-the dashboard can be explored; `make down` (or `raylm down`) stops it."""
+running, make sure the demo has an API key, submit the whole pipeline
+(`jobs/pipeline.py --config jobs/configs/pipeline_demo.yaml`: data -> train -> tune ->
+ensemble -> evaluate -> deploy on the Shakespeare + Milton corpus) as one Ray job, then ask
+the served model a question over HTTP. The cluster and the endpoint stay up afterwards; `make
+down` (or `raylm down`) stops them. A second `make demo` skips every stage whose inputs did not
+change."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from raylm import cli, cluster
+
+PIPELINE = "jobs/configs/pipeline_demo.yaml"
+KEY_NAME = "demo"
+
+
+def demo_key() -> Path:
+    """The demo's API key, in a file only this user can read (the key is never printed)."""
+    from raylm.serve import keys
+
+    path = cluster.home() / "demo-api-key"
+    known = {k["name"] for k in keys.list_keys()}
+    if path.is_file() and KEY_NAME in known:
+        return path
+    if KEY_NAME in known:
+        keys.revoke(KEY_NAME)  # its clear text is lost: a new one
+    key = keys.add(KEY_NAME, ["classify", "generate", "feedback"])
+    path.write_text(key + "\n")
+    os.chmod(path, 0o600)
+    print(f"[demo] created the API key {KEY_NAME!r} (scopes classify, generate, feedback) in {path}", flush=True)
+    return path
+
+
+def ask(url: str, model: str, key_file: Path) -> str:
+    import requests
+
+    key = key_file.read_text().strip()
+    texts = ["Of Man's first disobedience, and the fruit of that forbidden tree, whose mortal taste brought "
+             "death into the world", "Now is the winter of our discontent made glorious summer by this sun of York"]
+    r = requests.post(f"{url}/v1/classify", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": model, "texts": texts}, timeout=60)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}: {r.text[:300]}"
+    out = []
+    for text, res in zip(texts, r.json()["data"]):
+        out.append(f"  {text[:60]!r}... -> {res['label']} ({max(res['probabilities'].values()):.2f})")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -17,28 +58,38 @@ def main() -> int:
     if cli.main(["up"]) != 0:
         return 1
     state = cluster.ClusterState.load(cluster.home())
-    print("\n== submitting the data job: jobs/prepare_data.py on the Shakespeare + Milton corpus ==", flush=True)
-    code = cli.main(["submit", "prepare_data", "--config", "jobs/configs/shakespeare.yaml"])
+    key_file = demo_key()
+    print(f"\n== submitting the pipeline: jobs/pipeline.py --config {PIPELINE} ==", flush=True)
+    code = cli.main(["submit", "pipeline", "--config", PIPELINE])
     if code != 0:
-        print(f"the data job failed (exit {code}); its logs are above and in the dashboard", file=sys.stderr)
+        print(f"the pipeline failed (exit {code}); its logs are above and in the dashboard", file=sys.stderr)
         return code
-    from raylm.data.versions import list_versions
+    from raylm.pipeline import Ledger, PipelineConfig
+    from raylm import config
 
-    latest = next(m for m in list_versions() if m["name"] == "shakespeare")
+    cfg = config.load(PipelineConfig, PIPELINE)
+    ledger = Ledger(f"{cluster.home()}/pipelines/{cfg.name}/stages.json")
+    deploy_cfg = config.load(cli._model_for("deploy"), "jobs/configs/deploy_authors.yaml")
+    url = f"http://{deploy_cfg.http.host}:{deploy_cfg.http.port}"
+    answer = ask(url, deploy_cfg.models[0].name, key_file)
     print(f"""
 == demo done in {time.time() - t0:.0f}s ==
-dataset version  {latest['id']}
-written to       {latest['uri']}
-splits           {json.dumps({k: v['documents'] for k, v in latest['splits'].items()})} documents, \
-{latest['counts']['tokens']} tokens
+the endpoint answers (POST {url}/v1/classify):
+{answer}
 dashboard        {state.dashboard_url}   (token: {state.token_path})
+stage ledger     {ledger.uri}
+try it           export RAYLM_API_KEY=$(cat {key_file})
+                 curl {url}/v1/classify -H "Authorization: Bearer $RAYLM_API_KEY" -H 'Content-Type: application/json' \\
+                      -d '{{"model": "{deploy_cfg.models[0].name}", "texts": ["To be, or not to be"]}}'
+                 open {url}/ for the playground
 next             export RAYLM_HOME={cluster.home()}    # where this cluster's state lives
-                 .venv/bin/raylm datasets show {latest['id']}
-                 .venv/bin/raylm submit train --config jobs/configs/train_tiny.yaml
-                 .venv/bin/raylm submit evaluate --config jobs/configs/evaluate_tiny.yaml
-                 .venv/bin/raylm keys add me              # prints an API key once
-                 .venv/bin/raylm submit deploy --config jobs/configs/deploy_tiny.yaml
-stop the cluster make down""")
+                 .venv/bin/raylm models list
+                 .venv/bin/raylm submit pipeline --config {PIPELINE}   # again: every stage skipped
+stop everything  make down""")
+    last = json.loads(Path(ledger.uri).with_name("last_run.json").read_text())
+    print("RAYLM_DEMO " + json.dumps({"seconds": round(time.time() - t0, 1), "pipeline_seconds": last["seconds"],
+                                      "stages": {k: v["seconds"] for k, v in last["stages"].items()},
+                                      "skipped": [k for k, v in last["stages"].items() if v["skipped"]]}))
     return 0
 
 

@@ -224,6 +224,14 @@ def find_existing(root: str, name: str, version: str) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def existing_version(cfg: DataConfig) -> dict[str, Any] | None:
+    """The manifest of the version `cfg` would build, when it exists already (None otherwise, or
+    with output.rebuild)."""
+    root = storage.normalize(cfg.output.root or default_root())
+    version = version_id(cfg, [sources.fingerprint(s) for s in cfg.sources])
+    return None if cfg.output.rebuild else find_existing(root, cfg.name, version)
+
+
 def run(cfg: DataConfig) -> dict[str, Any]:
     """Build (or reuse) the dataset version that `cfg` describes; returns its manifest."""
     t0 = time.time()

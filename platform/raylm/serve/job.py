@@ -142,7 +142,8 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     curl {base}/v1/completions -H "Authorization: Bearer $RAYLM_API_KEY" \\
          -H 'Content-Type: application/json' -d '{{"model": "{lm}", "prompt": "To be", "max_tokens": 32}}'""",
               flush=True)
-    return {"app": cfg.name, "url": base, "models": {m.name: cards[m.name]["id"] for m in cfg.models}}
+    return {"app": cfg.name, "url": base, "models": {m.name: cards[m.name]["id"] for m in cfg.models},
+            "tasks": {m.name: cards[m.name].get("task", "causal_lm") for m in cfg.models}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -120,6 +120,10 @@ class TrainLoopConfig(Strict):
     seed: int = 0
     shuffle: bool = Field(True, description="shuffle the train and validation splits (seeded, once per run); "
                           "datasets are stored in document order")
+    ingest: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: the driver reads the splits (tokenizing a classifier's texts) into the object "
+        "store before the workers start; stream: Ray Data reads them while training (needs a CPU besides the "
+        "workers); auto: memory up to 2 GiB of rows, else stream")
     log_every: int = Field(10, ge=1, description="steps between metric reports and progress lines")
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1, description="validation batches per worker per evaluation")

@@ -192,6 +192,48 @@ def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] = None) -> dict[str, Any]:
+    """The train (and validation) rows of `_datasets` as pyarrow tables read in this process:
+    the same rows in the same order, without a Ray Data execution per split (~5 s of start-up
+    on a laptop, for a few MB). For datasets small enough to hold in memory (MATERIALIZE_BYTES).
+    shuffle: seeded like `_datasets` + `random_shuffle` (default: `train.shuffle`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from raylm.data.versions import read_split
+
+    def rows(uri: str, view: str, split: str, columns=None) -> pa.Table:
+        return read_split({"uri": uri}, view, split, columns)
+
+    t = cfg.train
+    out: dict[str, pa.Table] = {}
+    if cfg.model.task == "classification":
+        for split in ("train", "validation"):
+            if split == "train" or meta["has_validation"]:
+                out[split] = encode_texts(rows(meta["uri"], "docs", split, ["text", "label"]),
+                                          meta["tokenizer_path"], cfg.model.max_length, meta["labels"])
+    elif meta.get("mixture"):
+        rng = np.random.default_rng(t.seed)
+        parts = []
+        for x in meta["mixture"]:
+            table, want = rows(x["uri"], "packed", "train"), x["blocks_per_epoch"]
+            repeats = -(-want // max(1, table.num_rows))  # upsampling repeats a small dataset
+            parts.append(pa.concat_tables([table] * repeats).slice(0, want))
+        train = pa.concat_tables(parts)
+        out["train"] = train.take(rng.permutation(train.num_rows))  # always: interleave
+        if meta["validation_uris"]:
+            out["validation"] = pa.concat_tables([rows(u, "packed", "validation") for u in meta["validation_uris"]])
+    else:
+        out["train"] = rows(meta["uri"], "packed", "train")
+        if meta["has_validation"]:
+            out["validation"] = rows(meta["uri"], "packed", "validation")
+    if t.shuffle if shuffle is None else shuffle:
+        rng = np.random.default_rng(t.seed)
+        out = {k: tb if (k == "train" and meta.get("mixture")) else tb.take(rng.permutation(tb.num_rows))
+               for k, tb in out.items()}
+    return {k: tb.combine_chunks() for k, tb in out.items()}
+
+
 def build_trainer(cfg: TrainConfig, meta: dict[str, Any], datasets: Optional[dict[str, Any]] = None,
                   callbacks: Optional[list] = None):
     """The TorchTrainer of a run: the dataset version's splits (or `datasets`, already prepared:
@@ -205,23 +247,27 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], datasets: Optional[dic
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same data order every run
     t = cfg.train
     # Small datasets are read into the object store before the workers take their CPUs, so
-    # ingest never waits for a CPU that training holds (2 workers on a 2-CPU laptop). Larger
-    # ones stream, and need a CPU left over for Ray Data.
+    # ingest never waits for a CPU that training holds (2 workers on a 2-CPU laptop), and read
+    # here with pyarrow (no Ray Data execution to start for a few MB). Larger ones stream, and
+    # need a CPU left over for Ray Data. Either way the workers take their shards through
+    # `get_dataset_shard`.
     packed_bytes = 4 * meta["seq_len"] * (meta["train_blocks"] + meta.get("validation_blocks", 0))
     prepared = datasets is not None  # already selected, shuffled and in memory
-    materialize = packed_bytes <= MATERIALIZE_BYTES and not prepared
+    small = packed_bytes <= MATERIALIZE_BYTES
+    materialize = not prepared and (t.ingest == "memory" or (t.ingest == "auto" and small))
     if not materialize and not prepared:
         spare = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
         if spare < 1:
             raise config.ConfigError(
                 f"the training workers take every CPU ({t.num_workers} x {t.cpus_per_worker}) and leave none to "
                 "stream the dataset: lower train.cpus_per_worker or train.num_workers")
-    if datasets is None:
+    if materialize:  # read here, shuffled (seeded: the same order every run), into the object store
+        datasets = {k: ray.data.from_arrow(tb) for k, tb in read_tables(cfg, meta).items()}
+    elif datasets is None:
         datasets = _datasets(cfg, meta)
-    if t.shuffle and not prepared:  # seeded: the same order every run; validation too, so `eval_batches` is a fair sample
-        datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
-                    for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
-    datasets = {k: ds.materialize() if materialize else ds for k, ds in datasets.items()}
+        if t.shuffle:  # seeded; validation too, so `eval_batches` is a fair sample
+            datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
+                        for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
     runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:

@@ -124,6 +124,7 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
                 tables: dict[str, Any], exp_root: str):
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s, mode = cfg.search, cfg.resolved_mode
     fixed = schedule_fields(cfg, train_cfg)
@@ -149,9 +150,9 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
         flat = [{f"params/{k}": v for k, v in default.items()}] if points else None  # Optuna's names
         search_alg = OptunaSearch(sampler=sampler, seed=s.seed, points_to_evaluate=flat)
     elif s.scheduler != "pbt":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=s.seed, points_to_evaluate=points)
+        # (Tune applies max_concurrent_trials only to a generator it builds itself: say it here)
+        search_alg = BasicVariantGenerator(random_state=s.seed, points_to_evaluate=points,
+                                           max_concurrent=s.max_concurrent)
     max_t = train_cfg.train.max_steps + 1  # a trial's last report (with its model) must not be cut at max_t
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(s.grace_period, max_t - 1),
@@ -179,7 +180,9 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
+                                    num_samples=s.num_samples,
+                                    max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator)
+                                    else s.max_concurrent,
                                     time_budget_s=s.time_budget_s,
                                     reuse_actors=trial_mod.runs_in_process(train_cfg)),  # no process start per trial
         run_config=tune.RunConfig(name="trials", storage_path=path, storage_filesystem=fs, verbose=1,
@@ -191,19 +194,13 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
 
 def load_tables(train_cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """The dataset version's train (and validation) rows as pyarrow tables in the object store,
-    read and tokenized once for every trial."""
-    import pyarrow as pa
+    read and tokenized once for every trial (each trial selects and shuffles its own rows)."""
     import ray
 
-    from raylm.train.job import _datasets
+    from raylm.train.job import read_tables
 
-    out = {}
-    for split, ds in _datasets(train_cfg, meta).items():
-        parts = ray.get(ds.to_arrow_refs())
-        table = pa.concat_tables(parts) if parts else None
-        if table is not None and table.num_rows:
-            out[split] = ray.put(table.combine_chunks())
-    return out
+    return {split: ray.put(table) for split, table in read_tables(train_cfg, meta, shuffle=False).items()
+            if table.num_rows}
 
 
 def results_rows(cfg: TuneConfig, grid) -> list[dict[str, Any]]:
