@@ -37,14 +37,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m raylm.demo
 
-# The playground test drives headless Chromium: install Debian's chromium + chromedriver when missing.
+# The playground test drives headless Chromium; the monitoring test runs a real Prometheus.
+# Install Debian's chromium + chromedriver + prometheus when missing (as root; else say what to install).
+SYSDEPS_MISSING = $(strip $(if $(shell command -v chromedriver),,chromium chromium-driver) $(if $(shell command -v prometheus),,prometheus))
 browser:
-	@if ! command -v chromedriver >/dev/null 2>&1; then \
+	@if [ -n "$(SYSDEPS_MISSING)" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing chromium + chromium-driver (playground test)"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
-				>/dev/null || echo "could not install chromium; the playground test will say so"; \
-		else echo "chromium/chromedriver missing and cannot apt-get here: sudo apt-get install chromium chromium-driver"; fi; \
+			echo "installing $(SYSDEPS_MISSING) (playground and monitoring tests)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_MISSING)) \
+				>/dev/null || echo "could not install $(SYSDEPS_MISSING); the tests that need them will say so"; \
+		else echo "missing and cannot apt-get here: sudo apt-get install $(SYSDEPS_MISSING)"; fi; \
 	fi
 
 # pytest exit 5 means no test ran: that is a failure, never a silent pass.

@@ -54,9 +54,10 @@ def raylm_cluster():
     ray.init(address=state.gcs_address, log_to_driver=False)
     yield state
     ray.shutdown()
+    prometheus = (cluster.ClusterState.load(cluster.home()) or state).prometheus_session  # `up --metrics` adds it
     down = run_cli("down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
-    leftover = cluster._session_procs(state.session_id)
+    leftover = cluster._session_procs(state.session_id) + (cluster._session_procs(prometheus) if prometheus else [])
     assert not leftover, f"`raylm down` left processes running: {[p.pid for p in leftover]}"
     assert not (Path(state.temp_dir) / "ray_current_cluster").exists()
 

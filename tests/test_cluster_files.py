@@ -124,3 +124,20 @@ def test_a_broken_rayjob_config_would_be_caught(stage, tmp_path):
     cfg_file = ROOT / args[args.index("--config") + 1].removeprefix(APP + "/")
     with pytest.raises(config.ConfigError, match="registy"):
         config.load(cli._model_for(stage), cfg_file, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+
+
+def test_grafana_dashboard_queries_only_metrics_raylm_exports():
+    import json
+
+    dash = json.loads((CLUSTER / "monitoring" / "raylm_grafana_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    code = (ROOT / "platform" / "raylm" / "train" / "loop.py").read_text() + \
+        (ROOT / "platform" / "raylm" / "serve" / "metrics.py").read_text()
+    defined = set(re.findall(r'"(raylm_[a-z_]+)"', code))
+    defined |= {f"raylm_train_{n}" for n in re.findall(r'^\s+"([a-z_]+)": "', code, re.M)}  # the gauge table
+    used = {n for e in exprs for n in re.findall(r"[a-z_]*raylm_[a-z_]+", e)}
+    assert all(n.startswith("ray_raylm_") for n in used), used  # Ray exports application metrics as ray_<name>
+    base = {re.sub(r"_(bucket|sum|count)$", "", n.removeprefix("ray_")) for n in used}
+    assert base <= defined, base - defined
+    assert any(n.startswith("raylm_train_") for n in base) and any(n.startswith("raylm_serve_") for n in base)

@@ -44,52 +44,106 @@ def _pipeline_file(tmp_path, **extra) -> str:
     return str(f)
 
 
-def test_pipeline_runs_every_stage_then_skips_what_did_not_change(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def prometheus(raylm_cluster):
+    """`raylm up --metrics` on the running session cluster: it adds a real Prometheus scraping it
+    (when the binary is installed: `make test` installs Debian's package when it runs as root);
+    the session's `raylm down` stops it. Its URL, or the CLI's message when it could not start."""
+    from conftest import run_cli
+
+    from raylm import cluster
+
+    up = run_cli("up", "--metrics")
+    if up.returncode != 0:
+        return (up.stderr + up.stdout).strip()
+    state = cluster.ClusterState.load(cluster.home())
+    assert state.prometheus_url and "Prometheus started at" in up.stdout, up.stdout
+    return state.prometheus_url
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, prometheus, tmp_path_factory):
+    """The pipeline once, from nothing: data, train, tune, evaluate, deploy."""
     from ray import serve
 
     from raylm.pipeline import PipelineConfig, run
     from raylm.serve import keys
 
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     key = keys.add("me", ["generate"], str(tmp_path / "out" / "keys.json"))
-    port = free_port()
-    f = _pipeline_file(tmp_path, port=port)
+    f = _pipeline_file(tmp_path, port=free_port())
     try:
-        first = run(config.load(PipelineConfig, f), f)
-        st = first["stages"]
-        assert set(st) == {"data", "train", "tune", "evaluate", "deploy"}
-        assert not any(s["skipped"] for s in st.values())
-        reg = str(tmp_path / "out" / "registry")
-        card = registry.resolve(first["models"]["train"], reg)
-        assert card["dataset"] == first["dataset"] and card["metrics"]["steps"] == 6
-        assert st["tune"]["trials"] == 2 and first["models"]["tune"].startswith("tiny-search@")
-        report = json.loads(Path(st["evaluate"]["report"]).with_name("report.json").read_text())
-        assert st["evaluate"]["model"] == first["models"]["train"] and st["evaluate"]["metrics"]["perplexity"] > 1
-        assert report["metrics"]["perplexity"] == st["evaluate"]["metrics"]["perplexity"]
-        # the endpoint serves the tune stage's best model and answers with the key
-        r = requests.post(f"{st['deploy']['url']}/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "tiny-llama", "prompt": "the king", "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] is not None
-        assert st["deploy"]["models"] == {"tiny-llama": first["models"]["tune"]}
-
-        # the same pipeline again: nothing to redo, the same models
-        again = run(config.load(PipelineConfig, f), f)
-        assert {k for k, s in again["stages"].items() if s["skipped"]} == {"data", "train", "tune", "evaluate"}
-        assert again["models"] == first["models"]
-        assert [m["id"] for m in registry.list_models(reg) if m["name"] == "tiny-llama"] == [first["models"]["train"]]
-        # a changed train config re-trains; the stages downstream of it run again
-        changed = run(config.load(PipelineConfig, f, ["train.set=[train.num_workers=1,train.max_steps=4,"
-                                                      f"output.storage={tmp_path / 'out' / 'runs2'},"
-                                                      f"output.registry={reg}]"]), f)
-        assert not changed["stages"]["train"]["skipped"] and not changed["stages"]["evaluate"]["skipped"]
-        assert changed["stages"]["tune"]["skipped"]  # its inputs did not change
-        assert changed["models"]["train"] != first["models"]["train"]
-        # the endpoint was taken down while the train stage re-ran (its CPUs) and is back
-        r = requests.post(f"{st['deploy']['url']}/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "tiny-llama", "prompt": "the king", "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200, r.text
+        yield {"summary": run(config.load(PipelineConfig, f), f), "file": f, "key": key, "dir": tmp_path}
     finally:
         serve.shutdown()
+
+
+def _complete(url: str, key: str) -> requests.Response:
+    return requests.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "tiny-llama", "prompt": "the king", "max_tokens": 4}, timeout=60)
+
+
+def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
+    from raylm.pipeline import PipelineConfig, run
+
+    first, f, key, tmp_path = first_run["summary"], first_run["file"], first_run["key"], first_run["dir"]
+    st = first["stages"]
+    assert set(st) == {"data", "train", "tune", "evaluate", "deploy"}
+    assert not any(s["skipped"] for s in st.values())
+    reg = str(tmp_path / "out" / "registry")
+    card = registry.resolve(first["models"]["train"], reg)
+    assert card["dataset"] == first["dataset"] and card["metrics"]["steps"] == 6
+    assert st["tune"]["trials"] == 2 and first["models"]["tune"].startswith("tiny-search@")
+    report = json.loads(Path(st["evaluate"]["report"]).with_name("report.json").read_text())
+    assert st["evaluate"]["model"] == first["models"]["train"] and st["evaluate"]["metrics"]["perplexity"] > 1
+    assert report["metrics"]["perplexity"] == st["evaluate"]["metrics"]["perplexity"]
+    # the endpoint serves the tune stage's best model and answers with the key
+    r = _complete(st["deploy"]["url"], key)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] is not None
+    assert st["deploy"]["models"] == {"tiny-llama": first["models"]["tune"]}
+
+    # the same pipeline again: nothing to redo, the same models
+    again = run(config.load(PipelineConfig, f), f)
+    assert {k for k, s in again["stages"].items() if s["skipped"]} == {"data", "train", "tune", "evaluate"}
+    assert again["models"] == first["models"]
+    assert [m["id"] for m in registry.list_models(reg) if m["name"] == "tiny-llama"] == [first["models"]["train"]]
+    # a changed train config re-trains; the stages downstream of it run again
+    changed = run(config.load(PipelineConfig, f, ["train.set=[train.num_workers=1,train.max_steps=4,"
+                                                  f"output.storage={tmp_path / 'out' / 'runs2'},"
+                                                  f"output.registry={reg}]"]), f)
+    assert not changed["stages"]["train"]["skipped"] and not changed["stages"]["evaluate"]["skipped"]
+    assert changed["stages"]["tune"]["skipped"]  # its inputs did not change
+    assert changed["models"]["train"] != first["models"]["train"]
+    # the endpoint was taken down while the train stage re-ran (its CPUs) and is back
+    r = _complete(st["deploy"]["url"], key)
+    assert r.status_code == 200, r.text
+
+
+def test_prometheus_scrapes_train_and_serve_metrics(first_run, prometheus):
+    """`raylm up --metrics`'s Prometheus, on the session's cluster: after the pipeline's training
+    and a few requests, it holds raylm_train_* and raylm_serve_* series."""
+    import os
+    import time
+
+    if not prometheus.startswith("http://"):
+        if os.environ.get("CI"):
+            pytest.fail(prometheus)
+        pytest.skip(prometheus)
+    url = first_run["summary"]["stages"]["deploy"]["url"]
+    deadline, names = time.time() + 90, set()
+    while time.time() < deadline:
+        _complete(url, first_run["key"])
+        r = requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10)
+        names = {n for n in r.json()["data"] if n.startswith("ray_raylm_")}  # Ray prefixes them with ray_
+        if any(n.startswith("ray_raylm_train_") for n in names) and "ray_raylm_serve_requests_total" in names:
+            break
+        time.sleep(2)
+    assert {"ray_raylm_serve_requests_total", "ray_raylm_serve_request_latency_seconds_bucket"} <= names, names
+    assert {"ray_raylm_train_loss", "ray_raylm_train_step"} <= names, names
+    q = requests.get(f"{prometheus}/api/v1/query", timeout=10,
+                     params={"query": 'sum(ray_raylm_serve_requests_total{route="/v1/completions",status="200"})'})
+    assert float(q.json()["data"]["result"][0]["value"][1]) >= 1
 
 
 def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):

@@ -71,15 +71,24 @@ def cmd_up(a: argparse.Namespace) -> int:
     state_dir = cluster.home()
     was = cluster.ClusterState.load(state_dir)
     if cluster.is_running(was):
-        print(f"raylm cluster already running: dashboard {was.dashboard_url} (state in {state_dir})")
+        if a.metrics and not was.prometheus_url:
+            st = cluster.up(state_dir=state_dir, metrics=True, metrics_port=a.metrics_port)
+            print(f"raylm cluster already running: dashboard {was.dashboard_url}; Prometheus started at "
+                  f"{st.prometheus_url} (the dashboard's metrics pages need `raylm down` + `raylm up --metrics`)")
+            return 0
+        print(f"raylm cluster already running: dashboard {was.dashboard_url} (state in {state_dir})"
+              + (f"; Prometheus {was.prometheus_url}" if was.prometheus_url else ""))
         return 0
     print(f"starting a local Ray head node (state in {state_dir}) ...", flush=True)
-    st = cluster.up(port=a.port, dashboard_port=a.dashboard_port, num_cpus=a.num_cpus, state_dir=state_dir)
+    st = cluster.up(port=a.port, dashboard_port=a.dashboard_port, num_cpus=a.num_cpus, state_dir=state_dir,
+                    metrics=a.metrics, metrics_port=a.metrics_port)
+    prom = (f"\n  Prometheus    {st.prometheus_url}   (scrapes every node: ray_raylm_train_*, ray_raylm_serve_*, Ray's own;"
+            f"\n                Grafana dashboards: cluster/monitoring/)") if st.prometheus_url else ""
     print(f"""
 Ray is up, with token authentication.
   dashboard     {st.dashboard_url}   (bound to 127.0.0.1)
   token         {st.token_path}
-  Ray temp dir  {st.temp_dir}
+  Ray temp dir  {st.temp_dir}{prom}
 
 Browser: open {st.dashboard_url} and paste the token when the dashboard asks for it:
     cat {st.token_path}
@@ -404,6 +413,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("up", help="start a local Ray head node with token auth and the dashboard on 127.0.0.1")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    s.add_argument("--metrics", action="store_true",
+                   help="also start Prometheus (the `prometheus` binary) scraping the cluster, on 127.0.0.1")
+    s.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: a free one)")
     s.add_argument("--port", type=int, default=6379, help="GCS port")
     s.add_argument("--dashboard-port", type=int, default=8265)
     s.set_defaults(fn=cmd_up)

@@ -44,13 +44,16 @@ class ClusterState:
     token_path: str
     num_cpus: Optional[int]
     started_at: float
+    prometheus_url: Optional[str] = None  # `raylm up --metrics`
+    prometheus_session: Optional[int] = None
 
     @classmethod
     def load(cls, state_dir: Path) -> Optional["ClusterState"]:
         f = state_dir / "cluster.json"
         if not f.exists():
             return None
-        return cls(**json.loads(f.read_text()))
+        data = json.loads(f.read_text())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, state_dir: Path) -> None:
         (state_dir / "cluster.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -122,14 +125,77 @@ def ray_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
+PROMETHEUS_MISSING = ("Prometheus is not installed (no `prometheus` on PATH). On Debian or Ubuntu: "
+                      "sudo apt-get install prometheus   (elsewhere: https://prometheus.io/download/, put the "
+                      "binary on PATH). `raylm up` without --metrics needs none.")
+
+
+@dataclass
+class Prometheus:
+    url: str
+    session_id: int
+    config: Path
+
+
+def start_prometheus(state_dir: Path, port: Optional[int] = None, scrape_interval: str = "5s",
+                     timeout: float = 60) -> Prometheus:
+    """A real Prometheus on 127.0.0.1 that scrapes this cluster's nodes through the service
+    discovery file Ray keeps up to date (`<temp dir>/prom_metrics_service_discovery.json`);
+    its data and config live in `<state dir>/prometheus/`."""
+    import requests
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        raise ClusterError(PROMETHEUS_MISSING)
+    base = state_dir / "prometheus"
+    (base / "data").mkdir(parents=True, exist_ok=True)
+    sd = state_dir / "ray" / "prom_metrics_service_discovery.json"
+    conf = base / "prometheus.yml"
+    conf.write_text(
+        "# written by `raylm up --metrics`: Ray's nodes, found through Ray's service discovery file\n"
+        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
+        "scrape_configs:\n  - job_name: ray\n    file_sd_configs:\n"
+        f"      - files: ['{sd}']\n        refresh_interval: {scrape_interval}\n")
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(base / "prometheus.log", "w")  # noqa: SIM115 - the child writes it
+    proc = subprocess.Popen([exe, f"--config.file={conf}", f"--storage.tsdb.path={base / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=7d"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join((base / "prometheus.log").read_text(errors="replace").splitlines()[-10:])
+            raise ClusterError(f"prometheus exited (code {proc.returncode}):\n{tail}")
+        try:
+            if requests.get(f"{url}/-/ready", timeout=2).ok:
+                return Prometheus(url=url, session_id=proc.pid, config=conf)
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    _stop_session(proc.pid)
+    raise ClusterError(f"prometheus did not answer at {url} within {timeout:.0f}s; see {base / 'prometheus.log'}")
+
+
+def stop_prometheus(session_id: Optional[int]) -> int:
+    return _stop_session(session_id) if session_id else 0
+
+
 def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] = None,
-       state_dir: Optional[Path] = None, timeout: float = 120) -> ClusterState:
-    """Start a local head node with token auth and the dashboard on 127.0.0.1."""
+       state_dir: Optional[Path] = None, timeout: float = 120, metrics: bool = False,
+       metrics_port: Optional[int] = None) -> ClusterState:
+    """Start a local head node with token auth and the dashboard on 127.0.0.1 (and, with
+    `metrics`, a Prometheus scraping it, which the dashboard's metrics pages query)."""
     state_dir = state_dir or home()
     state_dir.mkdir(parents=True, exist_ok=True)
     current = ClusterState.load(state_dir)
     if is_running(current):
+        if metrics and not current.prometheus_url:
+            prom = start_prometheus(state_dir, metrics_port)
+            current.prometheus_url, current.prometheus_session = prom.url, prom.session_id
+            current.save(state_dir)
         return current
+    prom = start_prometheus(state_dir, metrics_port) if metrics else None
     token_path = ensure_token(state_dir)
     temp_dir = state_dir / "ray"
     # A leftover ray_current_cluster makes a later ray.init() try to join a dead cluster.
@@ -151,7 +217,10 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
         cmd.append(f"--num-cpus={num_cpus}")
     log = state_dir / "ray-start.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=cluster_env(state_dir, token_path), stdout=out, stderr=subprocess.STDOUT,
+        env = cluster_env(state_dir, token_path)
+        if prom:  # the dashboard's metrics pages read from it
+            env["RAY_PROMETHEUS_HOST"] = prom.url
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         sid = proc.pid  # a new session's id is its leader's pid
         try:
@@ -161,6 +230,7 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
             raise ClusterError(f"`ray start` did not finish in {timeout:.0f}s; see {log}")
     if rc != 0:
         _stop_session(sid)
+        stop_prometheus(prom.session_id if prom else None)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         hint = ""
         if "already" in tail.lower() or "in use" in tail.lower():
@@ -169,6 +239,7 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
     state = ClusterState(
         session_id=sid, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         temp_dir=str(temp_dir), token_path=str(token_path), num_cpus=num_cpus, started_at=time.time(),
+        prometheus_url=prom.url if prom else None, prometheus_session=prom.session_id if prom else None,
     )
     state.save(state_dir)
     _wait_dashboard(state, timeout=timeout)
@@ -213,7 +284,7 @@ def down(state_dir: Optional[Path] = None) -> int:
     state = ClusterState.load(state_dir)
     if state is None:
         return 0
-    n = _stop_session(state.session_id)
+    n = _stop_session(state.session_id) + stop_prometheus(state.prometheus_session)
     (state_dir / "cluster.json").unlink(missing_ok=True)
     (Path(state.temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
     return n
