@@ -166,9 +166,10 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             uri = train_members(cfg, base, train_cfg, meta, tables,
                                 [{"rows": {"weights": w.tolist(), "seed": seed}}], root, f"round-{r}")[0]
             pred = ray.get(predict.remote(uri, tables["train"])).argmax(-1)
+            err = float(((pred != y_train) * w).sum() / w.sum())  # under this round's weights
             alpha, w = ens.samme_round(pred, y_train, w, len(meta["labels"]))
-            print(f"[ensemble] boosting round {r + 1}/{src.n}: weighted train error "
-                  f"{float(((pred != y_train) * w).sum()):.3f}, vote weight {alpha:.3f}", flush=True)
+            print(f"[ensemble] boosting round {r + 1}/{src.n}: weighted train error {err:.3f}, vote weight "
+                  f"{alpha:.3f}", flush=True)
             member_uris.append(uri)
             alphas.append(alpha)
     elif src.source in ("seeds", "bagging", "folds"):
