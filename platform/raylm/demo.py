@@ -64,11 +64,10 @@ def main() -> int:
     if code != 0:
         print(f"the pipeline failed (exit {code}); its logs are above and in the dashboard", file=sys.stderr)
         return code
-    from raylm.pipeline import Ledger, PipelineConfig
     from raylm import config
+    from raylm.pipeline import Ledger, PipelineConfig, ledger_uri
 
-    cfg = config.load(PipelineConfig, PIPELINE)
-    ledger = Ledger(f"{cluster.home()}/pipelines/{cfg.name}/stages.json")
+    ledger = Ledger(ledger_uri(config.load(PipelineConfig, PIPELINE)))
     deploy_cfg = config.load(cli._model_for("deploy"), "jobs/configs/deploy_authors.yaml")
     url = f"http://{deploy_cfg.http.host}:{deploy_cfg.http.port}"
     answer = ask(url, deploy_cfg.models[0].name, key_file)

@@ -102,6 +102,10 @@ class Ledger:
         storage.write_text(self.uri, json.dumps(self.entries, indent=2, default=str))
 
 
+def ledger_uri(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.storage or str(home() / "pipelines"), cfg.name, "stages.json")
+
+
 def _model_exists(ref: str, root: Optional[str]) -> bool:
     try:
         registry.resolve(ref, root)
@@ -154,7 +158,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
     from raylm.tune.config import EnsembleConfig, TuneConfig
 
     files = check(cfg, config_path)
-    ledger = Ledger(storage.join(cfg.storage or str(home() / "pipelines"), cfg.name, "stages.json"))
+    ledger = Ledger(ledger_uri(cfg))
     planned = [s for s in STAGES if getattr(cfg, s) is not None]
     t_start = time.time()
     stages: dict[str, dict[str, Any]] = {}
