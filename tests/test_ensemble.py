@@ -116,10 +116,21 @@ def test_ensemble_is_evaluated_like_any_model(seeded, authors_dataset):
     rep = evaluate(config.build(EvaluateConfig, {
         "model": summary["model"], "registry": str(d / "registry"),
         "data": {"dataset": "authors", "root": authors_dataset["root"], "split": "test"},
-        "baselines": {"tfidf": False}, "robustness": None}))
+        "baselines": {"tfidf": False}, "robustness": None, "tracking": {"mlflow": True}}))
     ours = summary["scores"]["test"]["ensemble"]
     assert rep["metrics"]["n"] == summary["scores"]["test"]["n"]
     assert rep["metrics"]["accuracy"] == pytest.approx(ours["accuracy"], abs=1.5 / rep["metrics"]["n"])
+    # tracked in the embedded MLflow store: the metrics and the report with its plots
+    from mlflow import MlflowClient
+
+    from raylm.cluster import home
+
+    client = MlflowClient(f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(rep["tracking"])
+    assert run.data.metrics["accuracy"] == pytest.approx(rep["metrics"]["accuracy"])
+    assert run.data.tags["raylm.stage"] == "evaluate" and run.data.params["model"] == summary["model"]
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.html", "report/report.json"} <= files and any(f.endswith(".png") for f in files)
 
 
 def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path):

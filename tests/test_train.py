@@ -77,7 +77,8 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     pipeline.run(config.load(DataConfig, ROOT / "tests" / "data" / "tiny.yaml",
                              [f"sources.0.uri={ROOT / 'tests' / 'data' / 'tiny.jsonl'}"]))
     args = ["submit", "train", "--config", "tests/data/train_tiny.yaml", "--set", "name=resume-me",
-            "--set", "train.num_workers=1", "--set", "train.checkpoint_every=5", "--set", "train.eval_every=1000"]
+            "--set", "train.num_workers=1", "--set", "train.checkpoint_every=5", "--set", "train.eval_every=1000",
+            "--set", "tracking.mlflow=true"]  # the embedded MLflow store: one run, continued
     first = run_cli(*args, "--set", "train.max_steps=100000", "--no-wait")
     assert first.returncode == 0, first.stderr
     job_id = first.stdout.strip().splitlines()[-1]
@@ -100,6 +101,18 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     assert resumed and resumed[0] >= last_seen, again.stdout[-3000:]
     assert f"step {end}/{end}" in again.stdout
     assert "step 1/" not in again.stdout  # it did not start over
+    # MLflow saw both jobs as one run: the losses before the stop and after the resume, the model card
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cluster.home() / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raylm").experiment_id],
+                              "tags.`raylm.name` = 'resume-me'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    run = runs[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert min(steps) <= last_seen and max(steps) == end, steps  # both jobs wrote to it
+    assert run.data.params["train.checkpoint_every"] == "5" and run.data.tags["raylm.model"].startswith("resume-me@")
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "model")] == ["model/card.json"]
 
 
 def _kl_to(teacher, student, blocks: torch.Tensor) -> float:

@@ -70,6 +70,27 @@ def check_best(cfg: TuneConfig, summary: dict, df: pd.DataFrame) -> None:
     assert card["metrics"]["val_loss"] == pytest.approx(best["val_loss"])
 
 
+def check_tracking(cfg: TuneConfig, summary: dict, tmp: Path) -> None:
+    """A parent MLflow run for the search (its report, table, best config and model card), a
+    child run per trial with its learning curve; a Comet offline archive per trial."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("searches").experiment_id
+    parent = client.get_run(summary["tracking"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["raylm.stage"] == "tune"
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(summary["best"]["val_loss"])
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "search")} >= {
+        "search/report.html", "search/results.csv", "search/best_train_config.yaml"}
+    assert [f.path for f in client.list_artifacts(parent.info.run_id, "model")] == ["model/card.json"]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == summary["trials"]
+    for child in children:
+        curve = client.get_metric_history(child.info.run_id, "val_loss")
+        assert len(curve) >= 2 and child.info.status == "FINISHED"
+    assert len(list((tmp / "comet").glob("*.zip"))) == summary["trials"] + 1  # and one for the search
+
+
 LR = {"loguniform": [1.0e-4, 2.0e-2]}
 
 
@@ -97,10 +118,16 @@ def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tm
     if algorithm == "cmaes":
         space = {"train.lr": LR, "train.weight_decay": {"uniform": [0.0, 0.2]}}
     n = 6 if scheduler in ("asha", "hyperband") else 4
+    # one search also tracks: MLflow at a URI of its own, Comet offline (Ray Tune's callbacks per trial)
+    track = {"tracking": {"mlflow": True, "uri": f"sqlite:///{tmp_path / 'team.db'}", "experiment": "searches",
+                          "comet": {"mode": "offline", "offline_dir": str(tmp_path / "comet")}}} \
+        if algorithm == "gp" else {}
     cfg = tune_cfg(train_dataset, f"{algorithm}-{scheduler}", space,
                    {"algorithm": algorithm, "scheduler": scheduler, "num_samples": n, "grace_period": 4,
-                    "reduction_factor": 2}, tmp_path)
+                    "reduction_factor": 2}, tmp_path, **track)
     summary, df = run_search(cfg)
+    if track:
+        check_tracking(cfg, summary, tmp_path)
     assert summary["trials"] == n
     check_best(cfg, summary, df)
     lrs = df["param:train.lr"]

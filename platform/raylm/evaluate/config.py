@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from raylm.config import Strict
 from raylm.data.config import _check_uri
+from raylm.tracking import TrackingConfig
 
 
 class EvalData(Strict):
@@ -67,6 +68,7 @@ class EvaluateConfig(Strict):
     slices: Slices = Slices()
     robustness: Optional[Robustness] = Field(default_factory=Robustness, description="null: skip")
     baselines: Baselines = Baselines()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
     output: Optional[str] = Field(None, description="report directory; default beside the model: "
                                   "<model>/eval/<dataset>-<version>-<split>")
 

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from raylm import config, registry, storage
+from raylm import config, registry, storage, tracking
 from raylm.evaluate import baselines, infer, metrics, report
 from raylm.data.versions import read_split
 from raylm.evaluate.config import EvaluateConfig
@@ -192,6 +192,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     card = {**card, "evaluations": {**card.get("evaluations", {}), f"{m['id']}:{split}": evaluation}}
     storage.write_json(storage.join(card["uri"], registry.CARD), card)
     print(f"[evaluate] report: {rep['report']}", flush=True)
+    tracker = tracking.Tracker.start(cfg.tracking, "evaluate", f"{card['id']}@{m['id']}:{split}",
+                                     cfg.model_dump(mode="json", exclude={"tracking"}),
+                                     tags={"raylm.model": card["id"], "raylm.dataset": m["id"]})
+    tracker.log_metrics({k: v for k, v in rep["metrics"].items() if k not in ("per_class", "reliability", "confusion")})
+    tracker.log_metrics({f"baseline.{name}": b["metrics"] for name, b in rep["baselines"].items()})
+    tracker.log_artifacts([out], "report")
+    tracker.finish()
+    rep["tracking"] = tracker.run_id
     return rep
 
 

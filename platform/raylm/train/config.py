@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raylm.config import Strict
 from raylm.data.config import _check_uri
+from raylm.tracking import TrackingConfig
 
 
 BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
@@ -165,6 +166,7 @@ class TrainConfig(Strict):
     train: TrainLoopConfig = TrainLoopConfig()
     distill: Optional[DistillConfig] = Field(None, description="knowledge distillation from a registry teacher")
     output: TrainOutput = TrainOutput()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
 
     @model_validator(mode="after")
     def _task_checks(self) -> "TrainConfig":

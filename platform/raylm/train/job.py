@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
-from raylm import config, storage
+from raylm import config, storage, tracking
 from raylm.cluster import home
 from raylm.train.config import TrainConfig
 
@@ -318,7 +318,10 @@ def check_teacher(cfg: TrainConfig, meta: dict[str, Any]) -> None:
 def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     meta = meta or dataset_meta(cfg)
     check_teacher(cfg, meta)
-    trainer = build_trainer(cfg, meta)
+    # one MLflow run per run name: a resumed run continues it
+    tracker = tracking.Tracker.start(cfg.tracking, "train", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
+                                     tags={"raylm.dataset": meta["dataset_id"]}, resume=True)
+    trainer = build_trainer(cfg, meta, callbacks=[tracking.train_callback(tracker)] if tracker.active else None)
     what = (f"{cfg.model.path} classifier ({len(meta['labels'])} labels: {', '.join(meta['labels'])})"
             if cfg.model.task == "classification" else cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset}")
     for split, n in (meta.get("unlabeled") or {}).items():
@@ -326,10 +329,15 @@ def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, An
             print(f"[train] {split}: {n} document(s) without a label the model knows are left out", flush=True)
     print(f"[train] {cfg.name}: {what}{' + LoRA' if cfg.model.lora else ''} on {meta['dataset_id']}, strategy "
           f"{cfg.train.strategy}, {cfg.train.num_workers} worker(s), {cfg.train.max_steps} steps", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
+    tracker.finish()
     metrics = dict(result.metrics or {})
     return {"run": cfg.name, "model": metrics.get("model") or None, "metrics": metrics,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None}
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "tracking": tracker.run_id}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raylm.config import Strict
 from raylm.data.config import _check_uri
+from raylm.tracking import TrackingConfig
 
 
 # Fields a search may not change: they decide what the data are (tokenized once, in the driver).
@@ -96,6 +97,7 @@ class TuneConfig(Strict):
     search: SearchConfig = SearchConfig()
     cv: Optional[CVConfig] = Field(None, description="k-fold cross-validation of every configuration")
     output: TuneOutput = TuneOutput()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
 
     @field_validator("space")
     @classmethod
@@ -167,6 +169,7 @@ class EnsembleConfig(Strict):
     registry: Optional[str] = Field(None, description="registry of source models / search models' copies; "
                                     "default output.registry")
     output: TuneOutput = TuneOutput()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
 
     @model_validator(mode="after")
     def _checks(self) -> "EnsembleConfig":

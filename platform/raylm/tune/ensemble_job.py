@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from raylm import config, registry, storage
+from raylm import config, registry, storage, tracking
 from raylm.train.config import TrainConfig
 from raylm.tune import ensemble as ens
 from raylm.tune import trial as trial_mod
@@ -255,6 +255,15 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
                **{k: spec[k] for k in ("weights", "alphas") if k in spec},
                "seconds": round(time.time() - t0, 1)}
     storage.write_text(storage.join(root, "summary.json"), json.dumps(summary, indent=2))
+    tracker = tracking.Tracker.start(cfg.tracking, "ensemble", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
+                                     tags={"raylm.dataset": meta["dataset_id"]})
+    tracker.log_metrics(scores)  # <split>.ensemble.<metric>, <split>.member_mean.<metric>, ...
+    tracker.log_metrics({f"{split}.member_{i}.{k}": v for split, sc in scores.items()
+                         for i, m in enumerate(sc["members"]) for k, v in m.items()})
+    tracker.log_artifacts([storage.join(root, "summary.json")], "ensemble")
+    tracking.card_artifacts(tracker, entry["id"], cfg.output.registry)
+    tracker.finish()
+    summary["tracking"] = tracker.run_id
     return summary
 
 

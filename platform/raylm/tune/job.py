@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from raylm import config, registry, storage
+from raylm import config, registry, storage, tracking
 from raylm.cluster import home
 from raylm.train.config import TrainConfig
 from raylm.tune.config import Param, TuneConfig
@@ -121,7 +121,7 @@ def default_point(cfg: TuneConfig, train_cfg: TrainConfig) -> Optional[dict[str,
 
 
 def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, meta: dict[str, Any],
-                tables: dict[str, Any], exp_root: str):
+                tables: dict[str, Any], exp_root: str, callbacks: Optional[list] = None):
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -186,6 +186,7 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
                                     time_budget_s=s.time_budget_s,
                                     reuse_actors=trial_mod.runs_in_process(train_cfg)),  # no process start per trial
         run_config=tune.RunConfig(name="trials", storage_path=path, storage_filesystem=fs, verbose=1,
+                                  callbacks=callbacks,
                                   checkpoint_config=tune.CheckpointConfig(  # pbt clones any trial's checkpoints
                                       num_to_keep=None if s.scheduler == "pbt" else 2)),
     )
@@ -282,8 +283,15 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
     tables = load_tables(train_cfg, meta)
     print("[tune] data read once for every trial: "
           + ", ".join(f"{k} {ray.get(v).num_rows} rows" for k, v in tables.items()), flush=True)
-    tuner, _ = build_tuner(cfg, base, train_cfg, meta, tables, exp_root)
-    grid = tuner.fit()
+    # a parent MLflow run for the search, a child run per trial (Ray Tune's MLflow / Comet callbacks)
+    tracker = tracking.Tracker.start(cfg.tracking, "tune", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
+                                     tags={"raylm.dataset": meta["dataset_id"]}, resume=True)
+    tuner, _ = build_tuner(cfg, base, train_cfg, meta, tables, exp_root, tracking.tune_callbacks(tracker))
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
     rows = results_rows(cfg, grid)
     for r in rows:
         r["max_steps"] = train_cfg.train.max_steps
@@ -331,6 +339,14 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
         summary["best"]["model"] = out["id"]
     summary["report"] = report.write(cfg, rows, summary, exp_root)
     storage.write_text(storage.join(exp_root, "summary.json"), json.dumps(summary, indent=2, default=str))
+    tracker.log_metrics({k: summary[k] for k in ("trials", "errors", "trial_steps", "seconds")}
+                        | ({f"best_{cfg.metric}": summary["best"][cfg.metric]} if "best" in summary else {}))
+    tracker.log_artifacts([summary["report"]] + [storage.join(exp_root, f) for f in (
+        "results.csv", "summary.json", "best_train_config.yaml")], "search")
+    if summary.get("best", {}).get("model"):
+        tracking.card_artifacts(tracker, summary["best"]["model"], cfg.output.registry)
+    tracker.finish()
+    summary["tracking"] = tracker.run_id
     return summary
 
 
