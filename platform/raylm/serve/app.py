@@ -593,7 +593,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
                 "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                 "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
                 "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
-                "downscale_delay_s": a.downscale_delay_s}
+                "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
         else:
             options["num_replicas"] = m.num_replicas
         spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},

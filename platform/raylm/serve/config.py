@@ -19,6 +19,9 @@ class Autoscaling(Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim for")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="window the load is averaged over (Serve's "
+                                      "default); shorter reacts faster. Replicas push their load every "
+                                      "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s; cluster env)")
 
     @model_validator(mode="after")
     def _order(self):

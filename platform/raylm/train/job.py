@@ -234,10 +234,23 @@ def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] 
     return {k: tb.combine_chunks() for k, tb in out.items()}
 
 
-def build_trainer(cfg: TrainConfig, meta: dict[str, Any], datasets: Optional[dict[str, Any]] = None,
+def rank_shards(tables: dict[str, Any], world: int) -> dict[str, list]:
+    """Each split cut into `world` equal contiguous slices (the remainder left out, as Ray
+    Data's equal split does), each put in the object store: rank i fetches only its own."""
+    import ray
+
+    out = {}
+    for name, tb in tables.items():
+        per = tb.num_rows // world
+        if per:
+            out[name] = [ray.put(tb.slice(r * per, per).combine_chunks()) for r in range(world)]
+    return out
+
+
+def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[str, Any]] = None,
                   callbacks: Optional[list] = None):
-    """The TorchTrainer of a run: the dataset version's splits (or `datasets`, already prepared:
-    a Tune trial's fold or sample), checkpoints under `output.storage`."""
+    """The TorchTrainer of a run: the dataset version's splits (or `tables`, pyarrow tables
+    already prepared: a Tune trial's fold or sample), checkpoints under `output.storage`."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -246,35 +259,37 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], datasets: Optional[dic
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same data order every run
     t = cfg.train
-    # Small datasets are read into the object store before the workers take their CPUs, so
-    # ingest never waits for a CPU that training holds (2 workers on a 2-CPU laptop), and read
-    # here with pyarrow (no Ray Data execution to start for a few MB). Larger ones stream, and
-    # need a CPU left over for Ray Data. Either way the workers take their shards through
-    # `get_dataset_shard`.
+    # Small datasets are read here with pyarrow and handed to the workers as one object-store
+    # slice per rank: no Ray Data execution, dataset manager or split coordinator to start (three
+    # processes, ~8 s of a short run on a laptop), and ingest never waits for a CPU that
+    # training holds (2 workers on a 2-CPU laptop). Larger ones stream through Ray Data
+    # (`get_dataset_shard`), which needs a CPU left over.
     packed_bytes = 4 * meta["seq_len"] * (meta["train_blocks"] + meta.get("validation_blocks", 0))
-    prepared = datasets is not None  # already selected, shuffled and in memory
     small = packed_bytes <= MATERIALIZE_BYTES
-    materialize = not prepared and (t.ingest == "memory" or (t.ingest == "auto" and small))
-    if not materialize and not prepared:
+    materialize = tables is None and (t.ingest == "memory" or (t.ingest == "auto" and small))
+    datasets = None
+    if tables is None and not materialize:
         spare = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
         if spare < 1:
             raise config.ConfigError(
                 f"the training workers take every CPU ({t.num_workers} x {t.cpus_per_worker}) and leave none to "
                 "stream the dataset: lower train.cpus_per_worker or train.num_workers")
-    if materialize:  # read here, shuffled (seeded: the same order every run), into the object store
-        datasets = {k: ray.data.from_arrow(tb) for k, tb in read_tables(cfg, meta).items()}
-    elif datasets is None:
         datasets = _datasets(cfg, meta)
         if t.shuffle:  # seeded; validation too, so `eval_batches` is a fair sample
             datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
                         for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
+    elif materialize:  # read here, shuffled (seeded: the same order every run)
+        tables = read_tables(cfg, meta)
+    loop_config: dict[str, Any] = {"train_config": cfg.model_dump(mode="json"), "dataset": meta}
+    if tables is not None:
+        loop_config["shards"] = rank_shards(tables, t.num_workers)
     runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop,
-        train_loop_config={"train_config": cfg.model_dump(mode="json"), "dataset": meta},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -1,7 +1,7 @@
 """The training loop each Ray Train worker runs: one readable function with explicit setup.
 
-Data comes from the dataset version through `ray.train.get_dataset_shard` (streaming, each
-worker its own shard). Metrics go to Ray (`ray.train.report`) and Prometheus (`raylm_train_*`);
+Data comes from the dataset version: each worker its slice of the tables the driver read
+(small datasets) or its `ray.train.get_dataset_shard` stream. Metrics go to Ray (`ray.train.report`) and Prometheus (`raylm_train_*`);
 the same loop also runs in one plain process (a one-worker Tune trial: `session.LocalSession`);
 checkpoints every `checkpoint_every` steps hold model, optimizer, schedule, step and data
 position, so a re-run of the same run name (or a restart after a failure) continues there.
@@ -193,7 +193,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     cfg = TrainConfig.model_validate(config["train_config"])
     meta = config["dataset"]  # vocab, eos, seq_len, tokenizer location, dataset id
     t = cfg.train
-    session = session or TrainSession()
+    session = session or TrainSession(config.get("shards"))
     rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     np.random.seed(t.seed)

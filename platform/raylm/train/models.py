@@ -50,6 +50,20 @@ def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_
     return conf
 
 
+def pretrained_overrides(cfg: ModelConfig, path: str) -> dict:
+    """`model.overrides` for a pretrained model: config fields it has (e.g. num_hidden_layers=2
+    keeps the first 2 blocks of the pretrained weights)."""
+    if not cfg.overrides:
+        return {}
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    for key in cfg.overrides:
+        if not hasattr(conf, key):
+            raise ValueError(f"model.overrides: the {conf.model_type} config at {path} has no field {key!r}")
+    return dict(cfg.overrides)
+
+
 def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None,
           labels: list[str] | None = None) -> torch.nn.Module:
     """The model on the CPU in fp32 (strategies move and cast it): a causal LM (from a config or
@@ -64,11 +78,13 @@ def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: 
         model = AutoModelForSequenceClassification.from_pretrained(
             str(Path(path).expanduser()), local_files_only=True, dtype=torch.float32, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)},
-            attn_implementation=cfg.attn_implementation, ignore_mismatched_sizes=True)
+            attn_implementation=cfg.attn_implementation, ignore_mismatched_sizes=True,
+            **pretrained_overrides(cfg, path))
     elif path:
         model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), local_files_only=True,
                                                      dtype=torch.float32,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=cfg.attn_implementation,
+                                                     **pretrained_overrides(cfg, path))
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len, eos_id, pad_id),
                                                  dtype=torch.float32,

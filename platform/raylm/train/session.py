@@ -1,7 +1,8 @@
 """Where the training loop runs, behind one small interface.
 
-`TrainSession`: a Ray Train worker (the loop's usual home: one of N ranks, data from
-`get_dataset_shard`, reports and checkpoints through `ray.train.report`).
+`TrainSession`: a Ray Train worker (the loop's usual home: one of N ranks, data from its
+slice of tables the driver read (small datasets) or from `get_dataset_shard` (streamed),
+reports and checkpoints through `ray.train.report`).
 `LocalSession`: one process that is not a Ray Train worker, e.g. a one-worker Ray Tune trial,
 which trains in the trial's own process instead of starting a worker group for it (a Ray
 Train run costs ~20 s of start-up on a laptop; a search runs dozens of trials). Its data are
@@ -31,13 +32,17 @@ def _as_dir(ckpt) -> Iterator[Optional[str]]:
 
 
 class TrainSession:
-    def __init__(self):
+    """shards: {split: [object ref of rank 0's rows, rank 1's, ...]} for data the driver read
+    into memory (train/job.py: rank_shards); else the run's Ray Data datasets."""
+
+    def __init__(self, shards: Optional[dict[str, list]] = None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.shards = shards
 
     def resume_dir(self):
         import ray.train
@@ -45,8 +50,12 @@ class TrainSession:
         return _as_dir(ray.train.get_checkpoint())
 
     def shard(self, name: str):
+        import ray
         import ray.train
 
+        if self.shards is not None:
+            refs = self.shards.get(name)
+            return TableShard(ray.get(refs[self.rank])) if refs else None
         return ray.train.get_dataset_shard(name)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,

@@ -48,11 +48,24 @@ def _predict(model_dir: str, table, rows: Optional[list[int]] = None, batch_size
     return np.concatenate(out) if out else np.zeros((0, model.config.num_labels))
 
 
-def _predict_task():
+LOCAL_SCORING_ROWS = 20_000  # rows x members up to which the driver scores itself
+
+
+def score(member_uris: list[str], table, rows: Optional[list[Optional[list[int]]]] = None) -> list[np.ndarray]:
+    """Each member's class probabilities on `table` (a pyarrow table or its object ref), or on
+    its `rows[i]` for member i. Small jobs run here, one member after another (no task
+    processes to start and no model to load in them: ~8 s on a laptop); larger ones as one Ray
+    task per member, in parallel across the cluster."""
     import ray
 
-    return ray.remote(num_cpus=1)(lambda uri, table, rows=None: _predict(
-        str(registry.local_path(registry.resolve(uri))), table, rows))
+    rows = rows or [None] * len(member_uris)
+    tb = ray.get(table) if isinstance(table, ray.ObjectRef) else table
+    if sum(tb.num_rows if r is None else len(r) for r in rows) <= LOCAL_SCORING_ROWS:
+        return [_predict(str(registry.local_path(registry.resolve(u))), tb, r) for u, r in zip(member_uris, rows)]
+    task = ray.remote(num_cpus=1)(lambda uri, t, r=None: _predict(str(registry.local_path(registry.resolve(uri))),
+                                                                t, r))
+    ref = table if isinstance(table, ray.ObjectRef) else ray.put(tb)
+    return ray.get([task.remote(u, ref, r) for u, r in zip(member_uris, rows)])
 
 
 def _labels_of(table) -> np.ndarray:
@@ -157,7 +170,6 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
     print(f"[ensemble] {cfg.name}: {src.n if src.source not in ('models',) else len(member_uris)} members from "
           f"{src.source}, combiner {cfg.combiner}, on {meta['dataset_id']} ({n_train} train rows)", flush=True)
 
-    predict = _predict_task()
     if src.source == "boosting":
         y_train = _labels_of(ray.get(tables["train"]))
         w = np.full(n_train, 1.0 / n_train)
@@ -165,7 +177,7 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             seed = train_cfg.train.seed + r
             uri = train_members(cfg, base, train_cfg, meta, tables,
                                 [{"rows": {"weights": w.tolist(), "seed": seed}}], root, f"round-{r}")[0]
-            pred = ray.get(predict.remote(uri, tables["train"])).argmax(-1)
+            pred = score([uri], tables["train"])[0].argmax(-1)
             err = float(((pred != y_train) * w).sum() / w.sum())  # under this round's weights
             alpha, w = ens.samme_round(pred, y_train, w, len(meta["labels"]))
             print(f"[ensemble] boosting round {r + 1}/{src.n}: weighted train error {err:.3f}, vote weight "
@@ -185,16 +197,17 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             _test_table(m, meta) if split == "test" else None)
         if table is None:
             continue
-        ref = ray.put(table)
-        evals[split] = (np.stack(ray.get([predict.remote(u, ref) for u in member_uris])), _labels_of(table))
+        t_split = time.time()
+        evals[split] = (np.stack(score(member_uris, table)), _labels_of(table))
+        print(f"[ensemble] {len(member_uris)} members scored on {split} ({table.num_rows} rows) in "
+              f"{time.time() - t_split:.1f} s", flush=True)
     spec: dict[str, Any] = {"combiner": cfg.combiner, "labels": meta["labels"], "source": src.source,
                             "members": [registry.resolve(u)["id"] for u in member_uris]}
     if cfg.combiner == "stacking" and src.source == "folds":
         # k-fold stacking: each train row's prediction by the member that did not train on it
         # (out-of-fold); at inference the meta-model reads the mean of the fold members
         parts = _fold_rows(n_train, src.n, 0)
-        oof = np.concatenate(ray.get([predict.remote(u, tables["train"], p.tolist())
-                                      for u, p in zip(member_uris, parts)]))
+        oof = np.concatenate(score(member_uris, tables["train"], [p.tolist() for p in parts]))
         y_oof = _labels_of(ray.get(tables["train"]).take(np.concatenate(parts)))
         spec.update(ens.fit_stacking(oof[None], y_oof, len(meta["labels"])), stack_features="member_mean")
         print(f"[ensemble] stacking meta-model fitted on {len(y_oof)} out-of-fold predictions", flush=True)
@@ -224,6 +237,7 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
         if cfg.combiner == "soup":
+            t_soup = time.time()
             _build_soup(member_uris, out)
             fmt = "full"
             for split, (probs, y) in evals.items():
@@ -249,6 +263,8 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             "config": {"model": {"max_length": train_cfg.model.max_length, "path": train_cfg.model.path},
                        "data": train_cfg.data.model_dump(mode="json")},
         }
+        if cfg.combiner == "soup":
+            print(f"[ensemble] soup built and scored in {time.time() - t_soup:.1f} s", flush=True)
         entry = registry.register(out, cfg.name, card, root=cfg.output.registry)
     summary = {"name": cfg.name, "model": entry["id"], "uri": entry["uri"], "combiner": cfg.combiner,
                "source": src.source, "members": spec["members"], "scores": scores, "headline_split": head,

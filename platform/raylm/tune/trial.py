@@ -115,5 +115,5 @@ def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, 
 
     from raylm.train.job import build_trainer
 
-    datasets = {k: ray.data.from_arrow(t) for k, t in tables.items() if t.num_rows}
-    build_trainer(cfg, meta, datasets=datasets, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, meta, tables={k: t for k, t in tables.items() if t.num_rows},
+                  callbacks=[TuneReportCallback()]).fit()
