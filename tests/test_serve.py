@@ -164,7 +164,9 @@ def test_streaming_sse_matches_the_whole_answer(served):
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(ln[6:]) for ln in lines[:-1]]
     text_chunks = [e for e in events if e["choices"]]
-    assert len(text_chunks) >= 3  # token by token, not one blob
+    # not one blob: the first token goes alone at once; later ones arrive as they are generated,
+    # or coalesced when the event loop falls behind the generation thread (a busy 2-core box)
+    assert len(text_chunks) >= 2
     assert "".join(e["choices"][0]["text"] for e in text_chunks) == whole
     assert events[-1]["usage"]["completion_tokens"] == 12 or text_chunks[-1]["choices"][0]["finish_reason"] == "stop"
 

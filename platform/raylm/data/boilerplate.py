@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raylm.data.steps import fetch_plan
+from raylm.data.steps import fetch_plan, shuffle_partitions
 from raylm.data.steps import live as _live
 from raylm.data.config import BoilerplateStep
 
@@ -60,7 +60,7 @@ def _docs_row(t: pa.Table) -> pa.Table:
 
 def plan(ds: ray.data.Dataset, cfg: BoilerplateStep) -> dict[str, Any]:
     totals = ds.map_batches(_count, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=None) \
-        .groupby("h").sum("n").materialize()
+        .groupby("h", num_partitions=shuffle_partitions(ds)).sum("n").materialize()
     n_docs = 0
     for batch in totals.map_batches(_docs_row, batch_format="pyarrow", batch_size=None).iter_batches(
             batch_format="pyarrow"):

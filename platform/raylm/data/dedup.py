@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raylm.data.steps import fetch_plan
+from raylm.data.steps import fetch_plan, shuffle_partitions
 from raylm.data.steps import live as _live
 from raylm.data.config import DedupExactStep, DedupNearStep
 
@@ -66,7 +66,8 @@ def _exact_groups(g: pa.Table) -> pa.Table:
 def exact_plan(ds: ray.data.Dataset, cfg: DedupExactStep) -> dict[str, Any]:
     """Which ids to drop, computed across the whole dataset."""
     keys = ds.map_batches(_exact_keys, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=None)
-    dups = keys.groupby("h").map_groups(_exact_groups, batch_format="pyarrow").take_all()
+    dups = keys.groupby("h", num_partitions=shuffle_partitions(ds)) \
+        .map_groups(_exact_groups, batch_format="pyarrow").take_all()
     drop = {r["id"]: r["survivor"] for r in dups}
     sizes = Counter()
     for survivor in set(drop.values()):

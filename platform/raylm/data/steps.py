@@ -29,6 +29,20 @@ BOOKKEEPING = ("_error", "_raw", "_drop", "_step")  # every other `_` column is 
 _PLANS: dict[str, Any] = {}
 
 
+def shuffle_partitions(ds: Any) -> int:
+    """How many partitions a whole-dataset `groupby` uses: one per block of its (materialized)
+    input, at most Ray Data's `default_hash_shuffle_parallelism` (200). Ray's default is always
+    that maximum, and each partition costs a task: 5 s of a 6 s groupby on a one-block dataset."""
+    import ray.data
+
+    cap = ray.data.DataContext.get_current().default_hash_shuffle_parallelism or 200
+    try:
+        blocks = ds.num_blocks()
+    except Exception:  # noqa: BLE001 - not materialized: the block count is unknown
+        return cap
+    return max(1, min(cap, blocks))
+
+
 def fetch_plan(plan_ref: Any) -> Any:
     """A whole-dataset step's plan, passed to a row function as an ObjectRef (or already
     resolved by Ray), fetched once per worker process; the last few plans are kept."""

@@ -145,18 +145,17 @@ class LMDeployment:
                 while (more := await queue.get()) is not _END:
                     events = _merge_events(events, more)
                 ended = True
-            else:
-                if not first_tokens:
-                    wait = last + self.stream_interval_s - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
+            elif not first_tokens:  # the first tokens go alone, at once: time to first token
+                wait = last + self.stream_interval_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 while not queue.empty():
                     more = queue.get_nowait()
                     if more is _END:
                         ended = True
                         break
                     events = _merge_events(events, more)
-                first_tokens = False
+            first_tokens = False
             out: list[Any] = []
             for i in range(n):
                 if finished[i]:
