@@ -157,3 +157,131 @@ def test_train_config_errors_name_the_field():
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.strategy=horovod"])
     with pytest.raises(ConfigError, match="fp16 needs a loss scaler"):
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.precision=fp16"])
+
+
+# --- property tests: any input gives a valid config or one clear ConfigError --------------------
+
+def _config_kinds():
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.pipeline import PipelineConfig
+    from raylm.serve.config import DeployConfig
+    from raylm.train.config import TrainConfig
+    from raylm.tune.config import EnsembleConfig, TuneConfig
+
+    c = ROOT / "jobs" / "configs"
+    return [(DataConfig, SHAKESPEARE), (TrainConfig, c / "train_tiny.yaml"), (TuneConfig, c / "tune_authors_cv.yaml"),
+            (EnsembleConfig, c / "ensemble_authors.yaml"), (EvaluateConfig, c / "evaluate_authors.yaml"),
+            (DeployConfig, c / "deploy_authors.yaml"), (PipelineConfig, c / "pipeline_demo.yaml")]
+
+
+def _leaf_paths(node, prefix=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if "." not in str(k):  # a dotted key (a search space's `train.lr`) is one leaf of its parent
+                yield from _leaf_paths(v, (*prefix, str(k)))
+    elif isinstance(node, list) and node:
+        for i, v in enumerate(node):
+            yield from _leaf_paths(v, (*prefix, str(i)))
+    if prefix:
+        yield ".".join(prefix)
+
+
+def _load_or_clear_error(model, path, overrides):
+    """The contract: a model instance, or a ConfigError with a message a user can act on."""
+    try:
+        out = config.load(model, path, overrides)
+    except ConfigError as e:
+        msg = str(e)
+        assert msg.strip() and "Traceback" not in msg and len(msg) < 5000, msg
+        return None
+    assert isinstance(out, model)
+    return out
+
+
+def _scalars():
+    from hypothesis import strategies as st
+
+    return (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(max_size=30))
+
+
+def test_any_set_override_on_a_shipped_config_gives_a_config_or_one_clear_error():
+    """`--set KEY=VALUE` with KEY a real path, a near miss or noise and VALUE any YAML scalar,
+    list, mapping or plain garbage, on every shipped config kind."""
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def current(doc, key):  # a leaf's own value, as `--set` text: always valid
+        for part in key.split("."):
+            doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+        return f"{key}={yaml.safe_dump(doc, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+    kinds = []
+    for m, p in _config_kinds():
+        doc = config.read_yaml(p)
+        leaves = sorted(set(_leaf_paths(doc)))
+        kinds.append((m, p, leaves, [current(doc, k) for k in leaves]))
+    values = st.one_of(_scalars().map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()),
+                       st.text(max_size=40), st.sampled_from(["[", "{a: 1", "- x", ": :", "!!python/object:os.system ls",
+                                                              "*alias", "&a [1]", "1e999", "-1", "0", "''", "~"]))
+    outcomes = {"valid": 0, "refused": 0}
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(kinds), data=st.data())
+    def check(kind, data):
+        model, path, leaves, same = kind
+        keys = st.sampled_from(leaves) | st.sampled_from(leaves).map(lambda k: k + "x") | st.text(max_size=20)
+        overrides = data.draw(st.lists(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}")
+                                       | st.text(max_size=30) | st.sampled_from(same), min_size=1, max_size=3))
+        outcomes["valid" if _load_or_clear_error(model, path, overrides) else "refused"] += 1
+
+    check()
+    assert outcomes["valid"] >= 10 and outcomes["refused"] > 100, outcomes  # both sides were reached
+
+
+def test_any_yaml_file_gives_a_config_or_one_clear_error(tmp_path):
+    """Whole files: random text, random YAML documents, and shipped configs with one value
+    replaced by anything."""
+    import random
+
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    kinds = _config_kinds()
+    docs = st.recursive(_scalars(), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                        max_leaves=10)
+    f = tmp_path / "c.yaml"
+    outcomes = {"valid": 0, "refused": 0}
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(kinds), how=st.sampled_from(["text", "bytes", "doc", "mutate", "same"]), data=st.data())
+    def check(kind, how, data):
+        model, shipped = kind
+        if how == "text":
+            f.write_text(data.draw(st.text(max_size=200)))
+        elif how == "bytes":
+            f.write_bytes(data.draw(st.binary(max_size=200)))
+        elif how == "doc":
+            f.write_text(yaml.safe_dump(data.draw(docs)))
+        elif how == "same":  # the shipped file through a YAML round trip: must stay valid
+            f.write_text(yaml.safe_dump(config.read_yaml(shipped)))
+        else:
+            d = config.read_yaml(shipped)
+            leaves = sorted(_leaf_paths(d))
+            parts = data.draw(st.sampled_from(leaves)).split(".")
+            node = d
+            for p in parts[:-1]:
+                node = node[int(p)] if isinstance(node, list) else node[p]
+            last = int(parts[-1]) if isinstance(node, list) else parts[-1]
+            node[last] = data.draw(docs)
+            if data.draw(st.booleans()):  # and sometimes a key nobody knows
+                d[random.Random(len(leaves)).choice(["extra", "Name", "sources_", "train "])] = 1
+            f.write_text(yaml.safe_dump(d))
+        outcomes["valid" if _load_or_clear_error(model, f, []) else "refused"] += 1
+
+    check()
+    assert outcomes["valid"] >= 10 and outcomes["refused"] > 100, outcomes  # both sides were reached

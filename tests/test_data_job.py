@@ -34,43 +34,81 @@ def jsonl_source(path: Path) -> dict:
 
 
 def test_every_bad_record_is_counted_and_quarantined(ray_session, tmp_path, data_root):
+    """Bad records of every kind, and corrupt files of every kind (binary garbage, a 100 MB
+    single line, empty files, parquet of the wrong schema, a truncated gzip): the job
+    completes, each bad record is quarantined with its reason and its raw text, every good
+    record (including those before the cut in the truncated gzip) is kept, and
+    rows in = rows out + dropped + quarantined."""
+    import gzip
+    import random
+
+    import pyarrow as pa
+
     good = documents(12, seed=1)
     jsonl = write_jsonl(tmp_path / "in" / "a.jsonl", good[:6],
                         bad_lines=['{"body": "unterminated', '["a list"]', '{"no_body": 1}', '{"body": 42}'])
     (tmp_path / "in" / "bad.txt").write_bytes(b"caf\xe9 latin-1 bytes \xff")
     (tmp_path / "in" / "good.txt").write_text("A plain text file.\nTwo lines of it.\n")
+    (tmp_path / "in" / "empty.txt").write_bytes(b"")  # an empty document: dropped with a reason
     csv = tmp_path / "in" / "c.csv"
     csv.write_text("body,y\n\"one, quoted\",comedy\nx,y,extra,columns\ntwo,tragedy\n")
     write_parquet(tmp_path / "pq" / "ok.parquet", good[6:])
     (tmp_path / "pq" / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "pq" / "empty.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"title": ["a", "b", "c"], "n": [1, 2, 3]}), tmp_path / "pq" / "wrong_schema.parquet")
+    pq.write_table(pa.table({"body": [1, 2], "doc_id": ["i1", "i2"]}), tmp_path / "pq" / "int_text.parquet")
+    # corrupt jsonl files, plain and compressed
+    j = tmp_path / "j"
+    j.mkdir()
+    rng = random.Random(7)
+    (j / "garbage.jsonl").write_bytes(bytes(rng.choice([b for b in range(128, 256)]) for _ in range(4096)))
+    (j / "empty.jsonl").write_bytes(b"")
+    with open(j / "huge.jsonl", "w") as f:  # one 100 MB line (over limits.max_doc_chars: 20 M characters)
+        f.write('{"doc_id": "huge", "body": "' + "word " * (20 * 2**20) + '"}\n')
+    zipped = [{**d, "doc_id": "z" + d["doc_id"]} for d in documents(5, seed=2)]
+    (j / "good.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(d) + "\n" for d in zipped).encode()))
+    many = [{**d, "doc_id": "m" + d["doc_id"]} for d in documents(200, seed=3)]
+    whole = gzip.compress("".join(json.dumps(d) + "\n" for d in many).encode())
+    (j / "cut.jsonl.gz").write_bytes(whole[:-200])  # truncated: the trailer and the last records are gone
     cfg = small_config(data_root, [
         jsonl_source(jsonl),
         {"kind": "text", "uri": str(tmp_path / "in" / "*.txt")},
         {"kind": "csv", "uri": str(csv), "text_field": "body", "label_field": "y"},
         {"kind": "parquet", "uri": str(tmp_path / "pq"), "text_field": "body", "id_field": "doc_id"},
+        {**jsonl_source(j), "name": "corrupt"},
     ], split={"key": "id", "train": 1.0, "validation": 0.0, "test": 0.0})
     m = build(cfg)
     q = m["steps"][0]["quarantined"]
-    assert q == {"invalid_json": 1, "not_an_object": 1, "missing_text_field": 1, "text_not_a_string": 1,
-                 "undecodable_bytes": 1, "malformed_csv_row": 1, "unreadable_parquet": 1}
-    good_count = 6 + 1 + 2 + 6  # jsonl, good.txt, csv rows, parquet rows
-    assert m["counts"]["records_read"] == good_count + 7
-    assert m["counts"]["documents"] == good_count
+    assert q == {"invalid_json": 1, "not_an_object": 1, "missing_text_field": 1 + 3, "text_not_a_string": 1 + 2,
+                 "undecodable_bytes": 1 + 1, "malformed_csv_row": 1, "unreadable_parquet": 2,
+                 "truncated_compressed_file": 1, "too_large": 1}, q  # too_large: the 100 MB line
+    assert m["counts"]["quarantined"] == sum(q.values())
+    docs = read_split(m, "docs", "train")
+    ids = set(docs.column("id").to_pylist())
+    recovered = {d["doc_id"] for d in many} & ids
+    assert {d["doc_id"] for d in many[:190]} <= recovered and len(recovered) < 200  # all before the cut
+    good_count = 6 + 1 + 2 + 6 + 5 + len(recovered)  # jsonl, good.txt, csv rows, parquet rows, gz, cut gz
+    assert m["counts"]["documents"] == good_count == docs.num_rows
+    assert m["counts"]["dropped"] == {"empty_text": 1}, m["counts"]["dropped"]
     assert m["counts"]["records_read"] == m["counts"]["documents"] + m["counts"]["quarantined"] + sum(
         m["counts"]["dropped"].values())
-    # the quarantine files hold each bad record with its reason and its text
+    # the quarantine files hold each bad record with its reason and (the start of) its raw text
     qdir = Path(m["quarantine"]["uri"])
     rows = [json.loads(line) for f in sorted(qdir.iterdir()) for line in f.read_text().splitlines()]
-    assert sorted(r["reason"] for r in rows) == sorted(q)
+    assert len(rows) == m["counts"]["quarantined"]
+    reasons = [r["reason"] for r in rows]
+    assert sorted(r.split(" ")[0] for r in reasons) == sorted(k for k, n in q.items() for _ in range(n))
     raw_by_reason = {r["reason"]: r["raw"] for r in rows}
     assert raw_by_reason["invalid_json"] == '{"body": "unterminated'
     assert "x,y,extra,columns" in raw_by_reason["malformed_csv_row"]
-    assert "caf" in raw_by_reason["undecodable_bytes"]
+    assert "caf" in raw_by_reason["undecodable_bytes"] or "\\x" in raw_by_reason["undecodable_bytes"]
+    huge = [r for r in rows if r["reason"].startswith("too_large")]
+    assert len(huge) == 1 and huge[0]["raw"].startswith('word word') and len(huge[0]["raw"]) <= 1000
+    assert "truncated" in raw_by_reason["truncated_compressed_file"]
     # the good records all made it, with their labels
-    docs = read_split(m, "docs", "train")
-    assert docs.num_rows == good_count
     assert sorted(x for x in docs.column("label").to_pylist() if x) == sorted(
-        [d["y"] for d in good[:6]] + ["comedy", "tragedy"])
+        [d["y"] for d in good[:6]] + ["comedy", "tragedy"] + [d["y"] for d in zipped]
+        + [d["y"] for d in many if d["doc_id"] in recovered])
 
 
 def test_version_is_content_addressed_and_reused(ray_session, corpus, tmp_path, data_root):

@@ -8,13 +8,17 @@ bad line or an undecodable file never stops the job: it is counted and set aside
 
 from __future__ import annotations
 
+import bz2
 import configparser
 import hashlib
 import io
 import json
+import lzma
 import subprocess
 import sys
 import tarfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +187,54 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
     )
 
 
+_DECOMPRESSORS: dict[str, Callable[[], Any]] = {
+    ".gz": lambda: zlib.decompressobj(wbits=31), ".bz2": bz2.BZ2Decompressor, ".xz": lzma.LZMADecompressor,
+}
+
+
+def decompress(path: str, data: bytes) -> tuple[bytes, str | None]:
+    """A `.gz`, `.bz2` or `.xz` file's content, read as far as it goes: (bytes, None) when the
+    whole stream decoded, (what could be read, why the rest could not) when it is truncated or
+    corrupt. Concatenated streams (`cat a.gz b.gz`) are read one after the other."""
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    make = _DECOMPRESSORS.get(suffix)
+    if make is None:
+        return data, None
+    out: list[bytes] = []
+    d, view, chunk = make(), memoryview(data), 1 << 20
+    try:
+        i = 0
+        while i < len(view):
+            out.append(d.decompress(view[i:i + chunk]))
+            i += chunk
+            if d.eof:
+                rest = d.unused_data + bytes(view[i:])
+                if not rest.strip(b"\0"):
+                    break
+                d, view, i = make(), memoryview(rest), 0
+        if not d.eof:
+            return b"".join(out), "truncated: the compressed stream ends early"
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        return b"".join(out), f"corrupt: {type(e).__name__}: {e}"
+    return b"".join(out), None
+
+
 def parse_file(src: FileSource, source: str, path: str, data: bytes) -> list[dict[str, Any]]:
-    """Bytes of one file -> rows (good ones and quarantined ones)."""
+    """Bytes of one file -> rows (good ones and quarantined ones). A compressed file that is
+    truncated or corrupt gives every whole record before the damage, and one quarantined
+    record (`truncated_compressed_file` / `corrupt_compressed_file`) with the partial rest."""
+    data, damage = decompress(path, data)
+    if damage:
+        reason = "truncated_compressed_file" if damage.startswith("truncated") else "corrupt_compressed_file"
+        record_per_line = src.kind in ("jsonl", "csv") or (src.kind == "text" and src.text_unit == "line")
+        cut = data.rfind(b"\n") + 1 if record_per_line else 0
+        bad = _bad(source, path, reason, f"{damage}; the partial rest: " + data[cut:][:RAW_KEEP].decode(
+            "utf-8", "backslashreplace"))
+        return (_parse_plain(src, source, path, data[:cut]) if cut else []) + [bad]
+    return _parse_plain(src, source, path, data)
+
+
+def _parse_plain(src: FileSource, source: str, path: str, data: bytes) -> list[dict[str, Any]]:
     name = path.rsplit("/", 1)[-1]
     if src.kind == "parquet":
         try:
@@ -239,21 +289,33 @@ def parse_file(src: FileSource, source: str, path: str, data: bytes) -> list[dic
     return rows
 
 
-def _parse_batch(batch: pa.Table, src: FileSource, source: str) -> pa.Table:
+def _read_and_parse(batch: pa.Table, src: FileSource, source: str, fs: Any) -> pa.Table:
+    """Each file of the batch read as raw bytes (no decompression on the way in: `parse_file`
+    does it and keeps what a damaged file still holds) and parsed; a file that cannot be read
+    at all is one quarantined record (`unreadable_file`)."""
     rows: list[dict[str, Any]] = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+    for path in batch.column("path").to_pylist():
+        try:
+            with fs.open_input_stream(path, compression=None) as f:
+                data = f.read()
+        except Exception as e:  # noqa: BLE001 - a file we cannot read is quarantined, not fatal
+            rows.append(_bad(source, path, "unreadable_file", f"{type(e).__name__}: {e}"))
+            continue
         rows.extend(parse_file(src, source, path, data))
     return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
 
 
 def read_files(src: FileSource) -> ray.data.Dataset:
+    """One row per file (its path), read and parsed in Ray Data tasks. Not
+    `ray.data.read_binary_files`: it decompresses `.gz` files on the way in, and a truncated
+    one fails the whole job instead of being quarantined."""
     files = storage.glob_files(src.uri)
     if not files:
         raise storage.StorageError(f"source {src.uri} holds no files")
     fs, _ = storage.arrow_fs(src.uri)
     paths = [storage.arrow_fs(f)[1] for f in files]
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
-    return ds.map_batches(_parse_batch, fn_kwargs={"src": src, "source": src.name or src.kind},
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=min(len(paths), 200))
+    return ds.map_batches(_read_and_parse, fn_kwargs={"src": src, "source": src.name or src.kind, "fs": fs},
                           batch_size=1, batch_format="pyarrow")
 
 
