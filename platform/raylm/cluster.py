@@ -261,8 +261,7 @@ def _wait_dashboard(state: ClusterState, timeout: float) -> None:
     raise ClusterError(f"the dashboard at {state.dashboard_url} did not answer within {timeout:.0f}s")
 
 
-def _stop_session(sid: int, grace: float = 15) -> int:
-    procs = _session_procs(sid)
+def _terminate(procs: list[psutil.Process], grace: float) -> None:
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
@@ -275,7 +274,24 @@ def _stop_session(sid: int, grace: float = 15) -> int:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def _stop_session(sid: int, grace: float = 15) -> int:
+    """SIGTERM (then SIGKILL after `grace` seconds) to every process of the session, the GCS
+    last: signalled together, the GCS and the dashboard wait out their timeouts on each other
+    (16 s); in this order the whole cluster is gone in about 5 s."""
+    procs = _session_procs(sid)
+    gcs = [p for p in procs if _name(p) == "gcs_server"]
+    _terminate([p for p in procs if p not in gcs], grace)
+    _terminate(gcs, grace)
     return len(procs)
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
 
 
 def down(state_dir: Optional[Path] = None) -> int:

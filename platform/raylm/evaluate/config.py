@@ -24,6 +24,9 @@ class Compute(Strict):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica")
     batch_size: int = Field(16, ge=1, description="documents per inference batch")
+    local_max_docs: int = Field(2000, ge=0, description="CPU evaluations (num_gpus 0) of at most this many "
+                                "documents score in the job's own process, one model load shared by every pass, "
+                                "instead of starting an actor pool per pass; 0: always the actor pool")
 
 
 class Slices(Strict):

@@ -1,6 +1,7 @@
 """Batch inference with Ray Data: `map_batches` on an actor pool of model replicas (each loads
-the registry model once; GPUs per replica from config), and the perturbations for the
-robustness runs (the data job's augmentation ops, seeded per document)."""
+the registry model once; GPUs per replica from config), or in the job's own process for small
+CPU evaluations (`compute.local_max_docs`), and the perturbations for the robustness runs (the
+data job's augmentation ops, seeded per document)."""
 
 from __future__ import annotations
 
@@ -102,8 +103,24 @@ def perturb_batch(batch: pa.Table, op: str, strength: float, seed: int) -> pa.Ta
     return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
 
 
-def run_inference(ds, task: str, model_dir: str, max_length: int, cfg: Any) -> Any:
-    """The dataset with the scorer's columns added, through an actor pool of replicas."""
+_LOCAL: dict[tuple, Any] = {}  # scorers loaded in this process: (class, kwargs) -> scorer
+
+
+def _local_scorer(cls: type, kwargs: dict[str, Any]) -> Any:
+    """One loaded model per (scorer, arguments) in this process, shared by every pass (the
+    plain pass and each robustness pass); the two most recent are kept."""
+    key = (cls.__name__, tuple(sorted(kwargs.items())))
+    if key not in _LOCAL:
+        if len(_LOCAL) >= 2:
+            _LOCAL.pop(next(iter(_LOCAL)))
+        _LOCAL[key] = cls(**kwargs)
+    return _LOCAL[key]
+
+
+def run_inference(ds, task: str, model_dir: str, max_length: int, cfg: Any, local: bool = False) -> Any:
+    """The documents with the scorer's columns added (something with `.to_pandas()`): through
+    an actor pool of replicas, or, for a small evaluation (`local`), in this process with the
+    same scorer: no replica start-up (seconds each) for a few hundred documents."""
     from ray.data import ActorPoolStrategy
 
     c = cfg.compute
@@ -112,6 +129,11 @@ def run_inference(ds, task: str, model_dir: str, max_length: int, cfg: Any) -> A
     else:
         cls, kwargs = LMScorer, {"model_dir": model_dir, "window": max_length, "max_tokens": cfg.max_tokens_per_doc,
                                  "num_gpus": c.num_gpus}
+    if local:
+        scorer = _local_scorer(cls, kwargs)
+        tables = [scorer(b) for b in ds.iter_batches(batch_size=c.batch_size, batch_format="pyarrow")]
+        if tables:
+            return pa.concat_tables(tables)
     return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=c.batch_size, batch_format="pyarrow",
                           compute=ActorPoolStrategy(size=c.actors), num_cpus=c.num_cpus,
                           num_gpus=c.num_gpus or None)

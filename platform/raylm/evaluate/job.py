@@ -79,11 +79,12 @@ class Evaluation:
             self.left_out = sum(x not in known for x in ds.select_columns(["label"]).to_pandas()["label"])
             ds = ds.filter(lambda r: r["label"] in known)
         self.ds = ds.materialize()
+        self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs
 
     def score(self, model_dir: str, ds=None):
         """A pandas frame of the documents with the model's outputs."""
         return infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, self.window,
-                                   self.cfg).to_pandas()
+                                   self.cfg, local=self.local).to_pandas()
 
     def metrics_of(self, frame, mask=None) -> dict[str, Any]:
         f = frame if mask is None else frame[mask]
