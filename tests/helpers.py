@@ -57,3 +57,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SECRETS: list[str] = []  # every API key a test issued: tests/test_security.py looks for them in logs
+
+
+def issued(secret: str) -> str:
+    """Record a secret a test created (an API key) and return it."""
+    SECRETS.append(secret)
+    return secret

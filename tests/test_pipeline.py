@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 from conftest import ROOT
-from helpers import free_port
+from helpers import free_port, issued
 
 from raylm import config, registry
 
@@ -70,7 +70,7 @@ def first_run(ray_session, prometheus, tmp_path_factory):
     from raylm.serve import keys
 
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    key = keys.add("me", ["generate"], str(tmp_path / "out" / "keys.json"))
+    key = issued(keys.add("me", ["generate"], str(tmp_path / "out" / "keys.json")))
     f = _pipeline_file(tmp_path, port=free_port())
     try:
         yield {"summary": run(config.load(PipelineConfig, f), f), "file": f, "key": key, "dir": tmp_path}

@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 from conftest import ROOT, run_cli
-from helpers import free_port
+from helpers import free_port, issued
 
 APP = "t-serve"
 
@@ -82,8 +82,9 @@ def served(ray_session, train_dataset, tmp_path_factory):
     lm2 = _register_lm(train_dataset, reg, "lm", seed=2)  # v2: the rolling-update target
     cls = _register_classifier(reg)
     kf = str(d / "keys.json")
-    k = {"gen": keys.add("gen", ["generate", "feedback"], kf), "cls": keys.add("cls", ["classify"], kf),
-         "admin": keys.add("admin", ["admin"], kf), "slow": keys.add("slow", ["generate"], kf, rate_limit_per_minute=3)}
+    k = {"gen": issued(keys.add("gen", ["generate", "feedback"], kf)), "cls": issued(keys.add("cls", ["classify"], kf)),
+         "admin": issued(keys.add("admin", ["admin"], kf)),
+         "slow": issued(keys.add("slow", ["generate"], kf, rate_limit_per_minute=3))}
     port = free_port()
     common = {"num_cpus": 0.25, "max_tokens_cap": 64, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
                                                                         "stream_interval_s": 0}}
@@ -582,3 +583,50 @@ def test_fuzzed_requests_on_every_route_get_no_5xx_and_json_errors(served):
     print("fuzzing statuses:", dict(sorted(statuses.items())))
     assert statuses.get(200, 0) > 20 and statuses.get(401, 0) > 20 and statuses.get(400, 0) + statuses.get(422, 0) > 20, \
         statuses
+
+
+def test_a_replica_killed_under_load_fails_almost_no_request_and_is_replaced(served):
+    """A bounded client (4 threads, back to back) sends 300 requests to `lm`; a third of the way
+    in, one of its replicas is killed (ray.kill, as a lost node would). Fewer than 0.5% of the
+    requests fail (the ingress sends a request whose replica died once more), and Serve starts
+    a replacement."""
+    import ray
+    from ray.util.state import list_actors
+
+    prefix = f"SERVE_REPLICA::{APP}#model-lm#"
+
+    def alive() -> list[str]:
+        return sorted(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                      if (a.name or "").startswith(prefix))
+
+    before = alive()
+    assert before, "no lm replica is running"
+    codes: list[int] = []
+    lock, total, killed = threading.Lock(), 300, []
+    body = {"model": "lm", "prompt": "the king", "max_tokens": 8}
+
+    def client() -> None:
+        while True:
+            with lock:
+                if len(codes) >= total:
+                    return
+                if len(codes) >= total // 3 and not killed:
+                    killed.append(before[0])
+                    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+            try:
+                status = _post(served, "/v1/completions", body).status_code
+            except requests.RequestException:
+                status = 599
+            with lock:
+                codes.append(status)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda _: client(), range(4)))
+    failed = [c for c in codes if c != 200]
+    assert killed and len(codes) >= total
+    assert len(failed) / len(codes) < 0.005, (len(failed), sorted(set(failed)))
+    deadline = time.time() + 120
+    while time.time() < deadline and not [n for n in alive() if n not in before]:
+        time.sleep(1)
+    assert [n for n in alive() if n not in before], "Serve did not start a replacement replica"
+    assert killed[0] not in alive()

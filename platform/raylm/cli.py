@@ -44,7 +44,9 @@ STAGES = {
 
 # Never uploaded with a job: environments, caches, local state, VCS.
 UPLOAD_EXCLUDES = [".venv/", "venv/", ".raylm/", ".cache/", ".git/", "**/__pycache__/", "*.egg-info/",
-                   ".pytest_cache/", ".device/", "build/", "dist/", "*.pyc"]
+                   ".pytest_cache/", ".device/", "build/", "dist/", "*.pyc",
+                   # secrets never travel with a job: anyone who may run jobs can read its working_dir
+                   ".env", ".env.*", "*.pem", "*.key", "**/keys.json"]
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -34,10 +34,14 @@ def _versions(root: str, name: str) -> list[int]:
 
 
 def _claim(root: str, name: str) -> int:
-    """The next free version number. Local: claimed with an atomic mkdir, so two writers never
-    get the same number. Object stores: next after the highest listed."""
+    """The next free version number, claimed so that two writers never get the same one.
+    Local: an atomic mkdir. Object stores: a `.claim` object created with a conditional PUT
+    (`storage.create_exclusive`); the loser of a race moves on to the next number."""
     n = (max(_versions(root, name)) if _versions(root, name) else 0) + 1
     if not storage.is_local(root):
+        stamp = storage.json_bytes({"claimed": dt.datetime.now(dt.timezone.utc).isoformat(), "pid": os.getpid()})
+        while not storage.create_exclusive(storage.join(root, name, f"v{n}", ".claim"), stamp):
+            n += 1
         return n
     base = storage.join(root, name)
     os.makedirs(base, exist_ok=True)

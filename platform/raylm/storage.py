@@ -162,6 +162,45 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write `uri` only if nothing is there yet; True when this call created it. Local: the
+    content is written aside and hard-linked into place (`link` fails when the name exists, so
+    a reader never sees half a file); S3: a conditional PUT (`If-None-Match: *`). Two writers
+    racing for one name: exactly one gets True. Other object stores have no such primitive
+    here: an existence check, then a write (documented as not atomic)."""
+    fs, path = fsspec_fs(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if scheme_of(uri) == "s3":
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs passes some precondition failures through untranslated
+            if "PreconditionFailed" in repr(e) or "412" in str(e):
+                return False
+            raise
+    if fs.exists(path):
+        return False
+    write_bytes(uri, data)
+    return True
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
@@ -175,7 +214,7 @@ def read_json(uri: str) -> Any:
 
 
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
+    write_bytes(uri, json_bytes(obj))
 
 
 def listdir(uri: str) -> list[str]:

@@ -245,9 +245,14 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         return {**existing, "reused": True}
 
     local = storage.is_local(root)
-    work = storage.join(root, cfg.name, "_staging", f"{version}-{uuid.uuid4().hex[:8]}") if local else final
-    if not local and storage.exists(final):
-        storage.remove(final)  # an incomplete earlier attempt (no manifest): start clean
+    # Where this run writes. Local: a staging directory, renamed into place at the end. Object
+    # stores (no rename): an attempt directory of its own inside the version, which the
+    # manifest (written last, with an exclusive create) points at: two jobs building the same
+    # version at once never write into each other's files, and readers see one whole attempt.
+    attempt = uuid.uuid4().hex[:8]
+    work = storage.join(root, cfg.name, "_staging", f"{version}-{attempt}") if local else \
+        storage.join(final, f"_attempt-{attempt}")
+    data_uri = final if local else work  # where the published files live
     fs, _ = storage.arrow_fs(root)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same rows in the same order
@@ -283,7 +288,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
             + (f"  changed {row['rows_changed']}" if row.get("rows_changed") else ""))
     n_quarantined = sum(v for k, v in tally.items() if k.startswith("quarantined."))
 
-    quarantine_uri = storage.join(final, "quarantine")
+    quarantine_uri = storage.join(data_uri, "quarantine")
     if n_quarantined:
         ds.map_batches(_only_errors, batch_format="pyarrow", batch_size=None).write_json(
             storage.arrow_fs(storage.join(work, "quarantine"))[1], filesystem=fs)
@@ -356,7 +361,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         "id": f"{cfg.name}@{version}",
         "name": cfg.name,
         "version": version,
-        "uri": final,
+        "uri": data_uri,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "raylm_version": raylm.__version__,
         "pipeline_version": PIPELINE_VERSION,
@@ -383,20 +388,31 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     }
     if cfg.report:
         _report(tokenized, manifest, hf_tok, storage.join(work, "report"))
-        log(f"data report: {storage.join(final, 'report', 'index.html')}")
+        log(f"data report: {storage.join(data_uri, 'report', 'index.html')}")
     storage.write_json(storage.join(work, MANIFEST), manifest)
-    _publish(work, final, replace=cfg.output.rebuild)
-    log(f"wrote {manifest['id']} to {final} in {manifest['seconds']}s")
+    published = _publish(work, final, manifest, replace=cfg.output.rebuild)
+    if published["uri"] != manifest["uri"]:
+        log(f"another job published {manifest['id']} first: using its files at {published['uri']}")
+        return {**published, "reused": True}
+    log(f"wrote {manifest['id']} to {data_uri} in {manifest['seconds']}s")
     return manifest
 
 
-def _publish(work: str, final: str, replace: bool = False) -> None:
-    """Local: rename the staged directory into place (atomic); a concurrent writer that got
-    there first wins and ours is discarded, unless `replace` (a rebuild), which swaps the old
-    version out. Object stores: the manifest, written last, is the commit marker, so there is
-    nothing to move."""
-    if work == final:
-        return
+def _publish(work: str, final: str, manifest: dict[str, Any], replace: bool = False) -> dict[str, Any]:
+    """Commit a finished build; returns the manifest that stands. Local: rename the staged
+    directory into place (atomic); a concurrent writer that got there first wins and ours is
+    discarded, unless `replace` (a rebuild), which swaps the old version out. Object stores:
+    create the version's manifest (pointing at our attempt) only if none exists; when another
+    job's manifest is there first, ours is discarded and theirs stands (a rebuild overwrites)."""
+    if not storage.is_local(final):
+        uri = storage.join(final, MANIFEST)
+        if replace:
+            storage.write_json(uri, manifest)
+            return manifest
+        if storage.create_exclusive(uri, storage.json_bytes(manifest)):
+            return manifest
+        storage.remove(work)
+        return storage.read_json(uri)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     if replace and os.path.exists(final):
         old = f"{work}.old"
@@ -414,3 +430,4 @@ def _publish(work: str, final: str, replace: bool = False) -> None:
     staging = os.path.dirname(work)
     if os.path.isdir(staging) and not os.listdir(staging):
         os.rmdir(staging)
+    return manifest

@@ -304,17 +304,21 @@ class Ingress:
         base = {"max_tokens": self._max_tokens(req.model, req.max_tokens), "temperature": req.temperature,
                 "top_p": req.top_p, "stop": self._stops(req.stop), "seed": req.seed, "logprobs": req.logprobs,
                 "echo": req.echo, "stream": req.stream}
-        started = await self._start(m, [{**base, "prompt": x} for x in prompts])
+        payloads = [{**base, "prompt": x} for x in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
+        if req.stream:
+            started = await self._start(m, payloads)
+            outs = None
+        else:
+            started, outs = await self._generate(request, m, payloads, req.model)
         prompt_scores = await self._prompt_scores(m, started, req) if (req.echo and req.logprobs is not None) \
             else [None] * len(prompts)
-        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
         echo_texts = [self._prompt_text(x, s) if req.echo else "" for x, s in zip(prompts, prompt_scores)]
         if req.stream:
             request.state.streaming = True
             return StreamingResponse(self._stream_completion(request, m, started, head, req, echo_texts, prompt_scores,
                                                              prompts), media_type="text/event-stream")
-        outs = await self._collect(request, started, req.model)
         choices = []
         for i, o in enumerate(outs):
             lp = self._completion_logprobs(o, prompt_scores[i], echo_texts[i], len(prompts[i]) if isinstance(
@@ -351,6 +355,25 @@ class Ingress:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def _generate(self, request: Request, m: dict[str, Any], payloads: list[dict[str, Any]],
+                        model: str) -> tuple[list, list[dict]]:
+        """Start and collect a whole (not streamed) answer. A request whose replica died under it
+        is sent once more: the handle routes it to a live replica, or holds it until Serve has
+        started the replacement. (A stream that has begun cannot be replayed: it ends with an
+        in-band error instead.)"""
+        from ray.exceptions import RayActorError
+
+        for attempt in (1, 2):
+            try:
+                started = await self._start(m, payloads)
+                return started, await self._collect(request, started, model)
+            except RayActorError as e:
+                if attempt == 2:
+                    raise
+                log.warning("raylm: a %s replica was lost under a request (%s); sending it once more", model,
+                            type(e).__name__)
+        raise AssertionError("unreachable")
 
     async def _collect(self, request: Request, started: list, model: str) -> list[dict]:
         t0 = time.perf_counter()
@@ -436,15 +459,15 @@ class Ingress:
         payload = {"messages": messages, "max_tokens": self._max_tokens(req.model, asked),
                    "temperature": req.temperature, "top_p": req.top_p, "stop": self._stops(req.stop),
                    "seed": req.seed, "logprobs": top, "stream": req.stream}
-        started = await self._start(m, [payload])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
         prompt = messages[-1]["content"]
         if req.stream:
+            started = await self._start(m, [payload])
             request.state.streaming = True
             return StreamingResponse(self._stream_chat(started, {**head, "object": "chat.completion.chunk"}, req,
                                                        prompt), media_type="text/event-stream")
-        (o,) = await self._collect(request, started, req.model)
+        started, (o,) = await self._generate(request, m, [payload], req.model)
         self._remember(rid, {"model": req.model, "prompt": prompt, "completion": o["text"]})
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
                                      "logprobs": self._chat_logprobs(o) if req.logprobs else None,
@@ -504,10 +527,7 @@ class Ingress:
         if not texts or len(texts) > 64:
             raise ApiError(400, "send 1 to 64 texts", param="texts")
         try:
-            if m.get("ensemble"):
-                results = self._combine(m, await asyncio.gather(*(h.classify.remote(texts) for h in m["handle"])))
-            else:
-                results = await m["handle"].classify.remote(texts)
+            results = await self._classify(m, texts)
         except BackPressureError:
             raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
                            {"Retry-After": "1"}) from None
@@ -515,6 +535,22 @@ class Ingress:
         self._remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
         return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    async def _classify(self, m: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+        """The model's (or the ensemble's) answers; sent once more when a replica died under it."""
+        from ray.exceptions import RayActorError
+
+        for attempt in (1, 2):
+            try:
+                if m.get("ensemble"):
+                    return self._combine(m, await asyncio.gather(*(h.classify.remote(texts) for h in m["handle"])))
+                return await m["handle"].classify.remote(texts)
+            except RayActorError as e:
+                if attempt == 2:
+                    raise
+                log.warning("raylm: a classifier replica was lost under a request (%s); sending it once more",
+                            type(e).__name__)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _combine(m: dict[str, Any], member_results: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
