@@ -227,7 +227,7 @@ def test_any_set_override_on_a_shipped_config_gives_a_config_or_one_clear_error(
                                                               "*alias", "&a [1]", "1e999", "-1", "0", "''", "~"]))
     outcomes = {"valid": 0, "refused": 0}
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(kind=st.sampled_from(kinds), data=st.data())
     def check(kind, data):
@@ -238,7 +238,7 @@ def test_any_set_override_on_a_shipped_config_gives_a_config_or_one_clear_error(
         outcomes["valid" if _load_or_clear_error(model, path, overrides) else "refused"] += 1
 
     check()
-    assert outcomes["valid"] >= 10 and outcomes["refused"] > 100, outcomes  # both sides were reached
+    assert outcomes["valid"] >= 5 and outcomes["refused"] > 100, outcomes  # both sides were reached
 
 
 def test_any_yaml_file_gives_a_config_or_one_clear_error(tmp_path):
@@ -256,7 +256,7 @@ def test_any_yaml_file_gives_a_config_or_one_clear_error(tmp_path):
     f = tmp_path / "c.yaml"
     outcomes = {"valid": 0, "refused": 0}
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(kind=st.sampled_from(kinds), how=st.sampled_from(["text", "bytes", "doc", "mutate", "same"]), data=st.data())
     def check(kind, how, data):
@@ -284,4 +284,4 @@ def test_any_yaml_file_gives_a_config_or_one_clear_error(tmp_path):
         outcomes["valid" if _load_or_clear_error(model, f, []) else "refused"] += 1
 
     check()
-    assert outcomes["valid"] >= 10 and outcomes["refused"] > 100, outcomes  # both sides were reached
+    assert outcomes["valid"] >= 5 and outcomes["refused"] > 100, outcomes  # both sides were reached
