@@ -56,7 +56,7 @@ def test_the_jobs_api_lists_no_secret(raylm_cluster):
     holds neither the token itself nor an API key."""
     client = cluster.job_client(cluster.resolve_target())
     jobs = client.list_jobs()
-    text = json.dumps([j.dict() if hasattr(j, "dict") else vars(j) for j in jobs], default=str)
+    text = json.dumps([j.model_dump() if hasattr(j, "model_dump") else vars(j) for j in jobs], default=str)
     token = Path(raylm_cluster.token_path).read_text().strip()
     assert token and token not in text
     assert not [s for s in SECRETS if s in text]
