@@ -180,7 +180,7 @@ def main() -> int:
     cfg = DeployConfig.model_validate({"name": "bench", "route_prefix": "/bench", "models": models,
                                        "http": {"port": port}, "auth": {"keys_file": kf},
                                        "ingress": {"num_cpus": 0}, "limits": {"rate_limit_per_minute": 10**6}})
-    from raylm.serve.app import build, resolve
+    from raylm.serve.graph import build, resolve
 
     cfg, cards = resolve(cfg)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -24,7 +24,7 @@ import ray, requests, torch
 from ray import serve
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 serve.start(http_options={"host": "127.0.0.1", "port": 8126})
-from raylm.serve.app import build
+from raylm.serve.graph import build
 M = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", ".raylm", "registry", "tiny-llama", "v1")
 cfg = DeployConfig.model_validate({"models": [{"name": "m", "model": M, "num_cpus": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}], "http": {"port": 8126}, "ingress": {"num_cpus": 0}, "limits": {"rate_limit_per_minute": 10**6}})
 serve.run(build(cfg), name="raylm", route_prefix="/")

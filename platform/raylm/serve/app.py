@@ -1,15 +1,15 @@
-"""The Serve application of a deploy config: a FastAPI ingress (API keys, limits, validation,
-OpenAI-compatible routes, feedback, metrics, playground) composed with one deployment per
-model through DeploymentHandles.
+"""The Serve ingress: a FastAPI app (API keys, limits, validation, OpenAI-compatible routes,
+feedback, metrics, playground) that reaches one deployment per model through DeploymentHandles.
+serve/graph.py assembles the application from a deploy config.
 
-    build(cfg) -> serve.Application          (the deploy job runs it)
     app_builder(args) -> serve.Application   (import path for `serve deploy` / a RayService)
 
 Every error a client can cause is a JSON body `{"error": {"message", "type", "code"}}` with
 the right status (400, 401, 403, 404, 413, 422, 429, 503); nothing a client sends gives a 500.
 
 
-Request bodies, error bodies and SSE lines are in `protocol.py`; metrics in `metrics.py`.
+Request bodies, error bodies and SSE lines are in `protocol.py`; metrics in `metrics.py`;
+merging model streams in `streams.py`.
 """
 
 import asyncio
@@ -32,6 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.serve.config import DeployConfig
 from raylm.serve.metrics import metrics
+from raylm.serve.streams import cancel as _cancel
+from raylm.serve.streams import merge as _merge
 from raylm.serve.protocol import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, FeedbackRequest, Stop,
                                   body_schema, error_body, error_response, sse, validation_message)
 
@@ -89,49 +91,6 @@ async def _count(request: Request, call_next):
         m["requests"].inc(tags={"route": route, "status": str(status), "model": request.state.model})
         if not request.state.streaming:
             m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": request.state.model})
-
-
-def _cancel(gens: list[Any]) -> None:
-    """Cancel streams we no longer read (one that was refused raises its refusal again)."""
-    for g in gens:
-        try:
-            g.cancel()
-        except Exception:  # noqa: BLE001 - nothing left to clean up for that one
-            pass
-
-
-async def _merge(gens: list[Any]) -> AsyncIterator[tuple[int, dict]]:
-    """Events of several streams as they come: (stream index, event)."""
-    if len(gens) == 1:
-        async for ev in gens[0]:
-            yield 0, ev
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, g: Any) -> None:
-        try:
-            async for ev in g:
-                await queue.put((i, ev))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, e))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    left = len(gens)
-    try:
-        while left:
-            i, ev = await queue.get()
-            if ev is done:
-                left -= 1
-            elif isinstance(ev, Exception):
-                raise ev
-            else:
-                yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 @serve.deployment
@@ -586,78 +545,9 @@ class Ingress:
         return {"id": record["id"], "object": "feedback", "stored": True, "response_known": seen is not None}
 
 
-# --- building the application -------------------------------------------------------------------
-
-def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
-    """Fill every default that depends on where this runs (paths under $RAYLM_HOME) and look
-    up each model's registry card. Raises FileNotFoundError for an unknown model."""
-    from raylm import registry, storage
-    from raylm.cluster import home
-    from raylm.serve.keys import default_keys_file
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.registry = storage.normalize(cfg.registry or registry.default_root())
-    cfg.auth.keys_file = storage.normalize(cfg.auth.keys_file or default_keys_file())
-    cfg.feedback_uri = storage.normalize(cfg.feedback_uri or str(home() / "feedback" / cfg.name))
-    cards = {}
-    for m in cfg.models:
-        card = registry.resolve(m.model, cfg.registry)
-        if card.get("task") not in ("causal_lm", "classification"):
-            raise ValueError(f"model {card.get('id')} has task {card.get('task')!r}; raylm serves causal_lm and "
-                             "classification models")
-        cards[m.name] = card
-    return cfg, cards
-
-
-def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
-    from raylm import storage
-    from raylm.serve.deployments import ClassifierDeployment, LMDeployment
-
-    if cards is None:
-        cfg, cards = resolve(cfg)
-    handles, meta = {}, {}
-    for m in cfg.models:
-        card = cards[m.name]
-        options: dict[str, Any] = {
-            "name": f"model-{m.name}", "max_ongoing_requests": m.max_ongoing_requests,
-            "max_queued_requests": m.max_queued_requests,
-            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-        }
-        if m.autoscaling:
-            a = m.autoscaling
-            options["autoscaling_config"] = {
-                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
-                "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
-                "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
-        else:
-            options["num_replicas"] = m.num_replicas
-        spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
-                "options": m.model_dump(mode="json")}
-        ensemble = None
-        if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
-            ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
-            handles[m.name] = [ClassifierDeployment.options(**{**options, "name": f"model-{m.name}-m{i}"}).bind(
-                {**spec, "name": f"{m.name}-m{i}", "card": {
-                    "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
-                    "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
-                for i in range(len(ensemble["members"]))]
-        else:
-            cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-            handles[m.name] = cls.options(**options).bind(spec)
-        labels = None
-        if card["task"] == "classification":
-            labels = card.get("labels") or (card.get("config") or {}).get("labels")
-        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
-                        "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
-                        if card.get("created") else None}
-    return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
-                           max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(
-        cfg.model_dump(mode="json"), meta, handles)
-
-
 def app_builder(args: dict[str, Any]):
     """Import path for Serve configs (`raylm serve-config` writes `raylm.serve.app:app_builder`
-    with the deploy config as `args`)."""
+    with the deploy config as `args`); the application graph is assembled in serve/graph.py."""
+    from raylm.serve.graph import build
+
     return build(DeployConfig.model_validate(args))

@@ -93,7 +93,7 @@ def undeploy(name: str) -> bool:
 def run(cfg: DeployConfig) -> dict[str, Any]:
     from raylm.runtime import init_ray
     from raylm.serve import keys
-    from raylm.serve.app import build, resolve
+    from raylm.serve.graph import build, resolve
 
     try:
         cfg, cards = resolve(cfg)

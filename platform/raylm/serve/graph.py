@@ -1,0 +1,85 @@
+"""The Serve application graph of a deploy config: each model's registry card resolved, one
+deployment per model (one per member for an ensemble) with its replicas, autoscaling and
+resources, and the FastAPI ingress (serve/app.py) bound to their handles.
+
+    resolve(cfg) -> (cfg with defaults filled in, {model name: card})
+    build(cfg) -> serve.Application          (the deploy job and the benchmarks run it;
+                                              `raylm.serve.app:app_builder` wraps it for Serve configs)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from raylm.serve.app import Ingress
+from raylm.serve.config import DeployConfig
+
+
+def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
+    """Fill every default that depends on where this runs (paths under $RAYLM_HOME) and look
+    up each model's registry card. Raises FileNotFoundError for an unknown model."""
+    from raylm import registry, storage
+    from raylm.cluster import home
+    from raylm.serve.keys import default_keys_file
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.registry = storage.normalize(cfg.registry or registry.default_root())
+    cfg.auth.keys_file = storage.normalize(cfg.auth.keys_file or default_keys_file())
+    cfg.feedback_uri = storage.normalize(cfg.feedback_uri or str(home() / "feedback" / cfg.name))
+    cards = {}
+    for m in cfg.models:
+        card = registry.resolve(m.model, cfg.registry)
+        if card.get("task") not in ("causal_lm", "classification"):
+            raise ValueError(f"model {card.get('id')} has task {card.get('task')!r}; raylm serves causal_lm and "
+                             "classification models")
+        cards[m.name] = card
+    return cfg, cards
+
+
+def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
+    from raylm import storage
+    from raylm.serve.deployments import ClassifierDeployment, LMDeployment
+
+    if cards is None:
+        cfg, cards = resolve(cfg)
+    handles, meta = {}, {}
+    for m in cfg.models:
+        card = cards[m.name]
+        options: dict[str, Any] = {
+            "name": f"model-{m.name}", "max_ongoing_requests": m.max_ongoing_requests,
+            "max_queued_requests": m.max_queued_requests,
+            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        }
+        if m.autoscaling:
+            a = m.autoscaling
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
+        else:
+            options["num_replicas"] = m.num_replicas
+        spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
+                "options": m.model_dump(mode="json")}
+        ensemble = None
+        if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
+            ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
+            handles[m.name] = [ClassifierDeployment.options(**{**options, "name": f"model-{m.name}-m{i}"}).bind(
+                {**spec, "name": f"{m.name}-m{i}", "card": {
+                    "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
+                    "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
+                for i in range(len(ensemble["members"]))]
+        else:
+            cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
+            handles[m.name] = cls.options(**options).bind(spec)
+        labels = None
+        if card["task"] == "classification":
+            labels = card.get("labels") or (card.get("config") or {}).get("labels")
+        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
+                        "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
+                        if card.get("created") else None}
+    return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
+                           max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(
+        cfg.model_dump(mode="json"), meta, handles)
