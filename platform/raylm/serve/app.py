@@ -93,6 +93,20 @@ async def _count(request: Request, call_next):
             m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": request.state.model})
 
 
+async def _once_more_if_replica_lost(call: Any, what: str) -> Any:
+    """`await call()`; when the replica serving it died under it (RayActorError), once more: the
+    handle routes the retry to a live replica, or holds it until Serve has started the
+    replacement. Only for whole answers, which nobody has seen a part of."""
+    from ray.exceptions import RayActorError
+
+    try:
+        return await call()
+    except RayActorError as e:
+        log.warning("raylm: a %s replica was lost under a request (%s); sending it once more", what,
+                    type(e).__name__)
+        return await call()
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -317,22 +331,13 @@ class Ingress:
 
     async def _generate(self, request: Request, m: dict[str, Any], payloads: list[dict[str, Any]],
                         model: str) -> tuple[list, list[dict]]:
-        """Start and collect a whole (not streamed) answer. A request whose replica died under it
-        is sent once more: the handle routes it to a live replica, or holds it until Serve has
-        started the replacement. (A stream that has begun cannot be replayed: it ends with an
-        in-band error instead.)"""
-        from ray.exceptions import RayActorError
+        """Start and collect a whole (not streamed) answer, sent once more if its replica died.
+        (A stream that has begun cannot be replayed: it ends with an in-band error instead.)"""
+        async def once() -> tuple[list, list[dict]]:
+            started = await self._start(m, payloads)
+            return started, await self._collect(request, started, model)
 
-        for attempt in (1, 2):
-            try:
-                started = await self._start(m, payloads)
-                return started, await self._collect(request, started, model)
-            except RayActorError as e:
-                if attempt == 2:
-                    raise
-                log.warning("raylm: a %s replica was lost under a request (%s); sending it once more", model,
-                            type(e).__name__)
-        raise AssertionError("unreachable")
+        return await _once_more_if_replica_lost(once, model)
 
     async def _collect(self, request: Request, started: list, model: str) -> list[dict]:
         t0 = time.perf_counter()
@@ -496,20 +501,13 @@ class Ingress:
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     async def _classify(self, m: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
-        """The model's (or the ensemble's) answers; sent once more when a replica died under it."""
-        from ray.exceptions import RayActorError
+        """The model's (or the ensemble's) answers, sent once more if a replica died under it."""
+        async def once() -> list[dict[str, Any]]:
+            if m.get("ensemble"):
+                return self._combine(m, await asyncio.gather(*(h.classify.remote(texts) for h in m["handle"])))
+            return await m["handle"].classify.remote(texts)
 
-        for attempt in (1, 2):
-            try:
-                if m.get("ensemble"):
-                    return self._combine(m, await asyncio.gather(*(h.classify.remote(texts) for h in m["handle"])))
-                return await m["handle"].classify.remote(texts)
-            except RayActorError as e:
-                if attempt == 2:
-                    raise
-                log.warning("raylm: a classifier replica was lost under a request (%s); sending it once more",
-                            type(e).__name__)
-        raise AssertionError("unreachable")
+        return await _once_more_if_replica_lost(once, m["registry_id"])
 
     @staticmethod
     def _combine(m: dict[str, Any], member_results: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
