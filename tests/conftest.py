@@ -128,19 +128,25 @@ def train_dataset(ray_session, tmp_path_factory):
 def authors_dataset(ray_session, tmp_path_factory):
     """jobs/configs/authors.yaml on the real corpus (Shakespeare vs Milton passages, 40 per work):
     the classification dataset of the training, ensemble and evaluation tests."""
+    from raylm.data import pipeline
+
+    d = tmp_path_factory.mktemp("authors")
+    m = pipeline.run(authors_config(d / "datasets"))
+    return {"manifest": m, "root": str(d / "datasets"), "dir": d}
+
+
+def authors_config(root: Path):
+    """The data config of `authors_dataset`, writing under `root`."""
     import yaml
 
     from raylm import config
-    from raylm.data import pipeline
     from raylm.data.config import DataConfig
 
-    d = tmp_path_factory.mktemp("authors")
     doc = yaml.safe_load((ROOT / "jobs" / "configs" / "authors.yaml").read_text())
     doc["sources"][0].update(cache_dir=str(SHARED_CACHE), passages={"chars": 1000, "per_document": 40})
     doc.update(steps=[s for s in doc["steps"] if s["name"] in ("normalize", "quality")],
-               output={"root": str(d / "datasets")}, tokenize={"min_actors": 1, "max_actors": 1})
-    m = pipeline.run(config.build(DataConfig, doc))
-    return {"manifest": m, "root": str(d / "datasets"), "dir": d}
+               output={"root": str(root)}, tokenize={"min_actors": 1, "max_actors": 1})
+    return config.build(DataConfig, doc)
 
 
 def train_tiny(dataset: dict, name: str, overrides: list[str]) -> tuple[dict, dict]:

@@ -66,3 +66,32 @@ def issued(secret: str) -> str:
     """Record a secret a test created (an API key) and return it."""
     SECRETS.append(secret)
     return secret
+
+
+def add_node(gcs_address: str, temp_dir: str, num_cpus: int, resources: dict | None = None):
+    """A second Ray node on this machine joined to the running cluster, started the way
+    `ray.cluster_utils.Cluster.add_node` starts its worker nodes (its own raylet and object
+    store); returns the node once the cluster lists it alive."""
+    import time
+
+    import ray
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    params = RayParams(gcs_address=gcs_address, temp_dir=temp_dir, num_cpus=num_cpus, num_gpus=0,
+                       resources=resources or {}, object_store_memory=200 * 1024 * 1024,
+                       min_worker_port=0, max_worker_port=0, include_log_monitor=False, node_manager_port=0)
+    params.dashboard_agent_listen_port = None
+    node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before:
+            return node
+        time.sleep(0.2)
+    raise TimeoutError("the added node did not join the cluster")
+
+
+def lose_node(node) -> None:
+    """The node goes away at once, as a machine that dies: every process of it killed, no drain."""
+    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)

@@ -356,6 +356,71 @@ def test_metrics_reach_ray(served):
     assert "raylm_serve_tokens_generated_total" in text and "raylm_serve_request_latency_seconds_bucket" in text
 
 
+@pytest.mark.slow
+def test_soak_steady_requests_keep_latency_and_memory_flat(served):
+    """RAYLM_SOAK_S seconds (default 300; `make test` sets 60) of steady traffic at a fixed rate:
+    4 requests a second, open loop (each sent at its time, however slow the answers), alternating int8 completions and
+    classifications. Zero errors; the p99 latency of the last minute within 1.5x of the first
+    minute's (a third of the run when it is shorter than 3 minutes); the resident memory of every
+    replica flat (its peak in the last minute within 10% of its peak in the first)."""
+    import statistics
+
+    import psutil
+    from ray.util.state import list_actors
+
+    duration, rate, warmup = float(os.environ.get("RAYLM_SOAK_S", 300)), 4.0, 15.0
+    bodies = [("/v1/completions", {"model": "lm-int8", "prompt": "the king", "max_tokens": 8}, "gen"),
+              ("/v1/classify", {"model": "author", "texts": ["Of Man's first disobedience, and the fruit"]}, "cls")]
+    replicas = {a.name: psutil.Process(a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                if (a.name or "").startswith(f"SERVE_REPLICA::{APP}#")}
+    assert any("lm-int8" in n for n in replicas) and any("author" in n for n in replicas), list(replicas)
+    results: list[tuple[float, float, int]] = []  # (scheduled time from start, latency, status)
+    rss: list[tuple[float, dict[str, int]]] = []
+
+    def send(i: int, at: float) -> None:
+        route, body, key = bodies[i % 2]
+        try:
+            status = _post(served, route, body, key).status_code
+        except requests.RequestException:
+            status = 599
+        results.append((at - start, time.monotonic() - at, status))
+
+    start = time.monotonic() + warmup  # what is sent before `start` warms up and is not counted
+    t0, i, next_sample = start - warmup, 0, start
+    with cf.ThreadPoolExecutor(16) as ex:
+        while True:
+            at = t0 + i / rate
+            if at >= start + duration:
+                break
+            now = time.monotonic()
+            if now >= next_sample:  # resident memory of every replica, every 10 s
+                rss.append((now - start, {n: p.memory_info().rss for n, p in replicas.items() if p.is_running()}))
+                next_sample += 10
+            if at > now:
+                time.sleep(min(at - now, 0.05))
+                continue
+            ex.submit(send, i, at)
+            i += 1
+    counted = [r for r in results if r[0] >= 0]
+    errors = [r for r in counted if r[2] != 200]
+    assert len(counted) >= rate * duration * 0.99 and not errors, (len(counted), errors[:5])
+
+    def p99(lo: float, hi: float) -> float:
+        lat = sorted(r[1] for r in counted if lo <= r[0] < hi)
+        return statistics.quantiles(lat, n=100)[98]
+
+    window = min(60.0, duration / 3)
+    first, last = p99(0, window), p99(duration - window, duration)
+    early = {n: max(s[n] for t, s in rss if t < window and n in s) for n in replicas}
+    late = {n: max(s[n] for t, s in rss if t >= duration - window and n in s) for n in replicas}
+    print(json.dumps({"soak_s": duration, "requests": len(counted), "rate": rate, "p99_first_ms": round(first * 1e3, 1),
+                      "p99_last_ms": round(last * 1e3, 1), "rss_mib": {n.split("#")[1]: [round(early[n] / 2**20),
+                      round(late[n] / 2**20)] for n in replicas}}))
+    assert last <= 1.5 * first, (first, last)
+    for n in replicas:
+        assert late[n] <= 1.10 * early[n], (n, early[n], late[n])
+
+
 def _replicas(deployment: str) -> int:
     from ray import serve
 

@@ -220,6 +220,7 @@ def write_json(uri: str, obj: Any) -> None:
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under `uri`; [] when it does not exist."""
     fs, path = fsspec_fs(uri)
+    fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

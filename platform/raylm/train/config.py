@@ -109,6 +109,9 @@ class TrainLoopConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="more Ray resources each worker needs, e.g. a custom node resource "
+        "({trainer: 1}) to keep workers on nodes that offer it")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="sequences per worker per micro-batch")
     grad_accum: int = Field(1, ge=1)

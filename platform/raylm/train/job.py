@@ -284,7 +284,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     if tables is not None:
         loop_config["shards"] = rank_shards(tables, t.num_workers)
     runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {**t.worker_resources, "CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
