@@ -7,7 +7,7 @@
         --strategies fsdp,zero2,zero3
     # CPU, 2 workers, gloo (issue 4)
     python benchmarks/train_overhead.py --device cpu --workers 2 --preset small --seq-len 256 \
-        --batch-size 4 --steps 30 --strategies ddp
+        --batch-size 4 --steps 40 --vocab 8192 --strategies ddp,fsdp --rounds 3
 
 Prints one JSON line per strategy: steady-state tokens/s (and MFU and peak memory on a GPU)
 through Ray Train, the plain loop's in the same run, and the Ray overhead in percent. The data
@@ -90,7 +90,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from raylm.train import models, strategies
+    from raylm.train import losses, models, strategies
 
     rank, world = args.rank, args.workers
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
@@ -112,7 +112,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     torch.manual_seed(0)
     model = models.build(cfg.model, args.vocab, args.seq_len, 0, None)
     n_params = models.num_params(model)
-    strat = strategies.setup(model, cfg.train, device)
+    strat = strategies.setup(model, cfg.train, device, losses.model_loss)  # the loop's causal-LM loss
     bs = cfg.train.batch_size
     warm = max(1, min(5, args.steps // 4))
 
@@ -128,7 +128,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
             t0 = time.time()
         i = (step * bs) % (len(data) - bs)
         ids = data[i:i + bs].to(device, non_blocking=True)
-        strat.micro_step(ids, last=True)
+        strat.micro_step({"input_ids": ids, "labels": ids}, last=True)  # the loop's batch: labels = inputs
         strat.optimizer_step()
     sync()
     tok_s = (args.steps - warm) * bs * args.seq_len * world / (time.time() - t0)
@@ -172,6 +172,8 @@ def main() -> int:
     p.add_argument("--strategies", default="fsdp,zero2,zero3")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers = plain processes")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="plain, Ray, plain, Ray, ...: medians of this many of each (a noisy machine drifts)")
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29500, help=argparse.SUPPRESS)
@@ -191,29 +193,40 @@ def main() -> int:
     from raylm.train.job import dataset_meta, build_trainer
 
     init_ray()
+    import statistics
+
     for key in args.strategies.split(","):
-        base = run_plain(args, data_root, key)  # first, in its own processes (a clean CUDA context)
-        if base is None:
+        plain_runs, ray_runs = [], []
+        for _ in range(args.rounds):  # interleaved, so a drift in the machine's speed hits both alike
+            base = run_plain(args, data_root, key)  # first, in its own processes (a clean CUDA context)
+            if base is None:
+                break
+            storage = str(work / "runs")
+            cfg = train_config(args, data_root, key, storage)
+            try:
+                m = build_trainer(cfg, dataset_meta(cfg)).fit().metrics
+            except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
+                print(json.dumps({"benchmark": "train_overhead", "strategy": key, "error": repr(e)[-1500:]}), flush=True)
+                break
+            finally:
+                shutil.rmtree(storage, ignore_errors=True)
+            plain_runs.append(base)
+            ray_runs.append(m)
+        if not ray_runs:
             continue
-        storage = str(work / "runs")
-        cfg = train_config(args, data_root, key, storage)
-        try:
-            result = build_trainer(cfg, dataset_meta(cfg)).fit()
-            m = result.metrics
-        except Exception as e:  # noqa: BLE001 - report and go on to the next strategy
-            print(json.dumps({"benchmark": "train_overhead", "strategy": key, "error": repr(e)[-1500:]}), flush=True)
-            continue
-        finally:
-            shutil.rmtree(storage, ignore_errors=True)
-        ray_tok = m["steady_tokens_per_second"]
+        ray_tok = statistics.median(r["steady_tokens_per_second"] for r in ray_runs)
+        plain_tok = statistics.median(b["tokens_per_second"] for b in plain_runs)
+        m, base = ray_runs[-1], plain_runs[-1]
         row = {
             "benchmark": "train_overhead", "device": args.device, "workers": args.workers, "strategy": key,
             "model": f"llama-{args.preset}", "params_non_embedding": m.get("params_non_embedding"),
             "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "precision": "bf16" if args.device == "cuda" else "fp32", "activation_checkpointing": args.act_ckpt,
-            "compile": args.compile, "ray_tokens_per_s": round(ray_tok, 1),
-            "baseline_plain_tokens_per_s": round(base["tokens_per_second"], 1),
-            "ray_overhead_pct": round(100 * (1 - ray_tok / base["tokens_per_second"]), 2),
+            "compile": args.compile, "rounds": len(ray_runs), "ray_tokens_per_s": round(ray_tok, 1),
+            "baseline_plain_tokens_per_s": round(plain_tok, 1),
+            "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok), 2),
+            "per_round_overhead_pct": [round(100 * (1 - r["steady_tokens_per_second"] / b["tokens_per_second"]), 1)
+                                       for r, b in zip(ray_runs, plain_runs)],
         }
         if args.device == "cuda":
             row.update(ray_mfu=round(m.get("steady_mfu", 0), 4), ray_peak_memory_gb=round(m.get("peak_memory_gb", 0), 2),
