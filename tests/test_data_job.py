@@ -226,44 +226,34 @@ def test_a_data_job_that_loses_a_node_completes_with_the_same_counts(raylm_clust
     """A two-node cluster: the worker node dies (every process at once) while the data job's
     tasks run on it. Ray Data runs the lost work again on the node left; the version is the one
     built without a fault (`authors_dataset`): the same counts, splits and rows."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    import ray
     from conftest import authors_config
     from helpers import add_node, lose_node
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.state import list_tasks
 
-    # the head's CPUs are taken while the job starts, so its work goes to the worker node
-    head = ray.get_runtime_context().get_node_id()
-    busy = ray.remote(num_cpus=2)(type("Busy", (), {"ready": lambda self: True})).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
-    ray.get(busy.ready.remote(), timeout=120)
+    # the head's CPUs are reserved (before the worker node exists, so on the head) while the job
+    # starts: its work goes to the worker node
+    head_cpus = placement_group([{"CPU": 2}])
+    assert head_cpus.wait(120), "the head's 2 CPUs could not be reserved"
     node = add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 2)
-    lost, result = [], {}
-
-    def build() -> None:
+    lost: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(pipeline.run, authors_config(tmp_path / "datasets"))
         try:
-            result["manifest"] = pipeline.run(authors_config(tmp_path / "datasets"))
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = e
-
-    job = threading.Thread(target=build, daemon=True)
-    try:
-        job.start()
-        deadline = time.time() + 240
-        while time.time() < deadline and job.is_alive() and not lost:
-            running = list_tasks(address=raylm_cluster.dashboard_url, raise_on_missing_output=False,
-                                 filters=[("node_id", "=", node.node_id), ("state", "=", "RUNNING")])
-            lost = [t.name for t in running if "MapBatches" in t.name]
-            time.sleep(0.1)
-        assert lost, "no task of the data job ran on the worker node"
-    finally:
-        lose_node(node)
-        ray.kill(busy)  # the node left has room again
-    job.join(300)
-    assert "manifest" in result, result
-    got, want = result["manifest"], authors_dataset["manifest"]
+            deadline = time.time() + 240
+            while time.time() < deadline and not job.done() and not lost:
+                running = list_tasks(address=raylm_cluster.dashboard_url, raise_on_missing_output=False,
+                                     filters=[("node_id", "=", node.node_id), ("state", "=", "RUNNING")])
+                lost = [t.name for t in running if "MapBatches" in t.name]
+                time.sleep(0.1)
+            assert lost, "no task of the data job ran on the worker node"
+        finally:
+            lose_node(node)
+            remove_placement_group(head_cpus)  # the node left has room again
+        got = job.result(timeout=300)  # the job's own error, if it failed
+    want = authors_dataset["manifest"]
     assert got["version"] == want["version"] and got["counts"] == want["counts"], (lost, got["counts"])
     assert got["splits"] == want["splits"]
     for split in ("train", "test"):

@@ -314,7 +314,7 @@ def test_a_run_that_loses_its_node_finishes_from_its_last_checkpoint(raylm_clust
     (every process at once, no drain). The run restarts its worker group on the replacement node
     from the last checkpoint committed to S3 (moto over HTTP) and ends within 1% of the final
     loss of the same run uninterrupted (the `ddp` run above: same seed, same data order)."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from helpers import add_node, lose_node
 
@@ -329,30 +329,21 @@ def test_a_run_that_loses_its_node_finishes_from_its_last_checkpoint(raylm_clust
         "train.max_failures=1", "train.worker_resources={trainer: 1}", "output.storage=s3://raylm-test/runs",
         f"output.registry={d / 'registry'}"])
     nodes = [add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 2, {"trainer": 2})]
-    result: dict = {}
-
-    def train() -> None:
-        try:
-            result["out"] = run(cfg)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = e
-
-    worker = threading.Thread(target=train, daemon=True)
     try:
-        worker.start()
-        deadline, saved = time.time() + 240, []
-        while time.time() < deadline and not saved and worker.is_alive():
-            saved = [n for n in storage.listdir("s3://raylm-test/runs/t-node-loss") if n.startswith("step-")]
-            time.sleep(0.2)
-        assert saved, result
-        lose_node(nodes.pop(0))  # the machine is gone; a new one joins (what an autoscaler or KubeRay does)
-        nodes.append(add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 2, {"trainer": 2}))
-        worker.join(300)
-        assert "out" in result, result
+        with ThreadPoolExecutor(1) as pool:
+            training = pool.submit(run, cfg)
+            deadline, saved = time.time() + 240, []
+            while time.time() < deadline and not saved and not training.done():
+                saved = [n for n in storage.listdir("s3://raylm-test/runs/t-node-loss") if n.startswith("step-")]
+                time.sleep(0.2)
+            assert saved, "no checkpoint reached S3 before the run ended"
+            lose_node(nodes.pop(0))  # the machine is gone; a new one joins (what an autoscaler or KubeRay does)
+            nodes.append(add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 2, {"trainer": 2}))
+            out = training.result(timeout=300)  # the run's own error, if it failed
     finally:
         for node in nodes:
             lose_node(node)
-    card = registry.resolve(result["out"]["model"], str(d / "registry"))
+    card = registry.resolve(out["model"], str(d / "registry"))
     m = card["metrics"]
     assert m["steps"] == 12 and m["resumed_from_step"] and 2 <= m["resumed_from_step"] < 12, m
     steps = [s for s, _ in card["loss_curve"]]

@@ -99,6 +99,7 @@ def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs = fsspec.filesystem(
             "s3", key=s["key"], secret=s["secret"], token=s["token"], client_kwargs=client_kwargs,
             skip_instance_cache=False,
+            use_listings_cache=False,  # other processes write the same buckets: never answer from a stale listing
         )
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("memory"), "/" + uri[len("memory://"):]
@@ -220,7 +221,6 @@ def write_json(uri: str, obj: Any) -> None:
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under `uri`; [] when it does not exist."""
     fs, path = fsspec_fs(uri)
-    fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

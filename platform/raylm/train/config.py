@@ -150,6 +150,10 @@ class TrainLoopConfig(Strict):
         return self
 
 
+    def worker_resource_request(self) -> dict[str, float]:
+        """The Ray resources one training worker (or one in-process Tune trial) asks for."""
+        return {**self.worker_resources, "CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
 class TrainOutput(Strict):
     storage: Optional[str] = Field(None, description="run storage (checkpoints); default $RAYLM_HOME/runs")
     registry: Optional[str] = Field(None, description="model registry root; default $RAYLM_HOME/registry")

@@ -284,9 +284,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     if tables is not None:
         loop_config["shards"] = rank_shards(tables, t.num_workers)
     runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
-    resources = {**t.worker_resources, "CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
+    resources = t.worker_resource_request()
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -81,7 +81,7 @@ def resources(train_cfg) -> dict[str, float]:
     t = train_cfg.train
     if not runs_in_process(train_cfg):
         return {"memory": 1}
-    return {**t.worker_resources, "CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return t.worker_resource_request()
 
 
 def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any],
