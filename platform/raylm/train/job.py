@@ -256,7 +256,9 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     from ray.train.torch import TorchTrainer
 
     from raylm.train.loop import train_loop
+    from raylm.train.session import set_ray_train_env
 
+    set_ray_train_env()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same data order every run
     t = cfg.train
     # Small datasets are read here with pyarrow and handed to the workers as one object-store

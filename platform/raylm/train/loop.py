@@ -77,10 +77,15 @@ def _host_batches(shard, batch_size: int, task: str, pin: bool, skip: int) -> It
 
 
 def _all_mean(values: list[float], device: torch.device) -> float:
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    return _all_mean_any(values, False, device)[0]
+
+
+def _all_mean_any(values: list[float], flag: bool, device: torch.device) -> tuple[float, bool]:
+    """The mean of every rank's values, and whether any rank's flag is set (one all-reduce)."""
+    t = torch.tensor([sum(values), len(values), float(flag)], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+    return (float(t[0] / t[1]) if t[1] > 0 else float("nan")), bool(t[2] > 0)
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
@@ -233,10 +238,14 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"])
     tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
 
+    last_report_t = time.time()
+
     def checkpoint(extra: dict[str, Any], name: str) -> None:
+        nonlocal last_report_t
         with tempfile.TemporaryDirectory() as d:
             strat.save(d, state)
             session.report({**extra, "step": state["step"]}, d, name)
+        last_report_t = time.time()
 
     start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
     last: dict[str, Any] = dict(state.get("last") or {})  # a run resumed at its end still reports them
@@ -277,8 +286,12 @@ def train_loop(config: dict[str, Any], session=None) -> None:
             elapsed = time.time() - window_t
             steps_in_window = max(1, len(window_loss) // t.grad_accum)
             tok_s = steps_in_window * tokens_per_step / max(elapsed, 1e-9)
+            # Ray takes one metrics-only report per poll: the ranks agree (in the loss's all-reduce)
+            # to send one when any of them has waited a poll interval since the last
+            mean_loss, report_due = _all_mean_any(torch.stack(window_loss).float().tolist(),
+                                             time.time() - last_report_t >= session.min_report_interval_s, device)
             last = {
-                "loss": _all_mean(torch.stack(window_loss).float().tolist(), device),
+                "loss": mean_loss,
                 "learning_rate": strat.lr(), "grad_norm": grad_norm,
                 "tokens_per_second": tok_s, "samples_per_second": tok_s / seq_len,
                 "mfu": (tok_s / world * flops_tok / peak) if peak else None,
@@ -299,8 +312,9 @@ def train_loop(config: dict[str, Any], session=None) -> None:
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
             window_loss, window_t = [], time.time()
             state["last"] = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-            if step % t.checkpoint_every != 0 and step != t.max_steps:  # the last step reports with the model
+            if step % t.checkpoint_every != 0 and step != t.max_steps and (report_due or evaluated):
                 session.report({k: v for k, v in last.items() if v is not None} | {"step": step})
+                last_report_t = time.time()  # (the last step reports with the model; checkpoints always)
 
         if step % t.checkpoint_every == 0 and step != t.max_steps:  # the last step's checkpoint is the final one
             checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
