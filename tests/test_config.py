@@ -157,6 +157,10 @@ def test_train_config_errors_name_the_field():
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.strategy=horovod"])
     with pytest.raises(ConfigError, match="fp16 needs a loss scaler"):
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="worker_resources cannot set GPU: use train.cpus_per_worker and train.use_gpu"):
+        config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.worker_resources={gpu: 1}"])
+    ok = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.worker_resources={trainer: 1}"])
+    assert ok.train.worker_resource_request() == {"trainer": 1, "CPU": 1}
 
 
 # --- property tests: any input gives a valid config or one clear ConfigError --------------------

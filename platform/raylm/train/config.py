@@ -147,8 +147,11 @@ class TrainLoopConfig(Strict):
     def _checks(self) -> "TrainLoopConfig":
         if self.precision == "fp16" and self.strategy != "deepspeed":
             raise ValueError("precision fp16 needs a loss scaler: use bf16, or strategy deepspeed")
+        taken = sorted({"CPU", "GPU"} & {k.upper() for k in self.worker_resources})
+        if taken:
+            raise ValueError(f"worker_resources cannot set {' or '.join(taken)}: use train.cpus_per_worker and "
+                             "train.use_gpu (worker_resources is for other Ray resources, e.g. {trainer: 1})")
         return self
-
 
     def worker_resource_request(self) -> dict[str, float]:
         """The Ray resources one training worker (or one in-process Tune trial) asks for."""
