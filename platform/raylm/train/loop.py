@@ -238,7 +238,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"])
     tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
 
-    last_report_t = time.time()
+    last_report_t = float("-inf")  # the first progress step always reports: trackers and Tune see it at once
 
     def checkpoint(extra: dict[str, Any], name: str) -> None:
         nonlocal last_report_t
