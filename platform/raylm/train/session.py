@@ -25,7 +25,7 @@ import torch
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default) and takes one report per worker per poll; a worker's `ray.train.report` blocks until
 # the report before it was taken (a queue of one). With Ray's default, a loop that reports more
-# often than every 2 s waits for the controller (a 12-step test run: 33 s -> 21 s at 0.25 s), and
+# often than every 2 s waits for the controller (a 12-step test run: 24-26 s -> 19-20 s), and
 # every run ends up to 2 s after its last step. raylm polls every 0.25 s unless the variable is
 # set (Ray Train hands it from the driver to the controller and the workers), and the loop sends
 # Ray no more than one metrics-only report per poll (see `TrainSession.min_report_interval_s`).
