@@ -182,8 +182,12 @@ def build_submission(stage: str, config_path: str, overrides: Sequence[str], roo
     }
 
 
+def _status(info) -> str:
+    return info.status.value if hasattr(info.status, "value") else str(info.status)
+
+
 def _exit_code(info) -> int:
-    status = info.status.value if hasattr(info.status, "value") else str(info.status)
+    status = _status(info)
     if status == "SUCCEEDED":
         return 0
     code = getattr(info, "driver_exit_code", None)
@@ -192,24 +196,51 @@ def _exit_code(info) -> int:
     return code if isinstance(code, int) and code != 0 else 1
 
 
-def follow(client, job_id: str) -> int:
+def follow(client, job_id: str, poll_s: float = 0.5) -> int:
+    """Stream the job's log until it ends; return its exit code. Ray's log stream notices the end
+    of a job 2-3 s late (the dashboard re-reads the log and the job state once a second at
+    several layers), so the job's state is polled alongside: once it is final, the stream is
+    dropped and the rest of the log (what the stream had not sent yet) is printed from the
+    stored log."""
+    sent = 0
+
     async def tail() -> None:
+        nonlocal sent
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
+            sent += len(chunk)
+
+    async def watch() -> bool:
+        """True when the job ended before the stream did."""
+        stream = asyncio.ensure_future(tail())
+        try:
+            while not stream.done():
+                if _status(await asyncio.to_thread(client.get_job_info, job_id)) in TERMINAL:
+                    return True
+                await asyncio.wait([stream], timeout=poll_s)
+            stream.result()  # its error, if it failed
+            return False
+        finally:
+            stream.cancel()
 
     try:
-        asyncio.run(tail())
+        ended_first = asyncio.run(watch())
     except KeyboardInterrupt:
         print(f"\nstopped following; the job goes on. `raylm logs {job_id} --follow` resumes, "
               f"`ray job stop {job_id}` stops it.", file=sys.stderr)
         return 130
+    if ended_first:
+        rest = client.get_job_logs(job_id)[sent:]
+        if rest:
+            sys.stdout.write(rest)
+            sys.stdout.flush()
     while True:
         info = client.get_job_info(job_id)
-        status = info.status.value if hasattr(info.status, "value") else str(info.status)
+        status = _status(info)
         if status in TERMINAL:
             break
-        time.sleep(0.5)
+        time.sleep(poll_s)
     code = _exit_code(info)
     print(f"\njob {job_id}: {status}" + (f" (exit code {code})" if code else "")
           + (f": {info.message}" if code and info.message else ""), file=sys.stderr)
@@ -253,7 +284,7 @@ def cmd_logs(a: argparse.Namespace) -> int:
     if a.follow:
         return follow(client, a.job_id)
     sys.stdout.write(client.get_job_logs(a.job_id))
-    return _exit_code(info) if (info.status.value if hasattr(info.status, "value") else info.status) in TERMINAL else 0
+    return _exit_code(info) if _status(info) in TERMINAL else 0
 
 
 # --- datasets ----------------------------------------------------------------------------------
