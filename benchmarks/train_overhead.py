@@ -93,6 +93,8 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     from raylm.train import losses, models, strategies
 
     rank, world = args.rank, args.workers
+    if args.plain_nice:
+        os.nice(args.plain_nice)  # Ray starts its workers at niceness 15 (raylet's `worker_niceness`)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cfg = train_config(args, data_root, key, storage="/tmp/unused")
@@ -147,7 +149,7 @@ def run_plain(args, data_root: str, key: str) -> dict | None:
     common = ["--data-root", data_root, "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
               str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab), "--act-ckpt",
               args.act_ckpt, "--compile", args.compile, "--device", args.device, "--workers", str(args.workers),
-              "--port", str(port)]
+              "--port", str(port), "--plain-nice", str(args.plain_nice)]
     procs = [subprocess.Popen([sys.executable, __file__, "--plain", key, "--rank", str(r), *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(args.workers)]
@@ -174,6 +176,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers = plain processes")
     p.add_argument("--rounds", type=int, default=1,
                    help="plain, Ray, plain, Ray, ...: medians of this many of each (a noisy machine drifts)")
+    p.add_argument("--plain-nice", type=int, default=0,
+                   help="niceness of the plain processes (Ray runs its workers at 15: pass 15 to compare like for like)")
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29500, help=argparse.SUPPRESS)
@@ -222,7 +226,7 @@ def main() -> int:
             "model": f"llama-{args.preset}", "params_non_embedding": m.get("params_non_embedding"),
             "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "precision": "bf16" if args.device == "cuda" else "fp32", "activation_checkpointing": args.act_ckpt,
-            "compile": args.compile, "rounds": len(ray_runs), "ray_tokens_per_s": round(ray_tok, 1),
+            "compile": args.compile, "plain_niceness": args.plain_nice, "rounds": len(ray_runs), "ray_tokens_per_s": round(ray_tok, 1),
             "baseline_plain_tokens_per_s": round(plain_tok, 1),
             "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok), 2),
             "per_round_overhead_pct": [round(100 * (1 - r["steady_tokens_per_second"] / b["tokens_per_second"]), 1)

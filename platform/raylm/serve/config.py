@@ -57,6 +57,8 @@ class ModelDeployment(Strict):
     autoscaling: Optional[Autoscaling] = None
     max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(64, ge=-1, description="queued at the router before 503 (-1: unbounded)")
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve checks that each replica is "
+                                         "alive; a dead one is replaced after its check fails (Serve's default 10 s)")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -90,6 +92,7 @@ class Ingress(Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    health_check_period_s: float = Field(2.0, gt=0, description="as models.N.health_check_period_s")
 
 
 class DeployConfig(Strict):

@@ -48,7 +48,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
         card = cards[m.name]
         options: dict[str, Any] = {
             "name": f"model-{m.name}", "max_ongoing_requests": m.max_ongoing_requests,
-            "max_queued_requests": m.max_queued_requests,
+            "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
             "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
         }
         if m.autoscaling:
@@ -81,5 +81,6 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
                         if card.get("created") else None}
     return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
                            max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+                           health_check_period_s=cfg.ingress.health_check_period_s,
                            ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(
         cfg.model_dump(mode="json"), meta, handles)
