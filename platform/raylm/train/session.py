@@ -34,9 +34,9 @@ import torch
 # patch off unless RAY_TRAIN_ENABLE_PRINT_PATCH is set; lines still reach the worker's log files.
 # Ray Train starts a `PreemptionWatcher` actor per run that polls for node drains and logs them
 # for `ray.train.get_preemption_info`, which raylm's loop does not read (a lost node is handled
-# by `train.max_failures` and the last checkpoint). It is one more Ray process per run (~1.7
-# CPU-seconds to start; a 12-step test run: 21.1-23.3 s with it, 20.6-21.3 s without, 3 runs
-# each on 2 cores): raylm turns it off unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is set.
+# by `train.max_failures` and the last checkpoint). It is one more Ray process per run (each of
+# a run's actor processes took 1.6-2.2 CPU-seconds here; a 12-step test run: 21.1-23.3 s with
+# the watcher, 20.6-21.3 s without, 3 runs each on 2 cores): raylm turns it off unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is set.
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_INTERVAL_S = 0.25
 
