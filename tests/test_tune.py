@@ -113,7 +113,8 @@ def test_grid_search_with_cross_validation(train_dataset, tmp_path):
 
 # every algorithm and every scheduler once (random goes with pbt and grid with cv, below)
 @pytest.mark.parametrize("algorithm,scheduler", [("tpe", "asha"), ("gp", "fifo"), ("cmaes", "hyperband")])
-def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tmp_path, algorithm, scheduler):
+def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tmp_path, capsys, algorithm,
+                                                                scheduler):
     space = {"train.lr": LR, "train.warmup_steps": {"choice": [0, 2]}}
     if algorithm == "cmaes":
         space = {"train.lr": LR, "train.weight_decay": {"uniform": [0.0, 0.2]}}
@@ -134,6 +135,10 @@ def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tm
     assert lrs.between(1.0e-4, 2.0e-2).all() and lrs.nunique() == n  # sampled, not repeated
     if scheduler in ("asha", "hyperband"):  # the worse trials stopped early: less compute than n full runs
         assert (df["steps"] < 8).any() and summary["trial_steps"] < n * 8
+    if scheduler == "hyperband":
+        # 8 steps, grace 4, factor 2: only the first bracket (rungs 4, 8) can stop a trial before its
+        # last step; a second (first rung 8) or third (16) would run its trials in full
+        assert "[tune] hyperband: 1 bracket(s), first rungs at step 4" in capsys.readouterr().out
     else:
         assert (df["steps"] == 8).all()
     if algorithm == "tpe":  # the base config's own values are evaluated first
@@ -168,6 +173,16 @@ def test_trial_can_be_a_multi_worker_ray_train_run(train_dataset, tmp_path):
     assert [p.name for p in runs.iterdir() if p.is_dir()] == [f"train-in-tune-{summary['best']['trial']}"]
     card = registry.resolve(summary["best"]["model"], cfg.output.registry)
     assert card["metrics"]["steps"] == 6
+
+
+def test_hyperband_keeps_only_brackets_that_can_stop_a_trial_early():
+    """Bracket b's first rung is grace * factor**b; one at or past max_steps would run its trials in
+    full (Tune puts ~1 in 4 trials there), so a short search gets fewer brackets, never none."""
+    from raylm.tune.job import hyperband_brackets
+
+    assert hyperband_brackets(10, 3, 200) == 3  # rungs from 10, 30, 90
+    assert hyperband_brackets(10, 3, 50) == 2  # 90 >= 50
+    assert hyperband_brackets(10, 3, 10) == 1  # nothing can stop early: plain ASHA's one bracket
 
 
 def test_bad_search_configs_fail_with_one_clear_message(train_dataset, tmp_path):

@@ -53,7 +53,8 @@ class SearchConfig(Strict):
         "Optuna's CmaEsSampler)")
     scheduler: Literal["fifo", "asha", "hyperband", "pbt"] = Field(
         "fifo", description="fifo: every trial runs to max_steps; asha: stop the worse trials early; hyperband: "
-        "asynchronous HyperBand (ASHA over 3 brackets of different grace periods); pbt: population-based training")
+        "asynchronous HyperBand (ASHA over up to 3 brackets of grace_period x reduction_factor^0,1,2; only the "
+        "brackets whose first rung comes before max_steps); pbt: population-based training")
     num_samples: int = Field(8, ge=1, description="trials (grid: repeats of the whole grid)")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
     seed: int = Field(0, description="seed of the searcher (the trials keep their own train.seed)")

@@ -120,6 +120,13 @@ def default_point(cfg: TuneConfig, train_cfg: TrainConfig) -> Optional[dict[str,
     return point
 
 
+def hyperband_brackets(grace: int, reduction_factor: float, max_steps: int, most: int = 3) -> int:
+    """How many of HyperBand's brackets (bracket b's first rung: grace * reduction_factor**b) can
+    stop a trial before its last step: at most `most`, at least 1. A bracket whose first rung is
+    at or past max_steps stops nothing; the trials Tune put there would all run in full."""
+    return max(1, sum(1 for b in range(most) if grace * reduction_factor ** b < max_steps))
+
+
 def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, meta: dict[str, Any],
                 tables: dict[str, Any], exp_root: str, callbacks: Optional[list] = None):
     import ray.tune as tune
@@ -158,8 +165,12 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(s.grace_period, max_t - 1),
                                   reduction_factor=s.reduction_factor)
     elif s.scheduler == "hyperband":  # asynchronous HyperBand: ASHA brackets with different grace periods
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(s.grace_period, max_t - 1),
-                                  reduction_factor=s.reduction_factor, brackets=3)
+        grace = min(s.grace_period, max_t - 1)
+        brackets = hyperband_brackets(grace, s.reduction_factor, train_cfg.train.max_steps)
+        print(f"[tune] hyperband: {brackets} bracket(s), first rungs at step "
+              f"{', '.join(str(int(grace * s.reduction_factor ** b)) for b in range(brackets))}")
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace,
+                                  reduction_factor=s.reduction_factor, brackets=brackets)
     elif s.scheduler == "pbt":
         scheduler = PopulationBasedTraining(
             time_attr="step", perturbation_interval=s.perturbation_interval,
