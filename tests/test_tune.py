@@ -135,12 +135,12 @@ def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tm
     assert lrs.between(1.0e-4, 2.0e-2).all() and lrs.nunique() == n  # sampled, not repeated
     if scheduler in ("asha", "hyperband"):  # the worse trials stopped early: less compute than n full runs
         assert (df["steps"] < 8).any() and summary["trial_steps"] < n * 8
+    else:
+        assert (df["steps"] == 8).all()
     if scheduler == "hyperband":
         # 8 steps, grace 4, factor 2: only the first bracket (rungs 4, 8) can stop a trial before its
         # last step; a second (first rung 8) or third (16) would run its trials in full
         assert "[tune] hyperband: 1 bracket(s), first rungs at step 4" in capsys.readouterr().out
-    else:
-        assert (df["steps"] == 8).all()
     if algorithm == "tpe":  # the base config's own values are evaluated first
         assert summary["default"]["params"] == {"train.lr": 5.0e-3, "train.warmup_steps": 0}
 
