@@ -48,17 +48,25 @@ def _pipeline_file(tmp_path, **extra) -> str:
 def prometheus(raylm_cluster):
     """`raylm up --metrics` on the running session cluster: it adds a real Prometheus scraping it
     (when the binary is installed: `make test` installs Debian's package when it runs as root);
-    the session's `raylm down` stops it. Its URL, or the CLI's message when it could not start."""
+    `raylm down --metrics` stops it when the module ends. Its URL, or the CLI's message when it
+    could not start."""
     from conftest import run_cli
 
     from raylm import cluster
 
-    up = run_cli("up", "--metrics")
+    up = run_cli("up", "--metrics", "--metrics-interval", "5")  # (a test waits for a scrape)
     if up.returncode != 0:
-        return (up.stderr + up.stdout).strip()
+        yield (up.stderr + up.stdout).strip()
+        return
     state = cluster.ClusterState.load(cluster.home())
     assert state.prometheus_url and "Prometheus started at" in up.stdout, up.stdout
-    return state.prometheus_url
+    yield state.prometheus_url
+    # scrapes make the dashboard agent render every metric series the session has made:
+    # stopped here, they would keep it at a quarter of a core for the rest of the suite
+    down = run_cli("down", "--metrics")
+    assert down.returncode == 0 and "stopped Prometheus" in down.stdout, down.stdout + down.stderr
+    assert cluster.is_running(cluster.ClusterState.load(cluster.home()))  # only Prometheus stopped
+    assert not cluster.ClusterState.load(cluster.home()).prometheus_url
 
 
 @pytest.fixture(scope="module")

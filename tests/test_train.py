@@ -117,6 +117,32 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster):
     assert [f.path for f in client.list_artifacts(run.info.run_id, "model")] == ["model/card.json"]
 
 
+def test_a_checkpoint_on_storage_that_ray_train_did_not_record_yet_is_resumed_unless_cut_short(tmp_path):
+    """A job stopped between writing a checkpoint and Ray Train's controller taking the report
+    leaves it on storage but not in Ray's record: the next run resumes from it, when every
+    rank's files are there at their sizes; a copy cut short is passed over."""
+    from raylm.train.session import unrecorded_checkpoint, write_manifest
+
+    run = tmp_path / "runs" / "r"
+
+    def saved(step: int, world: int = 2) -> Path:
+        d = run / f"step-{step:08d}"
+        for rank in range(world):
+            (d / f"rank{rank}").mkdir(parents=True)
+            (d / f"rank{rank}" / "state.pt").write_bytes(b"x" * (100 + rank))
+            write_manifest(str(d), rank, world)
+        return d
+
+    saved(5)
+    assert unrecorded_checkpoint(str(run), None) == str(run / "step-00000005")
+    assert unrecorded_checkpoint(str(run), str(run / "step-00000005")) is None  # Ray has it: Ray's
+    (saved(10) / "rank1" / "state.pt").write_bytes(b"x" * 50)  # the copy stopped halfway
+    saved(15).joinpath("raylm-files-rank1.json").unlink()  # one rank's files never arrived
+    assert unrecorded_checkpoint(str(run), str(run / "step-00000005")) is None
+    saved(20)
+    assert unrecorded_checkpoint(str(run), str(run / "step-00000005")) == str(run / "step-00000020")
+
+
 def _kl_to(teacher, student, blocks: torch.Tensor) -> float:
     import torch.nn.functional as F
 

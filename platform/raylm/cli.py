@@ -74,7 +74,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     was = cluster.ClusterState.load(state_dir)
     if cluster.is_running(was):
         if a.metrics and not was.prometheus_url:
-            st = cluster.up(state_dir=state_dir, metrics=True, metrics_port=a.metrics_port)
+            st = cluster.up(state_dir=state_dir, metrics=True, metrics_port=a.metrics_port,
+                            metrics_interval_s=a.metrics_interval)
             print(f"raylm cluster already running: dashboard {was.dashboard_url}; Prometheus started at "
                   f"{st.prometheus_url} (the dashboard's metrics pages need `raylm down` + `raylm up --metrics`)")
             return 0
@@ -83,7 +84,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         return 0
     print(f"starting a local Ray head node (state in {state_dir}) ...", flush=True)
     st = cluster.up(port=a.port, dashboard_port=a.dashboard_port, num_cpus=a.num_cpus, state_dir=state_dir,
-                    metrics=a.metrics, metrics_port=a.metrics_port)
+                    metrics=a.metrics, metrics_port=a.metrics_port, metrics_interval_s=a.metrics_interval)
     prom = (f"\n  Prometheus    {st.prometheus_url}   (scrapes every node: ray_raylm_train_*, ray_raylm_serve_*, Ray's own;"
             f"\n                Grafana dashboards: cluster/monitoring/)") if st.prometheus_url else ""
     print(f"""
@@ -107,6 +108,11 @@ def cmd_down(a: argparse.Namespace) -> int:
     state_dir = cluster.home()
     if cluster.ClusterState.load(state_dir) is None:
         print(f"no raylm cluster to stop (nothing started from {state_dir})")
+        return 0
+    if a.metrics:
+        n = cluster.stop_metrics(state_dir)
+        print(f"stopped Prometheus ({n} processes); the cluster keeps running" if n else
+              "no Prometheus to stop (`raylm up --metrics` starts one)")
         return 0
     n = cluster.down(state_dir)
     print(f"stopped the raylm cluster ({n} processes)")
@@ -449,11 +455,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", action="store_true",
                    help="also start Prometheus (the `prometheus` binary) scraping the cluster, on 127.0.0.1")
     s.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: a free one)")
+    s.add_argument("--metrics-interval", type=float, default=cluster.DEFAULT_SCRAPE_INTERVAL_S, metavar="SECONDS",
+                   help="how often Prometheus scrapes the nodes (default %(default)s; each scrape costs every "
+                        "node's dashboard agent CPU in proportion to its metric series)")
     s.add_argument("--port", type=int, default=6379, help="GCS port")
     s.add_argument("--dashboard-port", type=int, default=8265)
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("down", help="stop the processes `raylm up` started (and no other Ray)")
+    s.add_argument("--metrics", action="store_true", help="stop only the Prometheus `raylm up --metrics` started")
     s.set_defaults(fn=cmd_down)
 
     s = sub.add_parser("status", help="the local cluster, its resources and recent jobs")

@@ -8,6 +8,7 @@ LoRA runs export either merged (a plain model directory, the default) or as the 
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,30 @@ def _auto(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+@contextmanager
+def _no_deepspeed_probe():
+    """save_pretrained unwraps the model through accelerate, which imports deepspeed (when it is
+    installed) only to ask whether the model is a DeepSpeedEngine: 1.8 s of CPU in every process
+    that exports (each run's rank 0, each Tune trial, each ensemble member). A process that never
+    imported deepspeed holds no DeepSpeedEngine, so there the answer is no without the import."""
+    import sys
+
+    try:
+        import accelerate.utils.other as acc
+    except ImportError:  # no accelerate: transformers unwraps by itself
+        yield
+        return
+    if "deepspeed" in sys.modules or not hasattr(acc, "is_deepspeed_available"):
+        yield
+        return
+    probe = acc.is_deepspeed_available
+    acc.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        acc.is_deepspeed_available = probe
 
 
 def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str) -> str:
@@ -43,7 +68,8 @@ def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, to
             model.peft_config["default"].base_model_name_or_path = str(cfg.model.local_path())
             fmt = "lora-adapter"
     models._base(model).config.use_cache = True
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _no_deepspeed_probe():
+        model.save_pretrained(out_dir, safe_serialization=True)
     if cfg.model.task == "classification":
         from transformers import AutoTokenizer
 

@@ -247,6 +247,23 @@ def rank_shards(tables: dict[str, Any], world: int) -> dict[str, list]:
     return out
 
 
+def _trainer_class(torch_trainer: type) -> type:
+    """TorchTrainer, less Ray Data's dataset manager when the run is given no Ray Dataset (the
+    small-set path: each rank gets its object-store slice). Ray Train starts that actor for every
+    run, datasets or not: one more process per run (~2 CPU-s to start, 14 of them in a test
+    session) that nothing asks for a shard."""
+
+    class Trainer(torch_trainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    Trainer.__name__ = Trainer.__qualname__ = torch_trainer.__name__
+    return Trainer
+
+
 def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[str, Any]] = None,
                   callbacks: Optional[list] = None):
     """The TorchTrainer of a run: the dataset version's splits (or `tables`, pyarrow tables
@@ -285,9 +302,11 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     loop_config: dict[str, Any] = {"train_config": cfg.model_dump(mode="json"), "dataset": meta}
     if tables is not None:
         loop_config["shards"] = rank_shards(tables, t.num_workers)
-    runs_fs, runs_path = storage.arrow_fs(cfg.output.storage or default_runs())
+    runs_uri = cfg.output.storage or default_runs()
+    loop_config["run_uri"] = storage.join(runs_uri, cfg.name)
+    runs_fs, runs_path = storage.arrow_fs(runs_uri)
     resources = t.worker_resource_request()
-    return TorchTrainer(
+    return _trainer_class(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

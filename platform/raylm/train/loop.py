@@ -198,7 +198,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     cfg = TrainConfig.model_validate(config["train_config"])
     meta = config["dataset"]  # vocab, eos, seq_len, tokenizer location, dataset id
     t = cfg.train
-    session = session or TrainSession(config.get("shards"))
+    session = session or TrainSession(config.get("shards"), config.get("run_uri"))
     rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     np.random.seed(t.seed)

@@ -15,6 +15,7 @@ the train / validation data, and `report(metrics, checkpoint_dir, name)`.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -58,11 +59,67 @@ def _as_dir(ckpt) -> Iterator[Optional[str]]:
         yield d
 
 
+MANIFEST = "raylm-files-rank{rank}.json"  # in each checkpoint: the files one rank wrote, and their sizes
+_STEP_DIR = re.compile(r"^step-(\d{8})(-final)?$")
+
+
+def write_manifest(checkpoint_dir: str, rank: int, world: int) -> None:
+    """Lists what this rank wrote into `checkpoint_dir` (before it is handed to Ray), so a copy
+    on storage can be told complete (every rank's files there, at their sizes) without Ray's record."""
+    import json
+
+    files = {}
+    for root, _, names in os.walk(checkpoint_dir):
+        for n in names:
+            full = os.path.join(root, n)
+            files[os.path.relpath(full, checkpoint_dir)] = os.path.getsize(full)
+    with open(os.path.join(checkpoint_dir, MANIFEST.format(rank=rank)), "w") as f:
+        json.dump({"world": world, "files": files}, f)
+
+
+def complete_on_storage(uri: str) -> bool:
+    """Every rank's manifest is in the checkpoint directory at `uri` and every file it lists is
+    there at its size (a copy cut short by a stopped job is not)."""
+    from raylm import storage
+
+    fs, path = storage.fsspec_fs(uri)
+    try:
+        first = storage.read_json(storage.join(uri, MANIFEST.format(rank=0)))
+        for rank in range(int(first["world"])):
+            m = first if rank == 0 else storage.read_json(storage.join(uri, MANIFEST.format(rank=rank)))
+            for rel, size in m["files"].items():
+                if fs.info(f"{path.rstrip('/')}/{rel}")["size"] != size:
+                    return False
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def unrecorded_checkpoint(run_uri: str, recorded_path: Optional[str]) -> Optional[str]:
+    """The newest complete checkpoint directory under `run_uri` that is newer than the one Ray
+    Train recorded (`recorded_path`, or none). Ray Train records a checkpoint when its controller
+    takes the worker's report, up to one poll after the files are on storage; a job stopped in
+    between leaves a checkpoint the log called saved and Ray Train's record does not hold."""
+    from raylm import storage
+
+    def step(name: str) -> int:
+        m = _STEP_DIR.match(name)
+        return int(m.group(1)) if m else -1
+
+    recorded = step(os.path.basename(recorded_path.rstrip("/"))) if recorded_path else -1
+    newer = sorted((n for n in storage.listdir(run_uri) if step(n) > recorded), key=step, reverse=True)
+    for name in newer:
+        if complete_on_storage(storage.join(run_uri, name)):
+            return storage.join(run_uri, name)
+    return None
+
+
 class TrainSession:
     """shards: {split: [object ref of rank 0's rows, rank 1's, ...]} for data the driver read
-    into memory (train/job.py: rank_shards); else the run's Ray Data datasets."""
+    into memory (train/job.py: rank_shards); else the run's Ray Data datasets. run_uri: where
+    Ray Train keeps this run's checkpoints (storage_path/name)."""
 
-    def __init__(self, shards: Optional[dict[str, list]] = None):
+    def __init__(self, shards: Optional[dict[str, list]] = None, run_uri: Optional[str] = None):
         import ray.train
         import ray.train.torch
 
@@ -70,13 +127,24 @@ class TrainSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.shards = shards
+        self.run_uri = run_uri
         # a metrics-only report sooner than this after the last one would wait for the controller's poll
         self.min_report_interval_s = float(os.environ.get(POLL_INTERVAL_ENV, 2.0))
 
     def resume_dir(self):
         import ray.train
 
-        return _as_dir(ray.train.get_checkpoint())
+        ckpt = ray.train.get_checkpoint()
+        newer = unrecorded_checkpoint(self.run_uri, ckpt.path if ckpt else None) if self.run_uri else None
+        if newer:
+            from raylm import storage
+
+            if self.rank == 0:
+                print(f"[train] {newer} is complete on storage but was not yet in Ray Train's record when "
+                      "the last job stopped: resuming from it", flush=True)
+            fs, path = storage.arrow_fs(newer)
+            ckpt = ray.train.Checkpoint(path, filesystem=fs)
+        return _as_dir(ckpt)
 
     def shard(self, name: str):
         import ray
@@ -94,6 +162,7 @@ class TrainSession:
         if checkpoint_dir is None:
             ray.train.report(metrics)
         else:
+            write_manifest(checkpoint_dir, self.rank, self.world)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                              checkpoint_dir_name=name)
 
