@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
+# imported at collection, before the session's Ray and Serve threads exist: CPython 3.11's AST
+# builder keeps one recursion counter per interpreter, and pytest's assertion rewriting of
+# schemathesis's modules, imported lazily mid-session, once failed with "AST constructor
+# recursion depth mismatch" while other threads ran
+import schemathesis
 import torch
 from conftest import ROOT, run_cli
 from helpers import free_port, issued
@@ -603,7 +608,6 @@ def test_fuzzed_requests_on_every_route_get_no_5xx_and_json_errors(served):
     """schemathesis generates requests from the app's own OpenAPI schema, valid (POSITIVE) and
     schema-violating (NEGATIVE), for every route, sent with each scope's key, no key and a
     made-up key: no response is a 5xx, and every error is a JSON body with an `error` object."""
-    import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
     from hypothesis.errors import Unsatisfiable
