@@ -82,13 +82,12 @@ def complete_on_storage(uri: str) -> bool:
     there at its size (a copy cut short by a stopped job is not)."""
     from raylm import storage
 
-    fs, path = storage.fsspec_fs(uri)
     try:
         first = storage.read_json(storage.join(uri, MANIFEST.format(rank=0)))
         for rank in range(int(first["world"])):
             m = first if rank == 0 else storage.read_json(storage.join(uri, MANIFEST.format(rank=rank)))
             for rel, size in m["files"].items():
-                if fs.info(f"{path.rstrip('/')}/{rel}")["size"] != size:
+                if storage.file_info(storage.join(uri, rel))["size"] != size:
                     return False
     except (FileNotFoundError, OSError, KeyError, ValueError):
         return False
