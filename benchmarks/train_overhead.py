@@ -5,9 +5,9 @@
     # one GPU (issue 10): 500M Llama, bf16, seq 2048
     python benchmarks/train_overhead.py --preset 500m --seq-len 2048 --batch-size 8 --steps 30 \
         --strategies fsdp,zero2,zero3
-    # CPU, 2 workers, gloo (issue 4)
+    # CPU, 2 workers, gloo (issue 4); baselines at niceness 0 (as users start a script) and 15 (Ray's workers')
     python benchmarks/train_overhead.py --device cpu --workers 2 --preset small --seq-len 256 \
-        --batch-size 4 --steps 40 --vocab 8192 --strategies ddp,fsdp --rounds 3
+        --batch-size 4 --steps 50 --vocab 8192 --strategies ddp,fsdp --rounds 4 --plain-nice 0,15
 
 Prints one JSON line per strategy: steady-state tokens/s (and MFU and peak memory on a GPU)
 through Ray Train, the plain loop's in the same run, and the Ray overhead in percent. The data
@@ -93,8 +93,8 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     from raylm.train import losses, models, strategies
 
     rank, world = args.rank, args.workers
-    if args.plain_nice:
-        os.nice(args.plain_nice)  # Ray starts its workers at niceness 15 (raylet's `worker_niceness`)
+    if int(args.plain_nice):
+        os.nice(int(args.plain_nice))  # Ray starts its workers at niceness 15 (raylet's `worker_niceness`)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cfg = train_config(args, data_root, key, storage="/tmp/unused")
@@ -142,14 +142,14 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     return out
 
 
-def run_plain(args, data_root: str, key: str) -> dict | None:
-    """Start one plain process per worker; rank 0's figures come back."""
+def run_plain(args, data_root: str, key: str, nice: int = 0) -> dict | None:
+    """Start one plain process per worker at niceness `nice`; rank 0's figures come back."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
     port = 29500 + os.getpid() % 1000
     common = ["--data-root", data_root, "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
               str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab), "--act-ckpt",
               args.act_ckpt, "--compile", args.compile, "--device", args.device, "--workers", str(args.workers),
-              "--port", str(port), "--plain-nice", str(args.plain_nice)]
+              "--port", str(port), "--plain-nice", str(nice)]
     procs = [subprocess.Popen([sys.executable, __file__, "--plain", key, "--rank", str(r), *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(args.workers)]
@@ -176,8 +176,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers = plain processes")
     p.add_argument("--rounds", type=int, default=1,
                    help="plain, Ray, plain, Ray, ...: medians of this many of each (a noisy machine drifts)")
-    p.add_argument("--plain-nice", type=int, default=0,
-                   help="niceness of the plain processes (Ray runs its workers at 15: pass 15 to compare like for like)")
+    p.add_argument("--plain-nice", default="0",
+                   help="niceness of the plain processes; a list (0,15) runs one baseline per niceness each round. Ray "
+                        "runs its workers at 15, so they yield to every other process (Ray's daemons included): 15 "
+                        "compares like for like, 0 is a plain loop as users start it")
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29500, help=argparse.SUPPRESS)
@@ -199,11 +201,13 @@ def main() -> int:
     init_ray()
     import statistics
 
+    nices = [int(n) for n in str(args.plain_nice).split(",")]
     for key in args.strategies.split(","):
-        plain_runs, ray_runs = [], []
+        plain_runs: dict[int, list] = {n: [] for n in nices}
+        ray_runs = []
         for _ in range(args.rounds):  # interleaved, so a drift in the machine's speed hits both alike
-            base = run_plain(args, data_root, key)  # first, in its own processes (a clean CUDA context)
-            if base is None:
+            bases = {n: run_plain(args, data_root, key, n) for n in nices}  # first, in their own processes
+            if any(b is None for b in bases.values()):
                 break
             storage = str(work / "runs")
             cfg = train_config(args, data_root, key, storage)
@@ -214,24 +218,33 @@ def main() -> int:
                 break
             finally:
                 shutil.rmtree(storage, ignore_errors=True)
-            plain_runs.append(base)
+            for n in nices:
+                plain_runs[n].append(bases[n])
             ray_runs.append(m)
         if not ray_runs:
             continue
         ray_tok = statistics.median(r["steady_tokens_per_second"] for r in ray_runs)
-        plain_tok = statistics.median(b["tokens_per_second"] for b in plain_runs)
-        m, base = ray_runs[-1], plain_runs[-1]
+        plain_tok = {n: statistics.median(b["tokens_per_second"] for b in plain_runs[n]) for n in nices}
+        m, base = ray_runs[-1], plain_runs[nices[0]][-1]
         row = {
             "benchmark": "train_overhead", "device": args.device, "workers": args.workers, "strategy": key,
             "model": f"llama-{args.preset}", "params_non_embedding": m.get("params_non_embedding"),
             "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "precision": "bf16" if args.device == "cuda" else "fp32", "activation_checkpointing": args.act_ckpt,
-            "compile": args.compile, "plain_niceness": args.plain_nice, "rounds": len(ray_runs), "ray_tokens_per_s": round(ray_tok, 1),
-            "baseline_plain_tokens_per_s": round(plain_tok, 1),
-            "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok), 2),
+            "compile": args.compile, "plain_niceness": nices[0], "rounds": len(ray_runs),
+            "ray_tokens_per_s": round(ray_tok, 1),
+            "baseline_plain_tokens_per_s": round(plain_tok[nices[0]], 1),
+            "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok[nices[0]]), 2),
             "per_round_overhead_pct": [round(100 * (1 - r["steady_tokens_per_second"] / b["tokens_per_second"]), 1)
-                                       for r, b in zip(ray_runs, plain_runs)],
+                                       for r, b in zip(ray_runs, plain_runs[nices[0]])],
         }
+        if len(nices) > 1:  # the same figures against each niceness of the plain loop
+            row["by_plain_niceness"] = {
+                str(n): {"baseline_plain_tokens_per_s": round(plain_tok[n], 1),
+                         "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok[n]), 2),
+                         "per_round_overhead_pct": [
+                             round(100 * (1 - r["steady_tokens_per_second"] / b["tokens_per_second"]), 1)
+                             for r, b in zip(ray_runs, plain_runs[n])]} for n in nices}
         if args.device == "cuda":
             row.update(ray_mfu=round(m.get("steady_mfu", 0), 4), ray_peak_memory_gb=round(m.get("peak_memory_gb", 0), 2),
                        baseline_plain_mfu=round(base["mfu"], 4),

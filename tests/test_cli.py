@@ -119,3 +119,19 @@ def test_down_without_a_cluster_says_so(tmp_path):
     assert proc.returncode == 0 and "no raylm cluster to stop" in proc.stdout
     proc = run_cli("status", env={"RAYLM_HOME": str(tmp_path), "RAY_ADDRESS": ""})
     assert proc.returncode == 1 and "run `raylm up`" in proc.stderr
+
+
+def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):
+    """The daemons `raylm up` starts run with `cluster.RAY_DEFAULTS` (the log monitor lists the
+    log directory once a second, the agent scans events every 10 s) unless the user set them."""
+    from raylm.cluster import RAY_DEFAULTS, _name, _session_procs
+
+    daemons = {}
+    for p in _session_procs(raylm_cluster.session_id):
+        for role in ("log_monitor", "gcs_server", "raylet"):
+            if role in _name(p) or role in " ".join(p.cmdline()):
+                daemons.setdefault(role, p)
+    assert set(daemons) == {"log_monitor", "gcs_server", "raylet"}, daemons
+    for role, p in daemons.items():
+        env = p.environ()
+        assert {k: env.get(k) for k in RAY_DEFAULTS} == {k: os.environ.get(k, v) for k, v in RAY_DEFAULTS.items()}, role

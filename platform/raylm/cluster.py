@@ -107,16 +107,32 @@ def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
     )
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
     env.pop("RAY_ADDRESS", None)
+    for k, v in RAY_DEFAULTS.items():
+        env.setdefault(k, v)
+    return env
+
+
+# Settings of Ray's own processes for a cluster raylm starts (`raylm up`, or the local Ray a job
+# starts when it finds no cluster; the image sets the same). Each is an environment variable Ray
+# reads; one set by the user wins.
+RAY_DEFAULTS = {
     # Ray Train's controller polls its workers every 2 s by default, so every run waits up to
     # that long at each state change; a laptop cluster runs short runs: poll 8x as often
     # (measured: a 4-step one-worker run took 25 s instead of 30-38 s).
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     # The dashboard agent re-reads every event file in the session every 2 s by default, one per
     # worker process that ever ran, dead ones included, so its CPU grows with the cluster's age
     # (measured: 0.6% of a core at start, 4.8% after 900 short-lived actors, 0.8% with a 60 s
     # scan). Every 10 s the dashboard's event list is still fresh.
-    env.setdefault("SCAN_EVENT_DIR_INTERVAL_SECONDS", "10")
-    return env
+    "SCAN_EVENT_DIR_INTERVAL_SECONDS": "10",
+    # Ray's log monitor lists the session's log directory every 0.1 s (when it holds fewer than
+    # 1,000 files) to find new workers' logs: 1.9% of a core with 151 files here, 0.9% when it
+    # lists every second (lines of files it already follows still go out every 0.1 s; a new
+    # worker's first lines wait up to 1 s). Ray's workers run at niceness 15 and yield to it
+    # whenever it wakes (benchmarks/RESULTS.md, "The log monitor").
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "1",
+}
 
 
 def free_port() -> int:

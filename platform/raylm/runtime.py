@@ -54,6 +54,8 @@ def init_ray() -> None:
     elif not address:
         print("[raylm] no cluster found (no RAY_ADDRESS, no `raylm up`): starting a local Ray for this run",
               flush=True)
+        for k, v in cluster.RAY_DEFAULTS.items():  # the local Ray's daemons read them: as `raylm up` sets them
+            os.environ.setdefault(k, v)
     import raylm
 
     ray.init(address=address, runtime_env={"py_modules": [str(Path(raylm.__file__).parent)]},

@@ -267,9 +267,10 @@ class Tracker:
             self._guard("Comet end", self._comet.end)
 
 
-def train_callback(tracker: Tracker):
+def train_callback(tracker: Tracker, registry_root: Optional[str] = None):
     """A Ray Train callback (it runs in the Train controller) that logs every report of rank 0
-    as metrics at its `step`, and the registered model's card when the final report names it."""
+    as metrics at its `step`, and the registered model's card (from the run's registry,
+    `registry_root`) when the final report names it."""
     from ray.train import UserCallback
 
     spec = tracker.spec
@@ -285,7 +286,7 @@ def train_callback(tracker: Tracker):
             model = m.pop("model", None)
             self.tracker.log_metrics(m, step=int(m.pop("step", 0) or 0))
             if model:
-                card_artifacts(self.tracker, model)
+                card_artifacts(self.tracker, model, registry_root)
 
     return TrackingCallback()
 

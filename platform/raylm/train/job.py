@@ -355,7 +355,7 @@ def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, An
     # one MLflow run per run name: a resumed run continues it
     tracker = tracking.Tracker.start(cfg.tracking, "train", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
                                      tags={"raylm.dataset": meta["dataset_id"]}, resume=True)
-    trainer = build_trainer(cfg, meta, callbacks=[tracking.train_callback(tracker)] if tracker.active else None)
+    trainer = build_trainer(cfg, meta, callbacks=[tracking.train_callback(tracker, cfg.output.registry)] if tracker.active else None)
     what = (f"{cfg.model.path} classifier ({len(meta['labels'])} labels: {', '.join(meta['labels'])})"
             if cfg.model.task == "classification" else cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset}")
     for split, n in (meta.get("unlabeled") or {}).items():
