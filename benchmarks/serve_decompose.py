@@ -6,6 +6,7 @@ Starts its own local Ray (run it with no other cluster up on a small machine). U
 trained model by default.
 
     python benchmarks/serve_decompose.py [MODEL_DIR]
+    ACCESS_LOG=0 python benchmarks/serve_decompose.py [MODEL_DIR]     # the deploy config's access_log: false
 """
 import asyncio
 import json
@@ -26,7 +27,7 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 serve.start(http_options={"host": "127.0.0.1", "port": 8126})
 from raylm.serve.graph import build
 M = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", ".raylm", "registry", "tiny-llama", "v1")
-cfg = DeployConfig.model_validate({"models": [{"name": "m", "model": M, "num_cpus": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}], "http": {"port": 8126}, "ingress": {"num_cpus": 0}, "limits": {"rate_limit_per_minute": 10**6}})
+cfg = DeployConfig.model_validate({"models": [{"name": "m", "model": M, "num_cpus": 1, "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}], "http": {"port": 8126}, "ingress": {"num_cpus": 0}, "limits": {"rate_limit_per_minute": 10**6}, "access_log": os.environ.get("ACCESS_LOG", "1") == "1"})
 serve.run(build(cfg), name="raylm", route_prefix="/")
 s = requests.Session(); H = {"Authorization": f"Bearer {key}"}
 def t(fn, n=40):
@@ -62,6 +63,7 @@ torch.set_num_threads(1)
 e = LMEngine(M)
 out["baseline_in_process_16_tokens_ms"] = (t(lambda: e.generate([GenRequest(e.encode("the king and the queen went out"), 16, 0.0)], lambda ev: None)))
 print(json.dumps({"benchmark": "serve_decompose", "device": f"cpu ({os.cpu_count()} cores)",
-                  "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"), **out}))
+                  "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
+                  "access_log": os.environ.get("ACCESS_LOG", "1") == "1", **out}))
 serve.shutdown()
 ray.shutdown()

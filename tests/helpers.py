@@ -95,3 +95,15 @@ def add_node(gcs_address: str, temp_dir: str, num_cpus: int, resources: dict | N
 def lose_node(node) -> None:
     """The node goes away at once, as a machine that dies: every process of it killed, no drain."""
     node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+
+
+def serve_access_lines(temp_dir: str, app: str) -> list[str]:
+    """Ray Serve's access-log lines (` -- POST /v1/... 200 12.3ms`, ` -- CALL generate OK ...`)
+    in the replica logs of `app` on this machine's session of the cluster in `temp_dir`."""
+    import re
+
+    logs = Path(temp_dir) / "session_latest" / "logs" / "serve"
+    pattern = re.compile(r" -- (GET|POST|CALL) ")
+    files = list(logs.glob(f"replica_{app}_*.log"))
+    assert files, f"no replica logs of app {app!r} in {logs}"
+    return [line for f in files for line in f.read_text(errors="replace").splitlines() if pattern.search(line)]

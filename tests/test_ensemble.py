@@ -169,7 +169,7 @@ def test_ensemble_is_evaluated_like_any_model(seeded, authors_dataset):
     assert {"report/report.html", "report/report.json"} <= files and any(f.endswith(".png") for f in files)
 
 
-def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path):
+def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path, ray_session):
     from ray import serve
 
     from raylm.serve.config import DeployConfig
@@ -180,6 +180,7 @@ def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path):
     port = free_port()
     out = deploy(config.build(DeployConfig, {
         "name": "ens", "registry": str(d / "registry"), "http": {"port": port}, "auth": {"required": False},
+        "access_log": False,
         "models": [{"name": "authors", "model": summary["model"], "num_cpus": 0.25}]}))
     try:
         texts = ["Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought "
@@ -193,6 +194,11 @@ def test_ensemble_answers_behind_one_endpoint(seeded, tmp_path):
         assert len([n for n in serve.status().applications["ens"].deployments if n.startswith("model-")]) == 3
         health = requests.get(out["url"] + "/healthz", timeout=30)
         assert health.status_code == 200 and health.json()["models"] == {"authors": "ready"}
+        # `access_log: false`: none of the app's replicas (the ingress, each member) logged a request
+        # (tests/test_serve.py finds them in the logs of an app that keeps the default)
+        from helpers import serve_access_lines
+
+        assert not serve_access_lines(ray_session.temp_dir, "ens")
     finally:
         serve.shutdown()  # as tests/test_serve.py does: the next app starts Serve on its own port
 

@@ -344,7 +344,7 @@ def test_int8_quality_change_is_measured_and_on_the_card(served):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_metrics_reach_ray(served):
+def test_metrics_reach_ray(served, ray_session):
     """raylm_serve_* series are exported by Ray's metrics agent (what Prometheus scrapes)."""
     import ray
 
@@ -358,6 +358,11 @@ def test_metrics_reach_ray(served):
             break
         time.sleep(3)
     assert 'raylm_serve_requests_total{' in text and 'route="/v1/completions"' in text
+    # and Serve's own access log (the deploy config's `access_log`, on by default) has each request
+    from helpers import serve_access_lines
+
+    lines = serve_access_lines(ray_session.temp_dir, APP)
+    assert any("POST /v1/completions 200" in x for x in lines) and any("CALL generate" in x for x in lines), lines[:5]
     assert "raylm_serve_tokens_generated_total" in text and "raylm_serve_request_latency_seconds_bucket" in text
 
 

@@ -106,6 +106,10 @@ class DeployConfig(Strict):
     ingress: Ingress = Ingress()
     feedback_uri: Optional[str] = Field(None, description="where /v1/feedback appends JSONL; "
                                                           "default $RAYLM_HOME/feedback/<app name>")
+    access_log: bool = Field(True, description="Ray Serve's access log line per request in each replica's log "
+                                               "(the ingress's and every model's); off saves each request a "
+                                               "log write in every replica it passes (raylm_serve_* metrics "
+                                               "still count every request)")
 
     @field_validator("route_prefix")
     @classmethod

@@ -50,6 +50,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
             "name": f"model-{m.name}", "max_ongoing_requests": m.max_ongoing_requests,
             "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
             "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+            "logging_config": {"enable_access_log": cfg.access_log},
         }
         if m.autoscaling:
             a = m.autoscaling
@@ -82,5 +83,6 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
     return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
                            max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                            health_check_period_s=cfg.ingress.health_check_period_s,
-                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(
+                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+                           logging_config={"enable_access_log": cfg.access_log}).bind(
         cfg.model_dump(mode="json"), meta, handles)
