@@ -75,22 +75,41 @@ async def _unexpected(request: Request, e: Exception):
                                    "server_error", "internal_error"), status_code=500)
 
 
-@app.middleware("http")
-async def _count(request: Request, call_next):
-    t0 = time.perf_counter()
-    request.state.model = ""
-    request.state.streaming = False
-    status = 500  # unless a response comes back
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        route = request.url.path if request.url.path in ROUTES else "other"
-        m = metrics()
-        m["requests"].inc(tags={"route": route, "status": str(status), "model": request.state.model})
-        if not request.state.streaming:
-            m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": request.state.model})
+class _Count:
+    """Counts every request by route, status and model, and times the whole answers
+    (`raylm_serve_requests_total`, `raylm_serve_request_latency_seconds`). Plain ASGI: FastAPI's
+    `@app.middleware("http")` wraps each request in a task group and memory streams (measured:
+    ~6% of the ingress's CPU per request, ~0.7 ms on 2 cores). Handlers name the model and mark streams in
+    `request.state` (the scope's "state")."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = scope["state"] = {**scope.get("state", {}), "model": "", "streaming": False}  # this request's
+        status = 500  # unless a response starts
+
+        async def sent(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            path = scope["path"]
+            route = path if path in ROUTES else "other"
+            m = metrics()
+            m["requests"].inc(tags={"route": route, "status": str(status), "model": state["model"]})
+            if not state["streaming"]:
+                m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": state["model"]})
+
+
+app.add_middleware(_Count)
 
 
 async def _once_more_if_replica_lost(call: Any, what: str) -> Any:
