@@ -388,7 +388,7 @@ def test_soak_steady_requests_keep_latency_and_memory_flat(served):
     import psutil
     from ray.util.state import list_actors
 
-    duration, rate, warmup = float(os.environ.get("RAYLM_SOAK_S", 300)), 4.0, 15.0
+    duration, rate, warmup = float(os.environ.get("RAYLM_SOAK_S", 300)), 4.0, 5.0  # warm-up: replicas are loaded by the fixture
     bodies = [("/v1/completions", {"model": "lm-int8", "prompt": "the king", "max_tokens": 8}, "gen"),
               ("/v1/classify", {"model": "author", "texts": ["Of Man's first disobedience, and the fruit"]}, "cls")]
     replicas = {a.name: psutil.Process(a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
