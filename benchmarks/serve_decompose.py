@@ -1,7 +1,8 @@
 """Where a completion's time goes through Serve (p50 of 40 sequential requests each, after 5
 warm-ups): proxy + ingress + auth alone, + the model hop with no generation, the whole request,
 the model's stream called from the driver (no HTTP, no ingress), and the engine in-process.
-Prints one JSON line: each stage's p50 in ms, and the in-process engine as the baseline.
+Prints one JSON line: each stage's p50 in ms, and the in-process engine as the baseline; and
+the CPU each Serve process spends per 0-token completion (proxy, ingress, model, controller).
 Starts its own local Ray (run it with no other cluster up on a small machine). Uses the demo's
 trained model by default.
 
@@ -40,7 +41,18 @@ body = lambda n: {"model": "m", "prompt": "the king and the queen went out", "ma
 out = {}
 out["proxy_ingress_auth_ms"] = (t(lambda: s.get("http://127.0.0.1:8126/v1/models", headers=H)))
 out["plus_model_unary_call_ms"] = (t(lambda: s.get("http://127.0.0.1:8126/healthz")))
-out["completion_0_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(0), headers=H)))
+# CPU per 0-token completion of each Serve process (user + system time from /proc via psutil)
+import psutil
+procs = {}
+for p in psutil.process_iter(["cmdline"]):
+    c = " ".join(p.info["cmdline"] or [])
+    if c.startswith("ray::") and ("Serve" in c or "Proxy" in c):
+        procs["ingress" if "ingress" in c else "proxy" if "Proxy" in c else "model" if "model-" in c else "controller"] = p
+cpu = lambda: {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+before = cpu()
+out["completion_0_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(0), headers=H), n=200))
+after = cpu()
+out["cpu_ms_per_0_token_completion"] = {n: round(1000 * (after[n] - before[n]) / 205, 2) for n in procs}
 out["completion_16_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(16), headers=H)))
 async def via_handle():
     # Created inside the loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 the handle's router runs
