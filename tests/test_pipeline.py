@@ -47,9 +47,11 @@ def _pipeline_file(tmp_path, **extra) -> str:
 @pytest.fixture(scope="module")
 def prometheus(raylm_cluster):
     """`raylm up --metrics` on the running session cluster: it adds a real Prometheus scraping it
-    (when the binary is installed: `make test` installs Debian's package when it runs as root);
-    `raylm down --metrics` stops it when the module ends. Its URL, or the CLI's message when it
-    could not start."""
+    (when the binary is installed: `make test` installs Debian's package when it runs as root).
+    Its URL, or the CLI's message when it could not start. test_prometheus_scrapes_train_and_serve_metrics
+    stops it with `raylm down --metrics` as soon as it has found its series: every scrape makes Ray's
+    dashboard agent render every metric series of the session (measured: ~30% of a core at a
+    5 s interval), CPU the pipeline's later runs and the rest of the suite need."""
     from conftest import run_cli
 
     from raylm import cluster
@@ -61,12 +63,8 @@ def prometheus(raylm_cluster):
     state = cluster.ClusterState.load(cluster.home())
     assert state.prometheus_url and "Prometheus started at" in up.stdout, up.stdout
     yield state.prometheus_url
-    # scrapes make the dashboard agent render every metric series the session has made:
-    # stopped here, they would keep it at a quarter of a core for the rest of the suite
-    down = run_cli("down", "--metrics")
-    assert down.returncode == 0 and "stopped Prometheus" in down.stdout, down.stdout + down.stderr
-    assert cluster.is_running(cluster.ClusterState.load(cluster.home()))  # only Prometheus stopped
-    assert not cluster.ClusterState.load(cluster.home()).prometheus_url
+    if cluster.ClusterState.load(cluster.home()).prometheus_url:  # the test failed before it stopped it
+        run_cli("down", "--metrics")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +87,42 @@ def first_run(ray_session, prometheus, tmp_path_factory):
 def _complete(url: str, key: str) -> requests.Response:
     return requests.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
                          json={"model": "tiny-llama", "prompt": "the king", "max_tokens": 4}, timeout=60)
+
+
+def test_prometheus_scrapes_train_and_serve_metrics(first_run, prometheus):
+    """`raylm up --metrics`'s Prometheus, on the session's cluster: after the pipeline's training
+    and a few requests, it holds raylm_train_* and raylm_serve_* series. (Before the test of the
+    pipeline's later runs: it stops Prometheus, see the fixture.)"""
+    import os
+    import time
+
+    if not prometheus.startswith("http://"):
+        if os.environ.get("CI"):
+            pytest.fail(prometheus)
+        pytest.skip(prometheus)
+    url = first_run["summary"]["stages"]["deploy"]["url"]
+    deadline, names = time.time() + 90, set()
+    while time.time() < deadline:
+        _complete(url, first_run["key"])
+        r = requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10)
+        names = {n for n in r.json()["data"] if n.startswith("ray_raylm_")}  # Ray prefixes them with ray_
+        if any(n.startswith("ray_raylm_train_") for n in names) and "ray_raylm_serve_requests_total" in names:
+            break
+        time.sleep(2)
+    assert {"ray_raylm_serve_requests_total", "ray_raylm_serve_request_latency_seconds_bucket"} <= names, names
+    assert {"ray_raylm_train_loss", "ray_raylm_train_step"} <= names, names
+    q = requests.get(f"{prometheus}/api/v1/query", timeout=10,
+                     params={"query": 'sum(ray_raylm_serve_requests_total{route="/v1/completions",status="200"})'})
+    assert float(q.json()["data"]["result"][0]["value"][1]) >= 1
+    # `raylm down --metrics` stops Prometheus and leaves the cluster running
+    from conftest import run_cli
+
+    from raylm import cluster
+
+    down = run_cli("down", "--metrics")
+    assert down.returncode == 0 and "stopped Prometheus" in down.stdout, down.stdout + down.stderr
+    assert cluster.is_running(cluster.ClusterState.load(cluster.home()))
+    assert not cluster.ClusterState.load(cluster.home()).prometheus_url
 
 
 def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
@@ -126,32 +160,6 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     # the endpoint was taken down while the train stage re-ran (its CPUs) and is back
     r = _complete(st["deploy"]["url"], key)
     assert r.status_code == 200, r.text
-
-
-def test_prometheus_scrapes_train_and_serve_metrics(first_run, prometheus):
-    """`raylm up --metrics`'s Prometheus, on the session's cluster: after the pipeline's training
-    and a few requests, it holds raylm_train_* and raylm_serve_* series."""
-    import os
-    import time
-
-    if not prometheus.startswith("http://"):
-        if os.environ.get("CI"):
-            pytest.fail(prometheus)
-        pytest.skip(prometheus)
-    url = first_run["summary"]["stages"]["deploy"]["url"]
-    deadline, names = time.time() + 90, set()
-    while time.time() < deadline:
-        _complete(url, first_run["key"])
-        r = requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10)
-        names = {n for n in r.json()["data"] if n.startswith("ray_raylm_")}  # Ray prefixes them with ray_
-        if any(n.startswith("ray_raylm_train_") for n in names) and "ray_raylm_serve_requests_total" in names:
-            break
-        time.sleep(2)
-    assert {"ray_raylm_serve_requests_total", "ray_raylm_serve_request_latency_seconds_bucket"} <= names, names
-    assert {"ray_raylm_train_loss", "ray_raylm_train_step"} <= names, names
-    q = requests.get(f"{prometheus}/api/v1/query", timeout=10,
-                     params={"query": 'sum(ray_raylm_serve_requests_total{route="/v1/completions",status="200"})'})
-    assert float(q.json()["data"]["result"][0]["value"][1]) >= 1
 
 
 def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):
