@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from helpers import free_port, issued
 
-from raylm import config, registry
+from raylm import cluster, config, registry
 
 CONFIGS = ROOT / "jobs" / "configs"
 
@@ -52,10 +52,6 @@ def prometheus(raylm_cluster):
     stops it with `raylm down --metrics` as soon as it has found its series: every scrape makes Ray's
     dashboard agent render every metric series of the session (measured: ~30% of a core at a
     5 s interval), CPU the pipeline's later runs and the rest of the suite need."""
-    from conftest import run_cli
-
-    from raylm import cluster
-
     up = run_cli("up", "--metrics", "--metrics-interval", "5")  # (a test waits for a scrape)
     if up.returncode != 0:
         yield (up.stderr + up.stdout).strip()
@@ -115,10 +111,6 @@ def test_prometheus_scrapes_train_and_serve_metrics(first_run, prometheus):
                      params={"query": 'sum(ray_raylm_serve_requests_total{route="/v1/completions",status="200"})'})
     assert float(q.json()["data"]["result"][0]["value"][1]) >= 1
     # `raylm down --metrics` stops Prometheus and leaves the cluster running
-    from conftest import run_cli
-
-    from raylm import cluster
-
     down = run_cli("down", "--metrics")
     assert down.returncode == 0 and "stopped Prometheus" in down.stdout, down.stdout + down.stderr
     assert cluster.is_running(cluster.ClusterState.load(cluster.home()))
