@@ -289,3 +289,16 @@ def test_any_yaml_file_gives_a_config_or_one_clear_error(tmp_path):
 
     check()
     assert outcomes["valid"] >= 5 and outcomes["refused"] > 100, outcomes  # both sides were reached
+
+
+def test_a_grid_search_trains_each_combination_once_unless_told_to_repeat(tmp_path):
+    """Tune repeats a grid num_samples times, and a repeat (same train.seed) trains the same model
+    again: a grid left at the default runs each combination once; sampling searches keep 8."""
+    from raylm.tune.config import TuneConfig
+
+    f = tmp_path / "tune.yaml"
+    f.write_text(f"name: g\ntrain: {Path(__file__).parents[1] / 'jobs' / 'configs' / 'train_tiny.yaml'}\n"
+                 "space: {train.lr: {grid: [0.001, 0.002, 0.003]}}\n")
+    assert config.load(TuneConfig, f, ["search.algorithm=grid"]).search.num_samples == 1
+    assert config.load(TuneConfig, f, ["search.algorithm=grid", "search.num_samples=2"]).search.num_samples == 2
+    assert config.load(TuneConfig, f, []).search.num_samples == 8  # random

@@ -55,7 +55,8 @@ class SearchConfig(Strict):
         "fifo", description="fifo: every trial runs to max_steps; asha: stop the worse trials early; hyperband: "
         "asynchronous HyperBand (ASHA over up to 3 brackets of grace_period x reduction_factor^0,1,2; only the "
         "brackets whose first rung comes before max_steps); pbt: population-based training")
-    num_samples: int = Field(8, ge=1, description="trials (grid: repeats of the whole grid)")
+    num_samples: int = Field(8, ge=1, description="trials; default 8, and 1 with grid (every combination once: a "
+                             "larger number repeats the whole grid, same seeds included)")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
     seed: int = Field(0, description="seed of the searcher (the trials keep their own train.seed)")
     grace_period: int = Field(10, ge=1, description="asha / hyperband: steps every trial gets before it can be "
@@ -64,6 +65,15 @@ class SearchConfig(Strict):
     perturbation_interval: int = Field(20, ge=1, description="pbt: steps between exploit / explore rounds "
                                        "(trials checkpoint at this interval)")
     time_budget_s: Optional[float] = Field(None, gt=0, description="stop starting trials after this long")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_once(cls, data: Any) -> Any:
+        """Tune repeats a grid num_samples times; with each trial's own train.seed a repeat trains the same
+        model again, so a grid left at the default runs once (a 3-value grid: 3 trials, not 24)."""
+        if isinstance(data, dict) and data.get("num_samples") is None and data.get("algorithm") == "grid":
+            data = {**data, "num_samples": 1}
+        return data
 
 
 class CVConfig(Strict):
