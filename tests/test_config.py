@@ -297,7 +297,7 @@ def test_a_grid_search_trains_each_combination_once_unless_told_to_repeat(tmp_pa
     from raylm.tune.config import TuneConfig
 
     f = tmp_path / "tune.yaml"
-    f.write_text(f"name: g\ntrain: {Path(__file__).parents[1] / 'jobs' / 'configs' / 'train_tiny.yaml'}\n"
+    f.write_text(f"name: g\ntrain: {ROOT / 'jobs' / 'configs' / 'train_tiny.yaml'}\n"
                  "space: {train.lr: {grid: [0.001, 0.002, 0.003]}}\n")
     assert config.load(TuneConfig, f, ["search.algorithm=grid"]).search.num_samples == 1
     assert config.load(TuneConfig, f, ["search.algorithm=grid", "search.num_samples=2"]).search.num_samples == 2

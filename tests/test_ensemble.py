@@ -280,13 +280,13 @@ def test_members_from_a_search_and_from_the_registry(authors_dataset):
     summary, card = build_ensemble(authors_dataset, "top2", {"source": "search", "search": "authors-lr", "n": 2,
                                                              "search_storage": str(d / "tune")}, "weighted")
     results = pd.read_parquet(Path(s["storage"]) / "results.parquet").sort_values("val_loss")
-    top = [registry.resolve(m, str(Path(s["storage"]) / "models"))["id"] for m in results["model"][:2]]
+    reg = str(Path(s["storage"]) / "models")
+    top = [registry.resolve(m, reg)["id"] for m in results["model"][:2]]
     assert sorted(summary["members"]) == sorted(top)  # the search's best two
     w = card["ensemble"]["weights"]
     assert len(w) == 2 and math.isclose(sum(w), 1.0, abs_tol=1e-6)
     # members from the registry: the search's three models, by id from its registry, combined another
     # way (small members: the seeded ensemble's 6-block ones cost ~20 s more to score here)
-    reg = str(Path(s["storage"]) / "models")
     ids = [registry.resolve(m, reg)["id"] for m in results["model"]]
     summary, card = build_ensemble(authors_dataset, "again", {"source": "models", "models": ids}, "logit_mean",
                                    registry=reg)

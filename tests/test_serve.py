@@ -117,12 +117,13 @@ def _h(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _post(s: dict, route: str, body, key: str = "gen", **kw) -> requests.Response:
+def _post(s: dict, route: str, body, key: str = "gen", http=requests, **kw) -> requests.Response:
+    """POST with `key`'s API key; `http`: a requests.Session to keep the connection alive."""
     headers = _h(s["keys"][key]) if key else {}
     if isinstance(body, (bytes, str)):
-        return requests.post(s["base"] + route, data=body, headers={**headers, "Content-Type": "application/json"},
-                             timeout=120, **kw)
-    return requests.post(s["base"] + route, json=body, headers=headers, timeout=120, **kw)
+        return http.post(s["base"] + route, data=body, headers={**headers, "Content-Type": "application/json"},
+                         timeout=120, **kw)
+    return http.post(s["base"] + route, json=body, headers=headers, timeout=120, **kw)
 
 
 def _local_lm(card: dict):
@@ -463,7 +464,7 @@ def test_autoscaling_up_under_load_and_back(served):
     def load():
         with requests.Session() as http:
             while not stop.is_set():
-                http.post(served["base"] + "/v1/completions", json=body, headers=_h(served["keys"]["gen"]), timeout=120)
+                _post(served, "/v1/completions", body, http=http)
 
     with cf.ThreadPoolExecutor(3) as ex:
         for _ in range(3):
