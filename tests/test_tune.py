@@ -242,11 +242,15 @@ def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, 
     proc.wait()
     first = finished()
     assert 2 <= len(first) < 4, (tmp_path / "first.log").read_text()[-3000:]
+    models = tmp_path / "tune" / "resume-search" / "models"
+    registered = {p.name for p in models.iterdir()}  # every trial that ended before the kill
+    # the search's state was saved within raylm's 2 s (Ray's default waits 10 s or more): it
+    # knows them all, so none runs again (a trial run again would register its model as v2)
+    assert registered == {f"resume-search-{t}" for t in first}, (registered, first)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search resume-search" in second.stdout
     assert len(finished()) == 4
-    models = tmp_path / "tune" / "resume-search" / "models"
     for trial in first:  # not run again: a second run would have registered its model as v2
         assert sorted(p.name for p in (models / f"resume-search-{trial}").iterdir()) == ["v1"]
     df = pd.read_parquet(tmp_path / "tune" / "resume-search" / "results.parquet")

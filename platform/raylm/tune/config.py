@@ -65,6 +65,10 @@ class SearchConfig(Strict):
     perturbation_interval: int = Field(20, ge=1, description="pbt: steps between exploit / explore rounds "
                                        "(trials checkpoint at this interval)")
     time_budget_s: Optional[float] = Field(None, gt=0, description="stop starting trials after this long")
+    state_save_s: float = Field(2.0, gt=0, description="seconds between saves of the search's state (which trials "
+                                "finished): a search killed between two saves runs the trials that finished since "
+                                "again when it resumes (Ray Tune's TUNE_GLOBAL_CHECKPOINT_S; its default is 10 s or "
+                                "more)")
 
     @model_validator(mode="before")
     @classmethod

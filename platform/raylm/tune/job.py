@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -134,6 +135,7 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s, mode = cfg.search, cfg.resolved_mode
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(s.state_save_s)  # read by the Tuner built below
     fixed = schedule_fields(cfg, train_cfg)
     base = trial_mod.train_dict(base, {}, **fixed)
     grid_ok = s.algorithm == "grid"
