@@ -168,3 +168,20 @@ def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):
     no_tune = config.load(PipelineConfig, f, ["tune=null"])
     with pytest.raises(config.ConfigError, match="deploy stage: model 'tune'"):
         check(no_tune, f)
+
+
+def test_the_demo_asks_about_a_held_out_passage_of_each_author(authors_dataset):
+    """What `make demo` sends its endpoint beside two famous lines: the first test-split passage
+    of each author, from the dataset version the pipeline built (never trained on)."""
+    from raylm.data.versions import read_split
+    from raylm.demo import held_out
+
+    m = authors_dataset["manifest"]
+    cases = held_out(m["uri"])
+    assert [label for label, _ in cases] == ["milton", "shakespeare"]
+    test = read_split(m, "docs", "test", ["label", "text"]).to_pylist()
+    for label, text in cases:
+        assert text == next(r["text"] for r in test if r["label"] == label) and len(text) > 500
+    train = set(read_split(m, "docs", "train", ["text"]).column("text").to_pylist())
+    assert not {text for _, text in cases} & train
+

@@ -37,19 +37,45 @@ def demo_key() -> Path:
     return path
 
 
-def ask(url: str, model: str, key_file: Path) -> str:
+LINES = ["Of Man's first disobedience, and the fruit of that forbidden tree, whose mortal taste brought death "
+         "into the world", "Now is the winter of our discontent made glorious summer by this sun of York"]
+
+
+def held_out(dataset_uri: str) -> list[tuple[str, str]]:
+    """(label, text) of the first passage of each label in the dataset's test split: passages
+    the model never trained on, of the kind it learned from."""
+    from raylm import storage
+    from raylm.data.versions import read_split
+
+    table = read_split(storage.read_json(storage.join(dataset_uri, "manifest.json")), "docs", "test",
+                       ["label", "text"])
+    first: dict[str, str] = {}
+    for row in table.to_pylist():
+        first.setdefault(row["label"], row["text"])
+    return sorted(first.items())
+
+
+def ask(url: str, model: str, key_file: Path, dataset_uri: str | None = None) -> str:
+    """The endpoint's answers on a held-out passage of each author (when the dataset is known)
+    and on two famous single lines."""
     import requests
 
     key = key_file.read_text().strip()
-    texts = ["Of Man's first disobedience, and the fruit of that forbidden tree, whose mortal taste brought "
-             "death into the world", "Now is the winter of our discontent made glorious summer by this sun of York"]
+    cases: list[tuple[str | None, str]] = list(held_out(dataset_uri)) if dataset_uri else []
+    cases += [(None, text) for text in LINES]
     r = requests.post(f"{url}/v1/classify", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": model, "texts": texts}, timeout=60)
+                      json={"model": model, "texts": [t for _, t in cases]}, timeout=60)
     if r.status_code != 200:
         return f"HTTP {r.status_code}: {r.text[:300]}"
     out = []
-    for text, res in zip(texts, r.json()["data"]):
-        out.append(f"  {text[:60]!r}... -> {res['label']} ({max(res['probabilities'].values()):.2f})")
+    for i, ((label, text), res) in enumerate(zip(cases, r.json()["data"])):
+        if i == 0 and label is not None:
+            out.append("  held-out test passages (~1,000 characters, as the model was trained on):")
+        if label is None and (i == 0 or cases[i - 1][0] is not None):
+            out.append("  single lines (much shorter than what the model learned from: harder):")
+        said = f"{res['label']} ({max(res['probabilities'].values()):.2f})"
+        truth = f"   (written by {label})" if label is not None else ""
+        out.append(f"    {' '.join(text.split())[:60]!r}... -> {said}{truth}")
     return "\n".join(out)
 
 
@@ -70,7 +96,8 @@ def main() -> int:
     ledger = Ledger(ledger_uri(config.load(PipelineConfig, PIPELINE)))
     deploy_cfg = config.load(cli._model_for("deploy"), "jobs/configs/deploy_authors.yaml")
     url = f"http://{deploy_cfg.http.host}:{deploy_cfg.http.port}"
-    answer = ask(url, deploy_cfg.models[0].name, key_file)
+    data = (ledger.entries.get("data") or {}).get("output") or {}
+    answer = ask(url, deploy_cfg.models[0].name, key_file, data.get("uri"))
     print(f"""
 == demo done in {time.time() - t0:.0f}s ==
 the endpoint answers (POST {url}/v1/classify):
