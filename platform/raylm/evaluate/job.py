@@ -39,6 +39,14 @@ def _window(cfg: EvaluateConfig, card: dict[str, Any], task: str) -> int:
     return int(conf.get("max_position_embeddings") or conf.get("n_positions") or 1024)
 
 
+def _known_labels(batch, labels: list[str]):
+    """The rows of a docs batch whose label the model knows (the others are counted as left out)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("label"), value_set=pa.array(labels)))
+
+
 class Evaluation:
     """One run: what is evaluated on which documents; `score(model_dir, ds)` for any model."""
 
@@ -77,7 +85,8 @@ class Evaluation:
             known = set(self.labels)
             ds = ds.materialize()
             self.left_out = sum(x not in known for x in ds.select_columns(["label"]).to_pandas()["label"])
-            ds = ds.filter(lambda r: r["label"] in known)
+            ds = ds.map_batches(_known_labels, fn_kwargs={"labels": self.labels}, batch_format="pyarrow",
+                                batch_size=None)  # (a row-by-row `filter` calls Python per row)
         self.ds = ds.materialize()
         self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs
 
