@@ -210,4 +210,3 @@ def test_documents_with_a_label_the_model_does_not_know_are_left_out_and_counted
     assert rep["left_out"] == truth.count("tragedy") > 0
     assert rep["metrics"]["accuracy"] == 1.0
     assert rep["metrics"]["confusion"] == [[truth.count("comedy"), 0], [0, 0]]
-

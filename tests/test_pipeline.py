@@ -184,4 +184,3 @@ def test_the_demo_asks_about_a_held_out_passage_of_each_author(authors_dataset):
         assert text == next(r["text"] for r in test if r["label"] == label) and len(text) > 500
     train = set(read_split(m, "docs", "train", ["text"]).column("text").to_pylist())
     assert not {text for _, text in cases} & train
-

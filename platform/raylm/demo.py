@@ -44,13 +44,10 @@ LINES = ["Of Man's first disobedience, and the fruit of that forbidden tree, who
 def held_out(dataset_uri: str) -> list[tuple[str, str]]:
     """(label, text) of the first passage of each label in the dataset's test split: passages
     the model never trained on, of the kind it learned from."""
-    from raylm import storage
-    from raylm.data.versions import read_split
+    from raylm.data.versions import read_split, resolve
 
-    table = read_split(storage.read_json(storage.join(dataset_uri, "manifest.json")), "docs", "test",
-                       ["label", "text"])
     first: dict[str, str] = {}
-    for row in table.to_pylist():
+    for row in read_split(resolve(dataset_uri), "docs", "test", ["label", "text"]).to_pylist():
         first.setdefault(row["label"], row["text"])
     return sorted(first.items())
 
@@ -61,21 +58,20 @@ def ask(url: str, model: str, key_file: Path, dataset_uri: str | None = None) ->
     import requests
 
     key = key_file.read_text().strip()
-    cases: list[tuple[str | None, str]] = list(held_out(dataset_uri)) if dataset_uri else []
-    cases += [(None, text) for text in LINES]
+    passages = held_out(dataset_uri) if dataset_uri else []
+    texts = [text for _, text in passages] + LINES
     r = requests.post(f"{url}/v1/classify", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": model, "texts": [t for _, t in cases]}, timeout=60)
+                      json={"model": model, "texts": texts}, timeout=60)
     if r.status_code != 200:
         return f"HTTP {r.status_code}: {r.text[:300]}"
+    lines = [f"    {' '.join(text.split())[:60]!r}... -> {res['label']} ({max(res['probabilities'].values()):.2f})"
+             for text, res in zip(texts, r.json()["data"])]
     out = []
-    for i, ((label, text), res) in enumerate(zip(cases, r.json()["data"])):
-        if i == 0 and label is not None:
-            out.append("  held-out test passages (~1,000 characters, as the model was trained on):")
-        if label is None and (i == 0 or cases[i - 1][0] is not None):
-            out.append("  single lines (much shorter than what the model learned from: harder):")
-        said = f"{res['label']} ({max(res['probabilities'].values()):.2f})"
-        truth = f"   (written by {label})" if label is not None else ""
-        out.append(f"    {' '.join(text.split())[:60]!r}... -> {said}{truth}")
+    if passages:
+        out.append("  held-out test passages (~1,000 characters, as the model was trained on):")
+        out += [f"{line}   (written by {label})" for line, (label, _) in zip(lines, passages)]
+    out.append("  single lines (much shorter than what the model learned from: harder):")
+    out += lines[len(passages):]
     return "\n".join(out)
 
 

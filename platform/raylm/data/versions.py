@@ -45,3 +45,12 @@ def read_split(m: dict[str, Any], view: str, split: str, columns: Optional[list[
 
     fs, path = storage.arrow_fs(storage.join(m["uri"], view, split))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def with_labels(batch, labels: list[str]):
+    """The rows of a pyarrow batch of a docs view whose label is one of `labels` (rows with
+    another label or none are left out; callers count them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("label"), value_set=pa.array(labels)))

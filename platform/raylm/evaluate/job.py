@@ -11,7 +11,7 @@ import numpy as np
 
 from raylm import config, registry, storage, tracking
 from raylm.evaluate import baselines, infer, metrics, report
-from raylm.data.versions import read_split
+from raylm.data.versions import read_split, with_labels
 from raylm.evaluate.config import EvaluateConfig
 
 CLS_COMPARE = ["accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "ece"]
@@ -37,14 +37,6 @@ def _window(cfg: EvaluateConfig, card: dict[str, Any], task: str) -> int:
         return int(trained or 256)
     conf = _model_conf(card)
     return int(conf.get("max_position_embeddings") or conf.get("n_positions") or 1024)
-
-
-def _known_labels(batch, labels: list[str]):
-    """The rows of a docs batch whose label the model knows (the others are counted as left out)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch.column("label"), value_set=pa.array(labels)))
 
 
 class Evaluation:
@@ -85,7 +77,7 @@ class Evaluation:
             known = set(self.labels)
             ds = ds.materialize()
             self.left_out = sum(x not in known for x in ds.select_columns(["label"]).to_pandas()["label"])
-            ds = ds.map_batches(_known_labels, fn_kwargs={"labels": self.labels}, batch_format="pyarrow",
+            ds = ds.map_batches(with_labels, fn_kwargs={"labels": self.labels}, batch_format="pyarrow",
                                 batch_size=None)  # (a row-by-row `filter` calls Python per row)
         self.ds = ds.materialize()
         self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs

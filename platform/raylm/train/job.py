@@ -134,14 +134,15 @@ def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str])
     whose label the model does not know (or none) are left out (counted in the driver)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
+
+    from raylm.data.versions import with_labels
 
     if tokenizer_path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
         _TOKENIZERS[tokenizer_path] = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
     tok = _TOKENIZERS[tokenizer_path]
-    batch = batch.filter(pc.is_in(batch.column("label"), value_set=pa.array(labels)))
+    batch = with_labels(batch, labels)
     enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length",
               return_tensors="np")
     index = {label: i for i, label in enumerate(labels)}
