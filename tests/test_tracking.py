@@ -86,6 +86,19 @@ def test_comet_offline_archive_holds_the_metrics(tmp_path):
     with zipfile.ZipFile(archives[0]) as z:
         text = "\n".join(z.read(n).decode(errors="replace") for n in z.namelist())
     assert "accuracy" in text and "0.75" in text and json.dumps("m@v1") in text
+    # no system samples: they would describe this process (a driver), not the workers that train
+    assert not comet_system_metrics(archives[0])
+
+
+def comet_system_metrics(archive) -> set[str]:
+    """The names of the CPU, GPU, network and disk samples in a Comet offline archive."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        lines = z.read("messages.json").decode().splitlines()
+    names = {(json.loads(x).get("payload") or {}).get("metric", {}).get("metricName") for x in lines}
+    return {n for n in names if n and n.startswith(("sys.cpu", "sys.gpu", "sys.network", "sys.disk"))}
 
 
 @pytest.mark.parametrize("mode", ["online"])

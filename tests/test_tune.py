@@ -88,7 +88,11 @@ def check_tracking(cfg: TuneConfig, summary: dict, tmp: Path) -> None:
     for child in children:
         curve = client.get_metric_history(child.info.run_id, "val_loss")
         assert len(curve) >= 2 and child.info.status == "FINISHED"
-    assert len(list((tmp / "comet").glob("*.zip"))) == summary["trials"] + 1  # and one for the search
+    archives = list((tmp / "comet").glob("*.zip"))
+    assert len(archives) == summary["trials"] + 1  # and one for the search
+    from test_tracking import comet_system_metrics
+
+    assert not set().union(*map(comet_system_metrics, archives))  # the driver's own samples are not a trial's
 
 
 LR = {"loguniform": [1.0e-4, 2.0e-2]}
