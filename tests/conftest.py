@@ -173,8 +173,13 @@ def train_tiny(dataset: dict, name: str, overrides: list[str]) -> tuple[dict, di
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # `last`: after every other test (the log scan for leaked secrets reads what they all wrote)
-    items.sort(key=lambda item: "last" in item.keywords)  # stable: the rest keep their order
+    # `last`: after every other test, by `order` (default 2): the soak's last window (1) runs alone,
+    # then the log scan for leaked secrets (2) reads what they all wrote
+    def order(item) -> int:
+        mark = item.get_closest_marker("last")
+        return 0 if mark is None else mark.kwargs.get("order", 2)
+
+    items.sort(key=order)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -115,8 +115,16 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
             raise config.ConfigError(f"models.{m.name}.compression.quantize=int8 is for CPU serving; set num_gpus: 0")
         print(f"[deploy] measuring {cards[m.name]['id']} with quantize={c.quantize} prune={c.prune} on its "
               f"validation split ...", flush=True)
-        task = ray.remote(num_cpus=max(m.num_cpus, 1))(measure_compression)
-        result = ray.get(task.remote(cards[m.name], c))
+        # with the CPUs its replica will have (asking for a whole one waited forever, silently, on a
+        # cluster whose other apps hold all but a fraction of its CPUs)
+        ref = ray.remote(num_cpus=m.num_cpus)(measure_compression).remote(cards[m.name], c)
+        waited = 0
+        while not ray.wait([ref], timeout=30)[0]:
+            waited += 30
+            print(f"[deploy] {m.name}: still measuring after {waited} s (it asked for {m.num_cpus:g} CPU; "
+                  f"free now: {ray.available_resources().get('CPU', 0):g} of "
+                  f"{ray.cluster_resources().get('CPU', 0):g})", flush=True)
+        result = ray.get(ref)
         print(f"[deploy] {m.name}: {result}", flush=True)
         if result.get("measured"):
             record_compression(cards[m.name], result)
