@@ -498,6 +498,7 @@ def test_soak_steady_requests_keep_latency_and_memory_flat(served, soak):
 
 @pytest.mark.slow
 @pytest.mark.last(order=1)
+@pytest.mark.timeout(float(os.environ.get("RAYLM_SOAK_S", 300)) + 600)  # it may wait for most of the soak
 def test_soak_last_minute_matches_the_first(soak, capsys):
     """The soak, last part (after every other test but the log scan): once at least RAYLM_SOAK_S
     seconds minus a window have passed, the last window of steady traffic, measured while nothing
