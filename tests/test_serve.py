@@ -113,7 +113,7 @@ def served(ray_session, train_dataset, tmp_path_factory, soak):
         "models": [
             {"name": "lm", "model": "lm@v1", **common,
              "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                             "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 2}},
+                             "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 10.5}},
             {"name": "lm-int8", "model": "lm@v1", **common, "compression": {"quantize": "int8", "eval_batches": 2}},
             {"name": "author", "model": "author-cls", **common},
             {"name": "tight", "model": "lm@v1", **common, "max_ongoing_requests": 1, "max_queued_requests": 1,
@@ -570,6 +570,7 @@ def test_autoscaling_up_under_load_and_back(served):
 def test_serve_config_validates_against_rays_schema(served, tmp_path):
     import yaml
 
+    from raylm import config
     from raylm.serve.config import DeployConfig
 
     out = tmp_path / "serve.yaml"
@@ -582,6 +583,10 @@ def test_serve_config_validates_against_rays_schema(served, tmp_path):
     bad = run_cli("serve-config", "--config", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"),
                   "--set", "models.0.autoscaling.min_replicas=5")
     assert bad.returncode == 2 and "min_replicas" in bad.stderr
+    # a window Ray Serve would warn about now and refuse later is refused here, with the reason
+    with pytest.raises(config.ConfigError, match=r"look_back_period_s.*above 10 s, Ray Serve's metrics interval"):
+        config.load(DeployConfig, str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"),
+                    ["models.0.autoscaling.look_back_period_s=5"])
 
 
 def test_playground_in_headless_chromium(served, tmp_path):

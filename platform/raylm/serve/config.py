@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from raylm.config import Strict
 
 
+SERVE_METRICS_INTERVAL_S = 10.0  # ray.serve.config.AutoscalingConfig.metrics_interval_s's default
+
+
 class Autoscaling(Strict):
     """Ray Serve autoscaling for one model's replicas (replaces `num_replicas`)."""
 
@@ -19,9 +22,20 @@ class Autoscaling(Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim for")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0, description="window the load is averaged over (Serve's "
-                                      "default); shorter reacts faster. Replicas push their load every "
+    look_back_period_s: float = Field(30.0, description="window the load is averaged over (Serve's default); "
+                                      "shorter reacts faster, but above 10 s (Serve's metrics interval). "
+                                      "Replicas push their load every "
                                       "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s; cluster env)")
+
+    @field_validator("look_back_period_s")
+    @classmethod
+    def _look_back(cls, v: float) -> float:
+        # Ray Serve 2.60 warns (FutureWarning) when the window is not longer than its autoscaling
+        # config's metrics_interval_s (10 s, a deprecated field) and says later releases will refuse it
+        if v <= SERVE_METRICS_INTERVAL_S:
+            raise ValueError(f"must be above {SERVE_METRICS_INTERVAL_S:g} s, Ray Serve's metrics interval "
+                             "(Serve warns about shorter windows and later releases refuse them)")
+        return v
 
     @model_validator(mode="after")
     def _order(self):
