@@ -407,10 +407,9 @@ class Soak:
         import psutil
         from ray.util.state import list_actors
 
-        self.bodies = [(base + "/v1/completions", {"model": "lm-int8", "prompt": "the king", "max_tokens": 8},
-                        keys["gen"]),
-                       (base + "/v1/classify", {"model": "author", "texts": ["Of Man's first disobedience, and the fruit"]},
-                        keys["cls"])]
+        self.app = {"base": base, "keys": keys}  # what `_post` sends to
+        self.bodies = [("/v1/completions", {"model": "lm-int8", "prompt": "the king", "max_tokens": 8}, "gen"),
+                       ("/v1/classify", {"model": "author", "texts": ["Of Man's first disobedience, and the fruit"]}, "cls")]
         self.replicas = {a.name.split("#")[1]: psutil.Process(a.pid)
                          for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
                          if (a.name or "").startswith(f"SERVE_REPLICA::{SOAK_APP}#")}
@@ -426,9 +425,9 @@ class Soak:
         return time.monotonic() - self.start
 
     def _send(self, i: int, at: float) -> None:
-        url, body, key = self.bodies[i % 2]
+        route, body, key = self.bodies[i % 2]
         try:
-            status = requests.post(url, json=body, headers=_h(key), timeout=120).status_code
+            status = _post(self.app, route, body, key).status_code
         except requests.RequestException:
             status = 599
         self.results.append((at - self.start, time.monotonic() - at, status))
@@ -464,10 +463,6 @@ class Soak:
         return [r for r in self.results if r[0] >= 0 and r[2] != 200]
 
 
-def _soak_window(duration: float) -> float:
-    return min(60.0, duration / 3)
-
-
 @pytest.mark.slow
 def test_soak_steady_requests_keep_latency_and_memory_flat(served, soak):
     """The soak, first part: an app of its own (int8 completions and MiniLM classifications, no
@@ -487,7 +482,7 @@ def test_soak_steady_requests_keep_latency_and_memory_flat(served, soak):
     cfg["models"] = [dict(m, num_cpus=0) for m in cfg["models"] if m["name"] in ("lm-int8", "author")]
     out = run(config.build(DeployConfig, cfg))
     soak["soak"] = s = Soak(out["url"], served["keys"])  # (the URL ends in the route prefix)
-    soak["duration"], soak["window"] = duration, _soak_window(duration)
+    soak["duration"], soak["window"] = duration, min(60.0, duration / 3)
     time.sleep(SOAK_WARMUP_S + soak["window"] + 1)  # the first window, alone
     first = s.window(0, soak["window"])
     soak["first"] = first
