@@ -259,3 +259,54 @@ def test_a_data_job_that_loses_a_node_completes_with_the_same_counts(raylm_clust
     for split in ("train", "test"):
         assert read_split(got, "docs", split).select(["id", "text", "label"]).equals(
             read_split(want, "docs", split).select(["id", "text", "label"]))
+
+
+def test_a_job_log_keeps_ray_data_progress_of_long_executions_only():
+    """A job's log hides Ray Data's lines for executions that end within its first progress
+    interval (tests/test_cli.py: a data job's log has none), and keeps those of one that runs
+    longer: each progress block after the first, and its end. Driven by Ray Data's own progress
+    logger, on a clock of its own; hidden lines are only marked, for Ray Data's console filter."""
+    import logging
+
+    from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager
+    from ray.data.context import OK_PREFIX, WARN_PREFIX
+
+    from raylm.runtime import RAY_DATA_PROGRESS_LOGGERS, quiet_ray_data_progress
+
+    quiet_ray_data_progress()
+    quiet_ray_data_progress()  # once is enough: a second call adds nothing
+    shown, kept = [], []
+
+    class Console(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+            if not getattr(record, "hide", False):
+                shown.append(record.getMessage())
+
+    loggers = [logging.getLogger(n) for n in RAY_DATA_PROGRESS_LOGGERS]
+    handler = Console()
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        now = [0.0]
+        short = LoggingExecutionProgressManager("short_0", {}, False, False, _get_time=lambda: now[0])
+        long = LoggingExecutionProgressManager("long_0", {}, False, False, _get_time=lambda: now[0])
+        short.refresh()
+        long.refresh()
+        loggers[1].info(f"{OK_PREFIX} Dataset short_0 execution finished in 0.40 seconds")
+        now[0] = long.LOG_REPORT_INTERVAL_SEC  # the interval went by: the long one logs again
+        long.update_total_progress(500, 1000)
+        long.refresh()
+        loggers[1].info(f"{OK_PREFIX} Dataset long_0 execution finished in 12.00 seconds")
+        failed = LoggingExecutionProgressManager("failed_0", {}, False, False, _get_time=lambda: now[0])
+        failed.refresh()
+        loggers[1].info(f"{WARN_PREFIX} Dataset failed_0 execution failed")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    first = "======= Running Dataset: long_0 ======="
+    # the long execution's second block and its end; the failure; nothing of the short one
+    assert shown == [first, "Total Progress: 500/1000", "=" * len(first),
+                     f"{OK_PREFIX} Dataset long_0 execution finished in 12.00 seconds",
+                     f"{WARN_PREFIX} Dataset failed_0 execution failed"], shown
+    assert sum("Running Dataset" in m for m in kept) == 4  # Ray Data's log file still gets every line

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raylm import cluster, config
+from raylm import cluster, config, runtime
 from raylm.cluster import ClusterError
 
 # stage name -> the config model its job validates (imported lazily: "module:Class")
@@ -271,6 +271,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     sub = build_submission(a.stage, a.config, a.overrides, root)
     target = cluster.resolve_target(a.address)
     client = cluster.job_client(target)
+    runtime.quiet_ray_packaging()
     job_id = submit_with_retry(client, sub)
     print(f"submitted {job_id} to {target.dashboard_url}  (dashboard: {target.dashboard_url}/#/jobs/{job_id})",
           flush=True)

@@ -49,6 +49,20 @@ def set_ray_train_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def quiet_report_log() -> None:
+    """Ray Train V2 logs every `ray.train.report` at INFO, from every rank, with the whole
+    metrics dict ("Reporting training result 12: TrainingReport(checkpoint=None, metrics={...})
+    from rank 3"): one long line per worker per report in the job's output, beside the loop's own
+    progress line. Its logger (named after the module's file) goes to WARNING in this worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as v2_context
+    except ImportError:  # another Ray Train: nothing to quiet
+        return
+    v2_context.logger.setLevel(logging.WARNING)
+
+
 @contextmanager
 def _as_dir(ckpt) -> Iterator[Optional[str]]:
     """The checkpoint to resume from as a local directory (None: start fresh)."""
@@ -122,6 +136,7 @@ class TrainSession:
         import ray.train
         import ray.train.torch
 
+        quiet_report_log()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()

@@ -1,0 +1,190 @@
+"""Say so when a job cannot start its work because the cluster's resources are held elsewhere.
+
+Ray queues a task, an actor or a placement group that asks for more CPUs or GPUs than are free
+until they come free, without a word: a data job submitted on a laptop beside a served model
+(the demo's endpoint holds 1.75 of 2 CPUs), or a training job asking for GPUs a Serve app holds,
+sat with its progress at 0 and nothing in its log saying why. Ray Data gives up after 30
+minutes with no progress; Ray Train and Tune wait for ever.
+
+`ResourceWatch` runs in a job's driver (`runtime.init_ray` starts it). When the job has had
+work waiting for resources for `RAYLM_WAIT_NOTICE_S` seconds (30) while it runs nothing that
+holds any, it prints one line: what the job asks for, what is free, and who holds the rest
+(each Serve app, each other job), and again every `RAYLM_WAIT_REPEAT_S` (120) while it waits;
+when the work starts, it says after how long. It asks Ray's state API (the dashboard), a few
+small queries every few seconds; if that API cannot be reached it stops, silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+NOTICE_ENV, REPEAT_ENV = "RAYLM_WAIT_NOTICE_S", "RAYLM_WAIT_REPEAT_S"
+SHOWN = ("CPU", "GPU")  # the resources a line names (others only when the job asks for them)
+SERVE_REPLICA = re.compile(r"ServeReplica:([^:]+):")
+
+
+def _fmt(amount: float) -> str:
+    return f"{amount:g}"
+
+
+def _shape(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(resources.items())
+                           if v and not k.startswith(("node:", "memory", "object_store_memory", "bundle_group"))) + "}"
+
+
+def _wanted(resources: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in (resources or {}).items()
+            if v and not k.startswith(("node:", "memory", "object_store_memory", "bundle_group"))}
+
+
+class ResourceWatch(threading.Thread):
+    def __init__(self, job_id: str, notice_s: Optional[float] = None, repeat_s: Optional[float] = None,
+                 out: Callable[[str], None] = lambda line: print(line, flush=True)):
+        super().__init__(name="raylm-resource-watch", daemon=True)
+        self.job_id = job_id
+        self.notice_s = float(os.environ.get(NOTICE_ENV, 30) if notice_s is None else notice_s)
+        self.repeat_s = float(os.environ.get(REPEAT_ENV, 120) if repeat_s is None else repeat_s)
+        self.poll_s = min(5.0, max(0.5, self.notice_s / 3))
+        self.out = out
+        self._halt = threading.Event()
+        self.waiting_since: Optional[float] = None
+        self.last_notice: Optional[float] = None
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        failures = 0
+        while not self._halt.wait(self.poll_s):
+            try:
+                self.tick(time.monotonic())
+                failures = 0
+            except Exception:  # noqa: BLE001 - a watch must never harm the job it watches
+                failures += 1
+                if failures >= 3:  # the state API is not there (or not for us): stop asking
+                    return
+
+    # -- one look ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        waiting, running = self._own_work()
+        if not waiting or running:
+            if self.last_notice is not None and self.waiting_since is not None:
+                self.out(f"[raylm] the resources came free after {now - self.waiting_since:.0f} s: the job goes on")
+            self.waiting_since = self.last_notice = None
+            return
+        if self.waiting_since is None:
+            self.waiting_since = now
+            return
+        waited = now - self.waiting_since
+        due = self.notice_s if self.last_notice is None else self.last_notice - self.waiting_since + self.repeat_s
+        if waited >= due:
+            self.last_notice = now
+            self.out(self.describe(waiting, waited))
+
+    def _own_work(self) -> tuple[list[tuple[str, dict[str, float]]], bool]:
+        """(what this job waits for: (kind, resources) each; whether it runs anything that holds resources)."""
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+        # one small GCS call: while nothing in the whole cluster waits for resources, ask no more
+        demands = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10).resource_demands
+        if not demands.ray_task_actor_demand and not demands.placement_group_demand:
+            return [], False
+
+        job = [("job_id", "=", self.job_id)]
+        kw: dict[str, Any] = {"detail": True, "limit": 200, "raise_on_missing_output": False, "timeout": 10}
+        waiting: list[tuple[str, dict[str, float]]] = []
+        for t in list_tasks(filters=job + [("state", "=", "PENDING_NODE_ASSIGNMENT")], **kw):
+            if _wanted(t.required_resources):
+                waiting.append(("task", _wanted(t.required_resources)))
+        for a in list_actors(filters=job + [("state", "=", "PENDING_CREATION")], **kw):
+            if _wanted(a.required_resources) and not a.placement_group_id:
+                waiting.append(("actor", _wanted(a.required_resources)))
+        for pg in list_placement_groups(filters=[("creator_job_id", "=", self.job_id), ("state", "=", "PENDING")], **kw):
+            bundles = [_wanted(b.get("unit_resources", {})) for b in pg.bundles or []]
+            if any(bundles):
+                total: dict[str, float] = defaultdict(float)
+                for b in bundles:
+                    for k, v in b.items():
+                        total[k] += v
+                waiting.append((f"placement group of {len(bundles)} x {_shape(bundles[0])}", dict(total)))
+        if not waiting:
+            return [], False
+        running = any(_wanted(t.required_resources)
+                      for t in list_tasks(filters=job + [("state", "=", "RUNNING")], **kw))
+        running = running or any(_wanted(a.required_resources) or a.placement_group_id
+                                 for a in list_actors(filters=job + [("state", "=", "ALIVE")], **kw))
+        return waiting, running
+
+    def describe(self, waiting: list[tuple[str, dict[str, float]]], waited: float) -> str:
+        import ray
+
+        asked: dict[str, float] = defaultdict(float)
+        kinds: dict[str, int] = defaultdict(int)
+        for kind, res in waiting:
+            kinds[kind if kind.startswith("placement") else f"{kind} of {_shape(res)}"] += 1
+            for k, v in res.items():
+                asked[k] += v
+        names = [k for k in asked if k not in SHOWN] + [k for k in SHOWN if k in asked or k == "CPU"]
+        total, free = ray.cluster_resources(), ray.available_resources()
+        what = ", ".join(f"{n} {k.replace(' of ', 's of ', 1) if n > 1 else k}" for k, n in kinds.items())
+        line = (f"[raylm] waiting {waited:.0f} s for resources: this job asks for {what}; "
+                f"free now: " + ", ".join(f"{_fmt(free.get(k, 0))} of {_fmt(total.get(k, 0))} {k}" for k in names))
+        missing = sorted({k for _, res in waiting for k, v in res.items() if v > total.get(k, 0)})
+        if missing:
+            return (line + f". The cluster has too little {', '.join(missing)} for it in all (not only free now):"
+                    " it waits until nodes with more join (an autoscaler adds them), or ask for less.")
+        holders = self.holders(names)
+        if holders:
+            line += ". Held by: " + "; ".join(holders)
+        return line + ". It starts when they come free."
+
+    def holders(self, names: list[str]) -> list[str]:
+        """Who holds the resources named: each Serve app, each other job (largest first)."""
+        from ray.util.state import list_actors, list_jobs, list_placement_groups, list_tasks
+
+        kw: dict[str, Any] = {"detail": True, "limit": 1000, "raise_on_missing_output": False, "timeout": 10}
+        held: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        submission = {j.job_id: j.submission_id for j in list_jobs(raise_on_missing_output=False, timeout=10)
+                      if j.job_id}
+
+        def add(who: str, res: dict[str, float]) -> None:
+            for k in names:
+                held[who][k] += (res or {}).get(k, 0)
+
+        def job_name(job_id: str) -> str:
+            sub = submission.get(job_id)
+            return f"job {sub}" if sub else f"driver {job_id} (not a submitted job)"
+
+        for a in list_actors(filters=[("state", "=", "ALIVE")], **kw):
+            if a.job_id == self.job_id or a.placement_group_id:
+                continue
+            app = SERVE_REPLICA.match(a.class_name or "")
+            add(f"Serve app {app.group(1)!r} (`raylm undeploy {app.group(1)}` frees it)" if app else job_name(a.job_id),
+                a.required_resources)
+        for t in list_tasks(filters=[("state", "=", "RUNNING")], **kw):
+            if t.job_id != self.job_id and not t.placement_group_id and t.type == "NORMAL_TASK":
+                add(job_name(t.job_id), t.required_resources)
+        for pg in list_placement_groups(filters=[("state", "=", "CREATED")], **kw):
+            if pg.creator_job_id != self.job_id:
+                for b in pg.bundles or []:
+                    add(job_name(pg.creator_job_id), b.get("unit_resources", {}))
+        ranked = sorted(((who, res) for who, res in held.items() if any(res.values())),
+                        key=lambda item: -sum(item[1].values()))
+        return [f"{who} {', '.join(f'{_fmt(v)} {k}' for k, v in res.items() if v)}" for who, res in ranked[:5]]
+
+
+def start(job_id: str) -> Optional[ResourceWatch]:
+    """Start the watch for this driver's job (RAYLM_WAIT_NOTICE_S=0 turns it off)."""
+    if float(os.environ.get(NOTICE_ENV, 30)) <= 0:
+        return None
+    watch = ResourceWatch(job_id)
+    watch.start()
+    return watch
