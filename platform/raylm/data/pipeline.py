@@ -326,8 +326,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     tc = cfg.tokenize
     log(f"tokenizing {n_kept} documents on {tc.min_actors}-{tc.max_actors} actors")
     tokenized = kept.map_batches(
-        Tokenize, fn_constructor_args=(storage.arrow_fs(storage.join(work, "tokenizer", "tokenizer.json"))[1], fs),
-        batch_size=tc.batch_size, batch_format="pyarrow",
+        Tokenize, fn_constructor_args=(backend.to_str(),), batch_size=tc.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=tc.min_actors, max_size=tc.max_actors), num_cpus=tc.num_cpus,
     ).materialize()
     tok_tally = _tally(tokenized, _tally_tokens)

@@ -108,17 +108,12 @@ def encode_column(tok, texts: list[str | None]) -> pa.Array:
 
 
 class Tokenize:
-    """Ray Data actor: holds one tokenizer and tokenizes batches. It reads the tokenizer from
-    storage (`tokenizer.json` in the version's staging dir, written before tokenization starts),
-    not from a constructor argument: a tokenizer's JSON is 0.5-1 MB, so Ray would keep the
-    argument in its object store, and an actor restarted after its node was lost could not get
-    it back (Ray logs an error about it at every pool start; a test lost the whole job to it)."""
+    """Ray Data actor: holds one tokenizer (sent as its JSON) and tokenizes batches."""
 
-    def __init__(self, tokenizer_path: str, fs):
+    def __init__(self, tokenizer_json: str):
         from tokenizers import Tokenizer
 
-        with fs.open_input_stream(tokenizer_path) as f:  # fs: the version's pyarrow filesystem
-            self.tok = Tokenizer.from_str(f.read().decode("utf-8"))
+        self.tok = Tokenizer.from_str(tokenizer_json)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = encode_column(self.tok, batch.column("text").to_pylist())
