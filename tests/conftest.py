@@ -152,7 +152,7 @@ def authors_config(root: Path):
     doc = yaml.safe_load((ROOT / "jobs" / "configs" / "authors.yaml").read_text())
     doc["sources"][0].update(cache_dir=str(SHARED_CACHE), passages={"chars": 1000, "per_document": 40})
     doc.update(steps=[s for s in doc["steps"] if s["name"] in ("normalize", "quality")],
-               output={"root": str(root)}, tokenize={"min_actors": 1, "max_actors": 1})
+               output={"root": str(root)}, tokenize={"concurrency": 1})
     return config.build(DataConfig, doc)
 
 

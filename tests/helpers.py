@@ -46,7 +46,7 @@ def small_config(data_root: Path, sources: list[dict], **extra) -> dict:
         "split": {"key": "id", "train": 0.8, "validation": 0.1, "test": 0.1},
         "tokenizer": {"vocab_size": 300, "min_frequency": 1},
         "pack": {"seq_len": 32},
-        "tokenize": {"min_actors": 1, "max_actors": 1, "batch_size": 8},
+        "tokenize": {"concurrency": 1, "batch_size": 8},
         "output": {"root": str(data_root)},
     }
     cfg.update(extra)

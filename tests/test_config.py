@@ -85,6 +85,9 @@ def test_semantic_checks():
         config.load(DataConfig, SHAKESPEARE, ["output.root=memory://x"])
     with pytest.raises(ConfigError, match="unsupported storage URI"):
         config.load(DataConfig, SHAKESPEARE, ["output.root=ftp://host/x"])
+    # a config written for the former tokenizer actor pool says what replaced it
+    with pytest.raises(ConfigError, match="tokenize.min_actors and tokenize.max_actors are gone.*tokenize.concurrency"):
+        config.load(DataConfig, SHAKESPEARE, ["tokenize.max_actors=2"])
 
 
 @pytest.mark.parametrize("item,expected", [

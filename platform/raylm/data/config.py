@@ -3,7 +3,7 @@ the README's "Data config reference"; keep the two in step."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -257,17 +257,19 @@ class PackConfig(Strict):
 
 
 class TokenizeCompute(Strict):
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(2, ge=1)
+    concurrency: int = Field(2, ge=1, description="tokenizer tasks running at once, at most (each builds the tokenizer "
+                             "once per worker process)")
     batch_size: int = Field(512, ge=1, description="documents per tokenizer call (encoded in parallel in Rust; "
                             "fewer, larger calls spend less of the time in Ray Data per token)")
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved per tokenizer actor")
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved per tokenizer task")
 
-    @model_validator(mode="after")
-    def _order(self) -> "TokenizeCompute":
-        if self.max_actors < self.min_actors:
-            raise ValueError("tokenize.max_actors must be >= tokenize.min_actors")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _actors(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"min_actors", "max_actors"} & set(data)):
+            raise ValueError("tokenize.min_actors and tokenize.max_actors are gone: tokenization runs as Ray Data "
+                             "tasks (which Ray can re-run when a node is lost), at most tokenize.concurrency at once")
+        return data
 
 
 class OutputConfig(Strict):

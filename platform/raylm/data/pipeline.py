@@ -37,7 +37,7 @@ from raylm.data.config import DataConfig
 from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
-    SPLITS, Tokenize, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, train_bpe,
+    SPLITS, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch, tokenizer_key, train_bpe,
 )
 
 PIPELINE_VERSION = 2  # bump when a step's output changes for the same config
@@ -324,10 +324,11 @@ def run(cfg: DataConfig) -> dict[str, Any]:
 
     # 3. tokenize on an actor pool ---------------------------------------------------------------
     tc = cfg.tokenize
-    log(f"tokenizing {n_kept} documents on {tc.min_actors}-{tc.max_actors} actors")
+    log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
+    tokenizer_json = backend.to_str()
     tokenized = kept.map_batches(
-        Tokenize, fn_constructor_args=(backend.to_str(),), batch_size=tc.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=tc.min_actors, max_size=tc.max_actors), num_cpus=tc.num_cpus,
+        tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)},
+        batch_size=tc.batch_size, batch_format="pyarrow", concurrency=tc.concurrency, num_cpus=tc.num_cpus,
     ).materialize()
     tok_tally = _tally(tokenized, _tally_tokens)
 

@@ -4,8 +4,8 @@
 - `train_bpe` trains a byte-level BPE with HF `tokenizers` on the train split; `load_pretrained`
   loads a local tokenizer directory. Either way the tokenizer is saved with the dataset as a
   Hugging Face directory (`AutoTokenizer.from_pretrained(<version>/tokenizer)` loads it).
-- `Tokenize` is a Ray Data actor (`map_batches(..., compute=ActorPoolStrategy)`): it builds the
-  tokenizer once and encodes whole batches with `encode_batch_fast` (Rust, multi-threaded).
+- `tokenize_batch` is a Ray Data task (`map_batches`): it builds the tokenizer once per worker
+  process and encodes whole batches with `encode_batch_fast` (Rust, multi-threaded).
 - `pack` concatenates documents with EOS between them and cuts fixed-length blocks.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -107,18 +107,32 @@ def encode_column(tok, texts: list[str | None]) -> pa.Array:
     return pa.array([e.ids for e in encs], TOKENS_TYPE)
 
 
-class Tokenize:
-    """Ray Data actor: holds one tokenizer (sent as its JSON) and tokenizes batches."""
+# tokenizers built in this worker process, by the sha256 of their JSON (the newest few)
+_TOKENIZERS: dict[str, Any] = {}
 
-    def __init__(self, tokenizer_json: str):
+
+def tokenizer_key(tokenizer_json: str) -> str:
+    return hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+
+
+def tokenize_batch(batch: pa.Table, tokenizer_json: str, key: str) -> pa.Table:
+    """Ray Data task: adds `input_ids` and `num_tokens` to a batch of documents. The tokenizer is
+    built once per worker process (cached by `key`, `tokenizer_key(tokenizer_json)`).
+
+    A task, not an actor pool: Ray rebuilds blocks lost with a node by running their tasks
+    again, which for an actor means restarting it with its constructor arguments, and Ray frees
+    those once the pool has ended (Ray issue 53727). The data job's node-loss test lost the
+    whole job to it: the node went down after tokenization, and the next step needed its blocks."""
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = encode_column(self.tok, batch.column("text").to_pylist())
-        batch = batch.append_column("input_ids", ids)
-        return batch.append_column("num_tokens", pc.cast(pc.list_value_length(ids), pa.int64()))
+        if len(_TOKENIZERS) >= 4:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        tok = _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    ids = encode_column(tok, batch.column("text").to_pylist())
+    batch = batch.append_column("input_ids", ids)
+    return batch.append_column("num_tokens", pc.cast(pc.list_value_length(ids), pa.int64()))
 
 
 def pack(batch: pa.Table, seq_len: int, eos_id: int) -> pa.Table:
