@@ -10,8 +10,9 @@ minutes with no progress; Ray Train and Tune wait for ever.
 work waiting for resources for `RAYLM_WAIT_NOTICE_S` seconds (30) while it runs nothing that
 holds any, it prints one line: what the job asks for, what is free, and who holds the rest
 (each Serve app, each other job), and again every `RAYLM_WAIT_REPEAT_S` (120) while it waits;
-when the work starts, it says after how long. It asks Ray's state API (the dashboard), a few
-small queries every few seconds; if that API cannot be reached it stops, silently.
+when the work starts, it says after how long. Every 5 s it asks the GCS whether anything in the
+cluster waits for resources (one call, under 1 ms); only then does it ask Ray's state API (the
+dashboard) about this job. If those cannot be reached three times in a row, it stops, silently.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 NOTICE_ENV, REPEAT_ENV = "RAYLM_WAIT_NOTICE_S", "RAYLM_WAIT_REPEAT_S"
 SHOWN = ("CPU", "GPU")  # the resources a line names (others only when the job asks for them)
@@ -32,42 +33,36 @@ def _fmt(amount: float) -> str:
     return f"{amount:g}"
 
 
-def _shape(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(resources.items())
-                           if v and not k.startswith(("node:", "memory", "object_store_memory", "bundle_group"))) + "}"
-
-
 def _wanted(resources: dict[str, float]) -> dict[str, float]:
+    """The resources a request names, without Ray's bookkeeping ones (node ids, memory, bundles)."""
     return {k: v for k, v in (resources or {}).items()
             if v and not k.startswith(("node:", "memory", "object_store_memory", "bundle_group"))}
 
 
+def _shape(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(_wanted(resources).items())) + "}"
+
+
 class ResourceWatch(threading.Thread):
-    def __init__(self, job_id: str, notice_s: Optional[float] = None, repeat_s: Optional[float] = None,
-                 out: Callable[[str], None] = lambda line: print(line, flush=True)):
+    def __init__(self, job_id: str, notice_s: float, repeat_s: float):
         super().__init__(name="raylm-resource-watch", daemon=True)
-        self.job_id = job_id
-        self.notice_s = float(os.environ.get(NOTICE_ENV, 30) if notice_s is None else notice_s)
-        self.repeat_s = float(os.environ.get(REPEAT_ENV, 120) if repeat_s is None else repeat_s)
-        self.poll_s = min(5.0, max(0.5, self.notice_s / 3))
-        self.out = out
-        self._halt = threading.Event()
+        self.job_id, self.notice_s, self.repeat_s = job_id, notice_s, repeat_s
+        self.poll_s = min(5.0, max(0.5, notice_s / 3))
         self.waiting_since: Optional[float] = None
         self.last_notice: Optional[float] = None
 
-    def stop(self) -> None:
-        self._halt.set()
+    def out(self, line: str) -> None:
+        print(line, flush=True)
 
     def run(self) -> None:
         failures = 0
-        while not self._halt.wait(self.poll_s):
+        while failures < 3:  # the state API is not there (or not for us): stop asking
+            time.sleep(self.poll_s)
             try:
                 self.tick(time.monotonic())
                 failures = 0
             except Exception:  # noqa: BLE001 - a watch must never harm the job it watches
                 failures += 1
-                if failures >= 3:  # the state API is not there (or not for us): stop asking
-                    return
 
     # -- one look ----------------------------------------------------------------------------
 
@@ -183,8 +178,9 @@ class ResourceWatch(threading.Thread):
 
 def start(job_id: str) -> Optional[ResourceWatch]:
     """Start the watch for this driver's job (RAYLM_WAIT_NOTICE_S=0 turns it off)."""
-    if float(os.environ.get(NOTICE_ENV, 30)) <= 0:
+    notice_s = float(os.environ.get(NOTICE_ENV, 30))
+    if notice_s <= 0:
         return None
-    watch = ResourceWatch(job_id)
+    watch = ResourceWatch(job_id, notice_s, float(os.environ.get(REPEAT_ENV, 120)))
     watch.start()
     return watch

@@ -322,7 +322,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     eos_token, eos_id = eos_of(hf_tok)
     save_hf(hf_tok, storage.join(work, "tokenizer"))
 
-    # 3. tokenize on an actor pool ---------------------------------------------------------------
+    # 3. tokenize in Ray Data tasks ---------------------------------------------------------------
     tc = cfg.tokenize
     log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
     tokenizer_json = backend.to_str()
