@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_outputs_are_deterministic_and_consistent(ray_session, corpus, data_root
     assert a["splits"]["train"]["documents"] - 1 <= n_eos <= a["splits"]["train"]["documents"]
 
 
-def test_saved_tokenizer_round_trips_and_loads_as_pretrained(ray_session, corpus, data_root):
+def test_saved_tokenizer_round_trips_and_loads_as_pretrained(ray_session, corpus, data_root, tmp_path):
     from transformers import AutoTokenizer
 
     cfg = small_config(data_root, [jsonl_source(corpus)], name="tok")
@@ -162,12 +163,22 @@ def test_saved_tokenizer_round_trips_and_loads_as_pretrained(ray_session, corpus
     text = documents(1, seed=99)[0]["body"] + " Ünïcödé ✓"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte-level: lossless
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == m["tokenizer"]["eos_id"]
-    # the same tokenizer as a local `pretrained` directory gives the same tokens
-    pre = build({**cfg, "name": "tok-pre",
-                 "tokenizer": {"kind": "pretrained", "path": os.path.join(m["uri"], "tokenizer")}})
+    # the same tokenizer as a local `pretrained` directory gives the same tokens, even when its
+    # tokenizer.json truncates and pads (as MiniLM's does, to 128): documents stay whole, unpadded
+    pre_dir = tmp_path / "pretrained"
+    shutil.copytree(os.path.join(m["uri"], "tokenizer"), pre_dir)
+    spec = json.loads((pre_dir / "tokenizer.json").read_text())
+    pad_id = m["tokenizer"]["eos_id"]
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": pad_id, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (pre_dir / "tokenizer.json").write_text(json.dumps(spec))
+    assert len(AutoTokenizer.from_pretrained(pre_dir).backend_tokenizer.encode("a b c").ids) == 64  # it does pad
+    pre = build({**cfg, "name": "tok-pre", "tokenizer": {"kind": "pretrained", "path": str(pre_dir)}})
     assert pre["tokenizer"]["kind"] == "pretrained"
     assert read_split(pre, "docs", "train").column("input_ids").equals(
         read_split(m, "docs", "train").column("input_ids"))
+    assert pre["splits"]["train"]["tokens"] == m["splits"]["train"]["tokens"] != 64 * m["splits"]["train"]["documents"]
 
 
 def test_dataset_version_on_s3(ray_session, s3, corpus):

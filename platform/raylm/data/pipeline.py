@@ -38,9 +38,10 @@ from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch, tokenizer_key, train_bpe,
+    whole_documents,
 )
 
-PIPELINE_VERSION = 2  # bump when a step's output changes for the same config
+PIPELINE_VERSION = 3  # bump when a step's output changes for the same config
 MANIFEST = "manifest.json"
 
 
@@ -325,6 +326,10 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     # 3. tokenize in Ray Data tasks ---------------------------------------------------------------
     tc = cfg.tokenize
     log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
+    backend, dropped = whole_documents(backend)
+    if dropped:
+        log(f"the tokenizer's {' and '.join(dropped)} are off for this job: documents are counted and "
+            "packed whole (training and serving cut to their model's length)")
     tokenizer_json = backend.to_str()
     tokenized = kept.map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)},

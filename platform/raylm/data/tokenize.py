@@ -85,6 +85,27 @@ def load_pretrained(path: str):
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
+def whole_documents(tok) -> tuple[Any, list[str]]:
+    """A copy of a `tokenizers.Tokenizer` that neither truncates nor pads, and what it dropped.
+    A pretrained tokenizer.json often carries both (MiniLM's: truncate and pad to 128), which
+    made every document exactly 128 tokens: long ones cut, short ones padded, and the padding
+    packed into causal-LM blocks. The data job counts and packs whole documents; training and
+    serving cut to their model's length themselves."""
+    from tokenizers import Tokenizer
+
+    dropped = []
+    if tok.truncation:
+        dropped.append(f"truncation to {tok.truncation['max_length']}")
+    if tok.padding:
+        dropped.append(f"padding to {tok.padding.get('length') or 'the longest'}")
+    if not dropped:
+        return tok, []
+    copy = Tokenizer.from_str(tok.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy, dropped
+
+
 def eos_of(hf_tok) -> tuple[str, int]:
     token = hf_tok.eos_token or hf_tok.sep_token
     if token is None:
