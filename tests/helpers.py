@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -107,3 +108,41 @@ def serve_access_lines(temp_dir: str, app: str) -> list[str]:
     files = list(logs.glob(f"replica_{app}_*.log"))
     assert files, f"no replica logs of app {app!r} in {logs}"
     return [line for f in files for line in f.read_text(errors="replace").splitlines() if pattern.search(line)]
+
+
+def hold_free_cpus():
+    """An actor of this driver holding every CPU free in the cluster now (None if none is free):
+    `ray.kill` it to free them. With it, `free` (what it holds)."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    free = ray.available_resources().get("CPU", 0)
+    if free <= 0:
+        return None, 0
+    holder = Holder.options(num_cpus=free).remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    return holder, free
+
+
+def submit_with_wait_notice(client, submission: dict, timeout: float = 240) -> tuple[str, str]:
+    """Submit a job with the resource-wait notice after 2 s; (its id, the first notice line)
+    once its log has one. Fails with the log's tail if none comes within `timeout`."""
+    submission["runtime_env"]["env_vars"] = {"RAYLM_WAIT_NOTICE_S": "2"}
+    job_id = client.submit_job(**submission)
+    deadline, notice = time.time() + timeout, []
+    while time.time() < deadline and not notice:
+        notice = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("[raylm] waiting ")]
+        time.sleep(1)
+    assert notice, client.get_job_logs(job_id)[-3000:]
+    return job_id, notice[0]
+
+
+def job_end(client, job_id: str) -> tuple[str, str]:
+    """Wait for a submitted job to end: (its final status, e.g. "SUCCEEDED"; its log)."""
+    while (status := str(client.get_job_status(job_id)).split(".")[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(1)
+    return status, client.get_job_logs(job_id)

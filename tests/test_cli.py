@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 
 from conftest import ROOT, run_cli
+from helpers import hold_free_cpus, job_end, submit_with_wait_notice
 from raylm import cluster
 
 
@@ -86,41 +87,23 @@ def test_a_job_whose_work_cannot_start_says_what_holds_the_cluster(raylm_cluster
     """A data job submitted while another driver holds the cluster's CPUs says in its log, after
     RAYLM_WAIT_NOTICE_S, what it waits for, what is free and who holds the rest; once they are
     freed it says so and completes."""
-    import time
-
     import ray
 
     from raylm.cli import build_submission
 
-    free = ray.available_resources().get("CPU", 0)
-    assert free >= 1, ray.available_resources()
-
-    @ray.remote
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    holder = Holder.options(num_cpus=free).remote()
-    ray.get(holder.ready.remote(), timeout=60)
     client = cluster.job_client(cluster.resolve_target())
     sub = build_submission("prepare_data", str(ROOT / "tests" / "data" / "tiny.yaml"), ["pack.seq_len=12"], ROOT)
-    sub["runtime_env"]["env_vars"] = {"RAYLM_WAIT_NOTICE_S": "2"}
-    job_id = client.submit_job(**sub)
+    holder, free = hold_free_cpus()
     try:
-        deadline, notice = time.time() + 180, []
-        while time.time() < deadline and not notice:
-            notice = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("[raylm] waiting ")]
-            time.sleep(1)
-        assert notice, client.get_job_logs(job_id)[-3000:]
-        assert "this job asks for 1 task of {CPU: 1}" in notice[0], notice
-        assert f"free now: 0 of {ray.cluster_resources()['CPU']:g} CPU" in notice[0], notice
-        assert f"Held by: driver {ray.get_runtime_context().get_job_id()} (not a submitted job) {free:g} CPU" in notice[0]
+        assert free >= 1, ray.available_resources()
+        job_id, notice = submit_with_wait_notice(client, sub, timeout=180)
+        assert "this job asks for 1 task of {CPU: 1}" in notice, notice
+        assert f"free now: 0 of {ray.cluster_resources()['CPU']:g} CPU" in notice, notice
+        assert f"Held by: driver {ray.get_runtime_context().get_job_id()} (not a submitted job) {free:g} CPU" in notice
     finally:
         ray.kill(holder)
-    while str(client.get_job_status(job_id)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        time.sleep(1)
-    logs = client.get_job_logs(job_id)
-    assert str(client.get_job_status(job_id)).endswith("SUCCEEDED"), logs[-3000:]
+    status, logs = job_end(client, job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
     assert "[raylm] the resources came free after " in logs and "dataset version: tiny@v" in logs
 
 

@@ -23,7 +23,7 @@ import requests
 import schemathesis
 import torch
 from conftest import ROOT, run_cli
-from helpers import free_port, issued
+from helpers import free_port, hold_free_cpus, issued, job_end, submit_with_wait_notice
 
 APP = "t-serve"
 
@@ -690,18 +690,38 @@ def test_deploy_job_refuses_without_keys_and_with_unknown_models(served, tmp_pat
     assert r.returncode == 2 and "no model 'nope@v9'" in r.stderr and "lm@v1" in r.stderr
 
 
-def test_submitted_deploy_job_serves_after_the_job_ends(served):
-    """`raylm submit deploy` through the Jobs API: the job finishes, the app keeps serving."""
+def test_submitted_deploy_job_says_what_its_replicas_wait_for_and_serves_after_it_ends(served):
+    """A deploy job submitted through the Jobs API while a driver holds every free CPU: its log
+    says what the app's replicas ask for, what is free and who holds the rest (Serve's own word
+    goes to the controller's log); once freed, the app starts, the job ends, the app serves on."""
+    import ray
     from ray import serve
 
-    r = run_cli("submit", "deploy", "--config", "jobs/configs/deploy_tiny.yaml",
-                "--set", f"registry={served['registry']}", "--set", "models.0.model=lm@v1",
-                "--set", "models.0.name=tiny", "--set", "models.0.num_cpus=0.25", "--set", "ingress.num_cpus=0.1",
-                "--set", f"auth.keys_file={served['keys_file']}", "--set", f"http.port={served['port']}",
-                "--set", "route_prefix=/job", "--set", "name=job-app", timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "is RUNNING" in r.stdout and "curl" in r.stdout
+    from raylm import cluster
+    from raylm.cli import build_submission
+
+    client = cluster.job_client(cluster.resolve_target())
+    sub = build_submission("deploy", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"),
+                           [f"registry={served['registry']}", "models.0.model=lm@v1", "models.0.name=tiny",
+                            "models.0.num_cpus=0.25", "ingress.num_cpus=0.1", f"auth.keys_file={served['keys_file']}",
+                            f"http.port={served['port']}", "route_prefix=/job", "name=job-app"], ROOT)
+    holder, free = hold_free_cpus()
     try:
+        assert holder is not None, ray.available_resources()
+        job_id, notice = submit_with_wait_notice(client, sub)
+        print(notice)
+        assert "Serve app 'job-app' asks for " in notice and "replica of {CPU: 0.25}" in notice, notice
+        assert "free now: 0 of " in notice, notice
+        assert f"driver {ray.get_runtime_context().get_job_id()} (not a submitted job) {free:g} CPU" in notice
+        assert "Held by: " in notice and f"Serve app {APP!r} (`raylm undeploy {APP}` frees it)" in notice, notice
+    finally:
+        if holder is not None:
+            ray.kill(holder)
+    status, logs = job_end(client, job_id)
+    try:
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert "the resources came free after " in logs and "the replicas start" in logs, logs[-3000:]
+        assert "is RUNNING" in logs and "curl" in logs
         base = served["base"].rstrip("/") + "/job"
         out = requests.post(base + "/v1/completions", headers=_h(served["keys"]["gen"]), timeout=120,
                             json={"model": "tiny", "prompt": "the king", "max_tokens": 4, "temperature": 0})

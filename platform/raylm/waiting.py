@@ -13,6 +13,10 @@ holds any, it prints one line: what the job asks for, what is free, and who hold
 when the work starts, it says after how long. Every 5 s it asks the GCS whether anything in the
 cluster waits for resources (one call, under 1 ms); only then does it ask Ray's state API (the
 dashboard) about this job. If those cannot be reached three times in a row, it stops, silently.
+
+`ReplicaWatch` does the same for a deploy job's Serve app: its replicas are actors of the Serve
+controller, not of the job, and `serve.run` waits for them without a word in the job's log
+(Serve's own warning goes to the controller's log).
 """
 
 from __future__ import annotations
@@ -44,20 +48,25 @@ def _shape(resources: dict[str, float]) -> str:
 
 
 class ResourceWatch(threading.Thread):
+    asker = "this job"  # who the notice says asks
+    goes_on = "the job goes on"
+    starts = "It starts when they come free."
+    app: Optional[str] = None  # the Serve app being deployed (ReplicaWatch)
+
     def __init__(self, job_id: str, notice_s: float, repeat_s: float):
         super().__init__(name="raylm-resource-watch", daemon=True)
         self.job_id, self.notice_s, self.repeat_s = job_id, notice_s, repeat_s
         self.poll_s = min(5.0, max(0.5, notice_s / 3))
         self.waiting_since: Optional[float] = None
         self.last_notice: Optional[float] = None
+        self.done = threading.Event()  # set it to stop the watch
 
     def out(self, line: str) -> None:
         print(line, flush=True)
 
     def run(self) -> None:
         failures = 0
-        while failures < 3:  # the state API is not there (or not for us): stop asking
-            time.sleep(self.poll_s)
+        while failures < 3 and not self.done.wait(self.poll_s):  # 3 failures: no state API (for us)
             try:
                 self.tick(time.monotonic())
                 failures = 0
@@ -70,7 +79,7 @@ class ResourceWatch(threading.Thread):
         waiting, running = self._own_work()
         if not waiting or running:
             if self.last_notice is not None and self.waiting_since is not None:
-                self.out(f"[raylm] the resources came free after {now - self.waiting_since:.0f} s: the job goes on")
+                self.out(f"[raylm] the resources came free after {now - self.waiting_since:.0f} s: {self.goes_on}")
             self.waiting_since = self.last_notice = None
             return
         if self.waiting_since is None:
@@ -82,17 +91,21 @@ class ResourceWatch(threading.Thread):
             self.last_notice = now
             self.out(self.describe(waiting, waited))
 
-    def _own_work(self) -> tuple[list[tuple[str, dict[str, float]]], bool]:
-        """(what this job waits for: (kind, resources) each; whether it runs anything that holds resources)."""
+    @staticmethod
+    def _cluster_waits() -> bool:
+        """One small GCS call: does anything in the whole cluster wait for resources?"""
         import ray
         from ray.autoscaler.v2.sdk import get_cluster_status
+
+        demands = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10).resource_demands
+        return bool(demands.ray_task_actor_demand or demands.placement_group_demand)
+
+    def _own_work(self) -> tuple[list[tuple[str, dict[str, float]]], bool]:
+        """(what this job waits for: (kind, resources) each; whether it runs anything that holds resources)."""
         from ray.util.state import list_actors, list_placement_groups, list_tasks
 
-        # one small GCS call: while nothing in the whole cluster waits for resources, ask no more
-        demands = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10).resource_demands
-        if not demands.ray_task_actor_demand and not demands.placement_group_demand:
+        if not self._cluster_waits():
             return [], False
-
         job = [("job_id", "=", self.job_id)]
         kw: dict[str, Any] = {"detail": True, "limit": 200, "raise_on_missing_output": False, "timeout": 10}
         waiting: list[tuple[str, dict[str, float]]] = []
@@ -130,7 +143,7 @@ class ResourceWatch(threading.Thread):
         names = [k for k in asked if k not in SHOWN] + [k for k in SHOWN if k in asked or k == "CPU"]
         total, free = ray.cluster_resources(), ray.available_resources()
         what = ", ".join(f"{n} {k.replace(' of ', 's of ', 1) if n > 1 else k}" for k, n in kinds.items())
-        line = (f"[raylm] waiting {waited:.0f} s for resources: this job asks for {what}; "
+        line = (f"[raylm] waiting {waited:.0f} s for resources: {self.asker} asks for {what}; "
                 f"free now: " + ", ".join(f"{_fmt(free.get(k, 0))} of {_fmt(total.get(k, 0))} {k}" for k in names))
         missing = sorted({k for _, res in waiting for k, v in res.items() if v > total.get(k, 0)})
         if missing:
@@ -139,7 +152,7 @@ class ResourceWatch(threading.Thread):
         holders = self.holders(names)
         if holders:
             line += ". Held by: " + "; ".join(holders)
-        return line + ". It starts when they come free."
+        return f"{line}. {self.starts}"
 
     def holders(self, names: list[str]) -> list[str]:
         """Who holds the resources named: each Serve app, each other job (largest first)."""
@@ -162,8 +175,13 @@ class ResourceWatch(threading.Thread):
             if a.job_id == self.job_id or a.placement_group_id:
                 continue
             app = SERVE_REPLICA.match(a.class_name or "")
-            add(f"Serve app {app.group(1)!r} (`raylm undeploy {app.group(1)}` frees it)" if app else job_name(a.job_id),
-                a.required_resources)
+            if app and app.group(1) == self.app:
+                who = f"Serve app {self.app!r}'s replicas already running"
+            elif app:
+                who = f"Serve app {app.group(1)!r} (`raylm undeploy {app.group(1)}` frees it)"
+            else:
+                who = job_name(a.job_id)
+            add(who, a.required_resources)
         for t in list_tasks(filters=[("state", "=", "RUNNING")], **kw):
             if t.job_id != self.job_id and not t.placement_group_id and t.type == "NORMAL_TASK":
                 add(job_name(t.job_id), t.required_resources)
@@ -176,11 +194,38 @@ class ResourceWatch(threading.Thread):
         return [f"{who} {', '.join(f'{_fmt(v)} {k}' for k, v in res.items() if v)}" for who, res in ranked[:5]]
 
 
-def start(job_id: str) -> Optional[ResourceWatch]:
-    """Start the watch for this driver's job (RAYLM_WAIT_NOTICE_S=0 turns it off)."""
+class ReplicaWatch(ResourceWatch):
+    """A deploy job's wait for its Serve app's replicas (named `ServeReplica:<app>:<deployment>`)."""
+
+    goes_on = "the replicas start"
+    starts = "Its replicas start when they come free."
+
+    def __init__(self, app: str, job_id: str, notice_s: float, repeat_s: float):
+        super().__init__(job_id, notice_s, repeat_s)
+        self.app, self.asker = app, f"Serve app {app!r}"
+
+    def _own_work(self) -> tuple[list[tuple[str, dict[str, float]]], bool]:
+        from ray.util.state import list_actors
+
+        if not self._cluster_waits():
+            return [], False
+        waiting = []
+        for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=1000,
+                             raise_on_missing_output=False, timeout=10):
+            app = SERVE_REPLICA.match(a.class_name or "")
+            if app and app.group(1) == self.app and _wanted(a.required_resources):
+                deployment = (a.class_name or "").split(":", 2)[2]
+                waiting.append((f"{deployment!r} replica", _wanted(a.required_resources)))
+        return waiting, False  # a replica that waits keeps the app from RUNNING, whatever else runs
+
+
+def start(job_id: str, app: Optional[str] = None) -> Optional[ResourceWatch]:
+    """Start the watch for this driver's job, or with `app` for that Serve app's replicas
+    (RAYLM_WAIT_NOTICE_S=0 turns both off). Set the watch's `done` to stop it."""
     notice_s = float(os.environ.get(NOTICE_ENV, 30))
     if notice_s <= 0:
         return None
-    watch = ResourceWatch(job_id, notice_s, float(os.environ.get(REPEAT_ENV, 120)))
+    repeat_s = float(os.environ.get(REPEAT_ENV, 120))
+    watch = ResourceWatch(job_id, notice_s, repeat_s) if app is None else ReplicaWatch(app, job_id, notice_s, repeat_s)
     watch.start()
     return watch

@@ -91,6 +91,7 @@ def undeploy(name: str) -> bool:
 
 
 def run(cfg: DeployConfig) -> dict[str, Any]:
+    from raylm import waiting
     from raylm.runtime import init_ray
     from raylm.serve import keys
     from raylm.serve.graph import build, resolve
@@ -139,7 +140,13 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     print(f"[deploy] deploying {cfg.name!r}: " + ", ".join(f"{m.name}={cards[m.name]['id']}" for m in cfg.models),
           flush=True)
     t0 = time.time()
-    serve.run(build(cfg, cards), name=cfg.name, route_prefix=cfg.route_prefix)
+    # serve.run waits for every replica; one that cannot be placed would wait without a word here
+    watch = waiting.start(ray.get_runtime_context().get_job_id(), app=cfg.name)
+    try:
+        serve.run(build(cfg, cards), name=cfg.name, route_prefix=cfg.route_prefix)
+    finally:
+        if watch is not None:
+            watch.done.set()
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     base = f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
     lm = next((m.name for m in cfg.models if cards[m.name]["task"] == "causal_lm"), None)
