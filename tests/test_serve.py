@@ -6,8 +6,10 @@ int8 quality measurement, autoscaling, a rolling update under load and the playg
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -693,7 +695,8 @@ def test_deploy_job_refuses_without_keys_and_with_unknown_models(served, tmp_pat
 def test_submitted_deploy_job_says_what_its_replicas_wait_for_and_serves_after_it_ends(served):
     """A deploy job submitted through the Jobs API while a driver holds every free CPU: its log
     says what the app's replicas ask for, what is free and who holds the rest (Serve's own word
-    goes to the controller's log); once freed, the app starts, the job ends, the app serves on."""
+    goes to the controller's log); once freed, the app starts, the job ends, the app serves on,
+    and `raylm status` shows what it holds."""
     import ray
     from ray import serve
 
@@ -727,6 +730,15 @@ def test_submitted_deploy_job_says_what_its_replicas_wait_for_and_serves_after_i
                             json={"model": "tiny", "prompt": "the king", "max_tokens": 4, "temperature": 0})
         assert out.status_code == 200, out.text
         assert out.json()["usage"]["completion_tokens"] == 4 or out.json()["choices"][0]["finish_reason"] == "stop"
+        # `raylm status` lists the app, its deployments' replicas and what they hold
+        st = run_cli("status", timeout=120)
+        assert st.returncode == 0, st.stderr
+        lines = st.stdout.splitlines()
+        first = next(i for i, ln in enumerate(lines) if ln.startswith("  job-app "))
+        app = "\n".join([lines[first]] + list(itertools.takewhile(lambda ln: ln.startswith("    "), lines[first + 1:])))
+        assert app.split()[:2] == ["job-app", "RUNNING"] and "route /job" in app, st.stdout
+        assert re.search(r"model-tiny +HEALTHY +1 running; target 1 \(1-2, autoscaling\); 0.25 CPU each", app), app
+        assert "holds 0.35 CPU; `raylm undeploy job-app` frees it" in app, app
     finally:
         down = run_cli("undeploy", "job-app", timeout=120)
     assert down.returncode == 0, down.stderr

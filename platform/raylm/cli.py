@@ -143,6 +143,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(out.stdout.rstrip() if out.returncode == 0 else f"  (ray status failed: {out.stderr.strip()[-300:]})")
     target = cluster.resolve_target(a.address)
     client = cluster.job_client(target)
+    for line in _serve_status(target):
+        print(line)
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)[:10]
     print(f"\njobs at {target.dashboard_url} (newest first):" if jobs else f"\nno jobs yet at {target.dashboard_url}")
     for j in jobs:
@@ -150,6 +152,45 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(f"  {j.submission_id or j.job_id:<44} {j.status.value if hasattr(j.status, 'value') else j.status:<10}"
               f" {started}  {(j.entrypoint or '')[:70]}")
     return 0
+
+
+def _serve_status(target: cluster.Target) -> list[str]:
+    """The Serve applications, each deployment's replicas and what its running ones hold: what
+    a job waiting for CPUs waits behind (from the dashboard's Serve API)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    try:
+        details = ServeSubmissionClient(target.dashboard_url, headers=target.headers).get_serve_details()
+    except Exception as e:  # noqa: BLE001 - status must print what it can
+        return [f"\nServe: details unavailable ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"]
+    apps = details.get("applications") or {}
+    if not apps:
+        return ["\nno Serve applications"]
+    http = details.get("http_options") or {}
+    lines = [f"\nServe applications (HTTP {http.get('host', '?')}:{http.get('port', '?')}):"]
+    for name, app in sorted(apps.items()):
+        held: dict[str, float] = {}
+        lines.append(f"  {name:<20} {app.get('status', '?'):<14} route {app.get('route_prefix') or '-'}")
+        for dep_name, dep in sorted((app.get("deployments") or {}).items()):
+            states: dict[str, int] = {}
+            for r in dep.get("replicas") or []:
+                states[r.get("state", "?")] = states.get(r.get("state", "?"), 0) + 1
+            need = {k: v for k, v in (dep.get("required_resources") or {}).items() if v}
+            for k, v in need.items():
+                held[k] = held.get(k, 0) + v * states.get("RUNNING", 0)
+            scaling = (dep.get("deployment_config") or {}).get("autoscaling_config")
+            target_n = dep.get("target_num_replicas")
+            plan = (f"target {target_n} ({scaling['min_replicas']}-{scaling['max_replicas']}, autoscaling)"
+                    if scaling else f"target {target_n}")
+            each = ", ".join(f"{v:g} {k}" for k, v in need.items()) or "no CPU"
+            lines.append(f"    {dep_name:<18} {dep.get('status', '?'):<14} "
+                         f"{', '.join(f'{n} {st.lower()}' for st, n in sorted(states.items())) or 'no replicas'}; "
+                         f"{plan}; {each} each")
+            if dep.get("message"):
+                lines.append(f"      {dep['message'][:300]}")
+        holds = ", ".join(f"{v:g} {k}" for k, v in held.items() if v) or "nothing"
+        lines.append(f"    holds {holds}; `raylm undeploy {name}` frees it")
+    return lines
 
 
 # --- jobs --------------------------------------------------------------------------------------
@@ -467,7 +508,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", action="store_true", help="stop only the Prometheus `raylm up --metrics` started")
     s.set_defaults(fn=cmd_down)
 
-    s = sub.add_parser("status", help="the local cluster, its resources and recent jobs")
+    s = sub.add_parser("status", help="the local cluster, its resources, Serve applications and recent jobs")
     s.add_argument("--address", help="dashboard URL (default: RAY_ADDRESS or the local cluster)")
     s.set_defaults(fn=cmd_status)
 
