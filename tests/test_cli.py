@@ -148,6 +148,8 @@ def test_down_without_a_cluster_says_so(tmp_path):
     assert proc.returncode == 0 and "no raylm cluster to stop" in proc.stdout
     proc = run_cli("status", env={"RAYLM_HOME": str(tmp_path), "RAY_ADDRESS": ""})
     assert proc.returncode == 1 and "run `raylm up`" in proc.stderr
+    proc = run_cli("undeploy", "authors", env={"RAYLM_HOME": str(tmp_path), "RAY_ADDRESS": ""})
+    assert proc.returncode == 1 and "no cluster to ask" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):

@@ -742,6 +742,8 @@ def test_submitted_deploy_job_says_what_its_replicas_wait_for_and_serves_after_i
     finally:
         down = run_cli("undeploy", "job-app", timeout=120)
     assert down.returncode == 0, down.stderr
+    # only its answer: no Ray INFO lines, no Serve controller's log lines
+    assert down.stdout.strip() == "deleted the Serve application 'job-app'" and "INFO" not in down.stderr, down
     assert "job-app" not in serve.status().applications
     again = run_cli("undeploy", "job-app", timeout=120)
     assert again.returncode == 1 and "no Serve application 'job-app'" in again.stderr

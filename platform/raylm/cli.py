@@ -456,12 +456,15 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
 def cmd_undeploy(a: argparse.Namespace) -> int:
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(job=False)
+    import logging
+
+    from ray import serve  # its import sets Serve's logger to INFO ("Deleting app ..."): not for this command
+
     from raylm.serve.job import undeploy
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if not undeploy(a.name):
-        from ray import serve
-
         _print_err(f"no Serve application {a.name!r} on this cluster; running: "
                    f"{', '.join(serve.status().applications) or 'none'}")
         return 1

@@ -33,7 +33,7 @@ def prepare_env() -> Optional[str]:
     return address
 
 
-def init_ray() -> None:
+def init_ray(job: bool = True) -> None:
     """Connect to the cluster this process belongs to.
 
     - Inside `ray job submit` (RAY_ADDRESS is the GCS address): that cluster.
@@ -41,6 +41,10 @@ def init_ray() -> None:
     - Else: a local Ray started just for this process.
     raylm's own package is shipped to the workers (`py_modules`), so the code a job's tasks
     run is the code its driver runs, whatever version the cluster has installed.
+
+    `job=False` is for a command that only asks the cluster something (`raylm undeploy`): no
+    package upload, no resource watch, and neither Ray's INFO lines nor the logs of the
+    cluster's actors (Serve's controller's) in its output.
     """
     already_imported = "ray" in sys.modules
     address = prepare_env()
@@ -52,6 +56,13 @@ def init_ray() -> None:
         from ray._raylet import Config  # Ray cached the auth mode at import: refresh it
 
         Config.initialize("")
+    if not job:
+        if not address:
+            raise cluster.ClusterError("no cluster to ask (no RAY_ADDRESS, no `raylm up` here): start one with "
+                                       "`raylm up`, or point RAY_ADDRESS at yours")
+
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return
     if address and not os.environ.get("RAY_JOB_ID"):
         print(f"[raylm] joining the cluster at {address}", flush=True)
     elif not address:

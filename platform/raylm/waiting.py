@@ -2,7 +2,7 @@
 
 Ray queues a task, an actor or a placement group that asks for more CPUs or GPUs than are free
 until they come free, without a word: a data job submitted on a laptop beside a served model
-(the demo's endpoint holds 1.75 of 2 CPUs), or a training job asking for GPUs a Serve app holds,
+(the demo's endpoint held 1.75 of 2 CPUs), or a training job asking for GPUs a Serve app holds,
 sat with its progress at 0 and nothing in its log saying why. Ray Data gives up after 30
 minutes with no progress; Ray Train and Tune wait for ever.
 

@@ -325,11 +325,11 @@ def run(cfg: DataConfig) -> dict[str, Any]:
 
     # 3. tokenize in Ray Data tasks ---------------------------------------------------------------
     tc = cfg.tokenize
-    log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
     backend, dropped = whole_documents(backend)
     if dropped:
         log(f"the tokenizer's {' and '.join(dropped)} are off for this job: documents are counted and "
             "packed whole (training and serving cut to their model's length)")
+    log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
     tokenizer_json = backend.to_str()
     tokenized = kept.map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)},
