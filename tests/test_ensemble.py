@@ -7,6 +7,7 @@ ingress)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -234,8 +235,13 @@ def _answers(card: dict) -> np.ndarray:
         ["To be, or not to be", "Of Man's first disobedience"]).numpy()
 
 
-def test_boosting_rounds_vote_by_their_error(authors_dataset):
+def test_boosting_rounds_vote_by_their_error(authors_dataset, capsys):
     summary, card = build_ensemble(authors_dataset, "boost", {"source": "boosting", "n": 2}, "boosting")
+    # each round's trial says what it trained on in one short line: the weights by their count
+    out = capsys.readouterr().out
+    started = [ln for ln in out.splitlines() if ln.startswith("[ensemble] trial ") and " started: " in ln]
+    assert len(started) == 2 and all(re.search(r"rows\.weights=\[\d+ values\] rows\.seed=\d+$", ln)
+                                     for ln in started), started
     alphas = card["ensemble"]["alphas"]
     assert card["ensemble"]["combiner"] == "boosting" and len(alphas) == 2 == len(card["ensemble"]["members"])
     assert all(a >= 0 and math.isfinite(a) for a in alphas)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,10 +142,21 @@ def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tm
         assert (df["steps"] < 8).any() and summary["trial_steps"] < n * 8
     else:
         assert (df["steps"] == 8).all()
+    out = capsys.readouterr().out
     if scheduler == "hyperband":
         # 8 steps, grace 4, factor 2: only the first bracket (rungs 4, 8) can stop a trial before its
         # last step; a second (first rung 8) or third (16) would run its trials in full
-        assert "[tune] hyperband: 1 bracket(s), first rungs at step 4" in capsys.readouterr().out
+        assert "[tune] hyperband: 1 bracket(s), first rungs at step 4" in out
+    if scheduler == "asha":  # the job's log: a line as each trial starts and ends, not Tune's tables
+        started = re.findall(r"^\[tune\] trial (\w+) started: train\.lr=\S+ train\.warmup_steps=\d$", out, re.M)
+        ended = re.findall(r"^\[tune\] trial (\w+) ended at step (\d+) of 8 after \d+ s: val_loss ([\d.]+) "
+                           r"\(best so far ([\d.]+), trial (\w+)\); (\d+) trial\(s\) ended$", out, re.M)
+        assert len(started) == len(ended) == n and {e[0] for e in ended} == set(started), out[-3000:]
+        assert {int(e[1]) for e in ended} == {4, 8}  # some stopped at the first rung
+        assert [int(e[5]) for e in ended] == list(range(1, n + 1))
+        assert float(ended[-1][3]) == pytest.approx(summary["best"]["val_loss"], abs=1e-4)
+        assert ended[-1][4] == summary["best"]["trial"]
+        assert "Trial status" not in out and "Trial run_trial" not in out
     if algorithm == "tpe":  # the base config's own values are evaluated first
         assert summary["default"]["params"] == {"train.lr": 5.0e-3, "train.warmup_steps": 0}
 

@@ -198,8 +198,9 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
                                     else s.max_concurrent,
                                     time_budget_s=s.time_budget_s,
                                     reuse_actors=trial_mod.runs_in_process(train_cfg)),  # no process start per trial
-        run_config=tune.RunConfig(name="trials", storage_path=path, storage_filesystem=fs, verbose=1,
-                                  callbacks=callbacks,
+        run_config=tune.RunConfig(name="trials", storage_path=path, storage_filesystem=fs, verbose=0,
+                                  callbacks=[trial_mod.trial_log("tune", cfg.metric, mode, train_cfg.train.max_steps),
+                                             *(callbacks or [])],
                                   checkpoint_config=tune.CheckpointConfig(  # pbt clones any trial's checkpoints
                                       num_to_keep=None if s.scheduler == "pbt" else 2)),
     )
