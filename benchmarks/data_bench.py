@@ -98,7 +98,8 @@ def bench_tokenize(args) -> dict:
         t0 = time.perf_counter()
         if compute == "tasks":  # as the data job runs it
             out = ds.map_batches(tokenize_batch, fn_kwargs={"tokenizer_json": tok_json, "key": key},
-                                 batch_size=args.batch_size, batch_format="pyarrow", concurrency=args.concurrency,
+                                 batch_size=args.batch_size, batch_format="pyarrow",
+                                 compute=ray.data.TaskPoolStrategy(size=args.concurrency),
                                  num_cpus=n_cpus / args.concurrency).materialize()
         else:
             out = ds.map_batches(Tokenize, batch_size=args.batch_size, batch_format="pyarrow",

@@ -200,7 +200,15 @@ RAY_DATA_PROGRESS_LOGGERS = ("ray.data._internal.progress.logging_progress",
 
 
 def quiet_ray_data_progress() -> None:
-    """Install `RayDataProgressFilter` on Ray Data's progress loggers in this process (once)."""
+    """Install `RayDataProgressFilter` on Ray Data's progress loggers in this process (once), and
+    drop two of Ray Data's warnings from it:
+    - "The Ray cluster currently does not have any available CPUs. The Dataset job will hang":
+      written once, whenever an execution starts while every CPU is busy at that instant (the
+      demo's data stage got it while its own earlier tasks still ran, and went on). Work that
+      really waits gets `waiting.ResourceWatch`'s line instead, which names who holds the CPUs.
+    - "Truncating long operator name to 100 characters": about the progress lines' names."""
+    _drop("ray.data.dataset", "does not have any available CPUs")
+    _drop("ray.data._internal.progress.utils", "Truncating long operator name")
     if any(isinstance(f, RayDataProgressFilter) for f in logging.getLogger(RAY_DATA_PROGRESS_LOGGERS[0]).filters):
         return
     flt = RayDataProgressFilter()

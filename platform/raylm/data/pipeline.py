@@ -333,7 +333,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     tokenizer_json = backend.to_str()
     tokenized = kept.map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)},
-        batch_size=tc.batch_size, batch_format="pyarrow", concurrency=tc.concurrency, num_cpus=tc.num_cpus,
+        batch_size=tc.batch_size, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tc.concurrency),
+        num_cpus=tc.num_cpus,
     ).materialize()
     tok_tally = _tally(tokenized, _tally_tokens)
 
