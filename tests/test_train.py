@@ -90,9 +90,13 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
         saved = [int(s) for s in re.findall(r"checkpoint saved at step (\d+)", client.get_job_logs(job_id))]
         time.sleep(1)
     assert saved, client.get_job_logs(job_id)[-3000:]
-    client.stop_job(job_id)
-    while str(client.get_job_status(job_id)) not in ("JobStatus.STOPPED", "STOPPED", "JobStatus.FAILED"):
-        time.sleep(0.5)
+    stop = run_cli("stop", job_id, timeout=120)
+    ended = re.search(rf"job {job_id}: (STOPPED|FAILED)", stop.stdout)  # (a driver killed mid-write may FAIL)
+    assert stop.returncode == 0 and ended, stop
+    assert ended.group(1) == "FAILED" or "resumes from its last checkpoint" in stop.stdout
+    again_stop = run_cli("stop", job_id, timeout=120)
+    assert again_stop.returncode == 0 and f"already ended: {ended.group(1)}" in again_stop.stdout
+    assert run_cli("stop", "no-such-job", timeout=120).returncode == 1
     last_seen = max(saved)
     # the job may have gone on before the stop reached it, and a stopped job's last lines may never
     # reach its log: train past its last checkpoint on storage (the one the next job resumes from)

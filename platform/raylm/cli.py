@@ -6,6 +6,7 @@
     raylm env                                  # exports for plain `ray job submit`
     raylm submit STAGE --config F [--set k=v ...] [--no-wait]
     raylm logs JOB_ID [--follow]
+    raylm stop JOB_ID [--timeout 60]
     raylm datasets list [--root URI]
     raylm datasets show NAME[@VERSION] [--root URI]
     raylm models list | show NAME[@vN]
@@ -275,7 +276,7 @@ def follow(client, job_id: str, poll_s: float = 0.5) -> int:
         ended_first = asyncio.run(watch())
     except KeyboardInterrupt:
         print(f"\nstopped following; the job goes on. `raylm logs {job_id} --follow` resumes, "
-              f"`ray job stop {job_id}` stops it.", file=sys.stderr)
+              f"`raylm stop {job_id}` stops it.", file=sys.stderr)
         return 130
     if ended_first:
         rest = client.get_job_logs(job_id)[sent:]
@@ -322,17 +323,46 @@ def cmd_submit(a: argparse.Namespace) -> int:
     return follow(client, job_id)
 
 
-def cmd_logs(a: argparse.Namespace) -> int:
+def _job(a: argparse.Namespace):
+    """(the Jobs API client, the job's info), or (client, None) with the error printed."""
     client = cluster.job_client(cluster.resolve_target(a.address))
     try:
-        info = client.get_job_info(a.job_id)
+        return client, client.get_job_info(a.job_id)
     except Exception:  # noqa: BLE001 - unknown job ids are a user error
         _print_err(f"no job {a.job_id!r} on this cluster (`raylm status` lists jobs)")
+        return client, None
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    client, info = _job(a)
+    if info is None:
         return 1
     if a.follow:
         return follow(client, a.job_id)
     sys.stdout.write(client.get_job_logs(a.job_id))
     return _exit_code(info) if _status(info) in TERMINAL else 0
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    """Stop a job and wait until Ray says it stopped (its driver and the work it started end)."""
+    client, info = _job(a)
+    if info is None:
+        return 1
+    if _status(info) in TERMINAL:
+        print(f"job {a.job_id} already ended: {_status(info)}")
+        return 0
+    client.stop_job(a.job_id)
+    deadline = time.time() + a.timeout
+    while _status(info := client.get_job_info(a.job_id)) not in TERMINAL:
+        if time.time() > deadline:
+            _print_err(f"job {a.job_id} is still {_status(info)} {a.timeout:g} s after the stop request; "
+                       f"`raylm status` shows it when it ends")
+            return 1
+        time.sleep(0.5)
+    print(f"job {a.job_id}: {_status(info)}"
+          + (" (submitting the same train or tune config again resumes from its last checkpoint)"
+             if _status(info) == "STOPPED" else ""))
+    return 0
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -531,6 +561,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", "-f", action="store_true")
     s.add_argument("--address")
     s.set_defaults(fn=cmd_logs)
+
+    s = sub.add_parser("stop", help="stop a job and wait until it has stopped")
+    s.add_argument("job_id")
+    s.add_argument("--timeout", type=float, default=60, help="seconds to wait for it to stop (default 60)")
+    s.add_argument("--address")
+    s.set_defaults(fn=cmd_stop)
 
     ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(dest="datasets_command", required=True)
     s = ds.add_parser("list", help="versions with counts, tokens, sources, created")
