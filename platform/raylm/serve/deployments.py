@@ -176,11 +176,8 @@ class LMDeployment:
         """Prompt-token log-probabilities (OpenAI `echo` + `logprobs`)."""
         out = await asyncio.get_running_loop().run_in_executor(None, self.engine.score, prompt_ids, top)
         for o in out:
-            o["token_texts"] = [self.engine.token_text(t) for t in o["tokens"]]
+            o["token_texts"] = self.engine.token_texts(o["tokens"])
         return out
-
-    def token_texts(self, tokens: list[int]) -> list[str]:
-        return [self.engine.token_text(t) for t in tokens]
 
 
 @serve.deployment

@@ -185,12 +185,13 @@ class LMEngine:
         row.pending = None
         if token == self.eos_id:
             return self._finish(row, "stop")
+        prev = row.tokens[-1] if row.tokens else (row.req.prompt_ids[-1] if row.req.prompt_ids else None)
         row.tokens.append(token)
         if top is not None:
-            top = {self.token_text(t): round(lp, 6) for t, lp in top.items()}
-        ev_extra = {"tokens": [token], "token_texts": [self.token_text(token)], "logprobs": [logprob],
+            top = {self.token_text(t, prev): round(lp, 6) for t, lp in top.items()}
+        ev_extra = {"tokens": [token], "token_texts": [self.token_text(token, prev)], "logprobs": [logprob],
                     "top_logprobs": [top]}
-        text = self.tok.decode(row.tokens, skip_special_tokens=True)
+        text = self.text_after(row.req.prompt_ids, row.tokens)
         for s in row.req.stop:
             at = text.find(s, max(0, row.sent - len(s)))
             if s and at >= 0:
@@ -209,7 +210,7 @@ class LMEngine:
 
     def _finish(self, row: _Row, reason: str, text: Optional[str] = None, extra: Optional[dict] = None) -> dict:
         if text is None:
-            text = self.tok.decode(row.tokens, skip_special_tokens=True)
+            text = self.text_after(row.req.prompt_ids, row.tokens)
         row.done = True
         delta = text[row.sent:]
         row.sent = len(text)
@@ -230,15 +231,40 @@ class LMEngine:
                 tops: list[Optional[dict]] = [None]
                 if top > 0:
                     v, i = logp[:-1].topk(top, dim=-1)
-                    tops += [{self.token_text(t): round(float(p), 6) for t, p in zip(ti.tolist(), vi.tolist())}
-                             for ti, vi in zip(i, v)]
+                    tops += [{self.token_text(t, prev): round(float(p), 6) for t, p in zip(ti.tolist(), vi.tolist())}
+                             for prev, ti, vi in zip(ids, i, v)]
                 else:
                     tops += [None] * (len(ids) - 1)
                 out.append({"tokens": list(ids), "logprobs": [None] + chosen, "top_logprobs": tops})
         return out
 
-    def token_text(self, token: int) -> str:
-        return self.tok.decode([token])
+    # --- text ------------------------------------------------------------------------------
+    # Decoding tokens on their own loses what the first one means after the text before it:
+    # WordPiece and SentencePiece tokenizers (BERT; Llama, Mistral, T5) drop the space before a
+    # text's first word, so "the king and" went on as "lady lady" instead of " lady lady", and
+    # logprobs' token strings and text offsets lost their spaces. So text is decoded after the
+    # last few tokens before it, and that context's own text is cut off. Byte-level BPE (GPT-2's,
+    # the data job's) keeps its spaces in the tokens and gives the same text either way.
+
+    CONTEXT_TOKENS = 4
+
+    def text_after(self, context: list[int], tokens: list[int], skip_special: bool = True) -> str:
+        """The text `tokens` add after `context` (token ids before them, e.g. the prompt)."""
+        tail = list(context[-self.CONTEXT_TOKENS:])
+        if tail:
+            before = self.tok.decode(tail, skip_special_tokens=skip_special)
+            whole = self.tok.decode(tail + list(tokens), skip_special_tokens=skip_special)
+            if whole.startswith(before):
+                return whole[len(before):]
+        return self.tok.decode(tokens, skip_special_tokens=skip_special)
+
+    def token_text(self, token: int, prev: Optional[int] = None) -> str:
+        """One token's text after the token before it (None: at the start of a text)."""
+        return self.text_after([] if prev is None else [prev], [token], skip_special=False)
+
+    def token_texts(self, tokens: list[int]) -> list[str]:
+        """Each token's text after the one before it: they join into the text of all of them."""
+        return [self.token_text(t, tokens[k - 1] if k else None) for k, t in enumerate(tokens)]
 
 
 class _Sampler:
