@@ -242,6 +242,8 @@ def test_boosting_rounds_vote_by_their_error(authors_dataset, capsys):
     started = [ln for ln in out.splitlines() if ln.startswith("[ensemble] trial ") and " started: " in ln]
     assert len(started) == 2 and all(re.search(r"rows\.weights=\[\d+ values\] rows\.seed=\d+$", ln)
                                      for ln in started), started
+    ended = [ln for ln in out.splitlines() if ln.startswith("[ensemble] trial ") and " ended at step " in ln]
+    assert len(ended) == 2 and all(re.search(r": val_loss \d+\.\d{4}; 1 trial\(s\) ended$", ln) for ln in ended), ended
     alphas = card["ensemble"]["alphas"]
     assert card["ensemble"]["combiner"] == "boosting" and len(alphas) == 2 == len(card["ensemble"]["members"])
     assert all(a >= 0 and math.isfinite(a) for a in alphas)

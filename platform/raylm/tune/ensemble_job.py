@@ -95,8 +95,9 @@ def train_members(cfg: EnsembleConfig, base: dict[str, Any], train_cfg: TrainCon
     tuner = tune.Tuner(trainable, param_space={"member": tune.grid_search(specs)},
                        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
                        run_config=tune.RunConfig(name=tag, storage_path=path, storage_filesystem=fs, verbose=0,
-                                                 callbacks=[trial_mod.trial_log("ensemble",
-                                                                                max_steps=train_cfg.train.max_steps)]))
+                                                 callbacks=[trial_mod.trial_log(
+                                                     "ensemble", "val_loss", "min", train_cfg.train.max_steps,
+                                                     best=False)]))
     grid = tuner.fit()
     found: dict[str, str] = {}
     for r in grid:

@@ -137,10 +137,12 @@ def describe(config_: dict[str, Any]) -> str:
     return " ".join(parts) or "defaults"
 
 
-def trial_log(prefix: str, metric: Optional[str] = None, mode: str = "max", max_steps: Optional[int] = None):
+def trial_log(prefix: str, metric: Optional[str] = None, mode: str = "max", max_steps: Optional[int] = None,
+              best: bool = True):
     """A Tune callback that prints one line as each trial starts and one as it ends (its step,
-    seconds, metric and the best so far), in place of Tune's own output (run with verbose=0):
-    Tune's trial boxes and status tables were 234 of the demo's 492 log lines."""
+    seconds, metric and, for a search (`best`), the best so far), in place of Tune's own output
+    (run with verbose=0): Tune's trial boxes and status tables were 234 of the demo's 492 log
+    lines."""
     from ray.tune import Callback
 
     class TrialLog(Callback):
@@ -163,6 +165,7 @@ def trial_log(prefix: str, metric: Optional[str] = None, mode: str = "max", max_
             value = r.get(metric) if metric else None
             if isinstance(value, (int, float)):
                 line += f": {metric} {value:.4f}"
+            if isinstance(value, (int, float)) and best:
                 better = self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
                 if better:
                     self.best = (float(value), trial.trial_id)
