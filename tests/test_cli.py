@@ -89,7 +89,7 @@ def test_a_job_whose_work_cannot_start_says_what_holds_the_cluster(raylm_cluster
     freed it says so and completes."""
     import ray
 
-    from raylm.cli import build_submission
+    from raylm.jobs_api import build_submission
 
     client = cluster.job_client(cluster.resolve_target())
     sub = build_submission("prepare_data", str(ROOT / "tests" / "data" / "tiny.yaml"), ["pack.seq_len=12"], ROOT)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from raylm import cli, config
+from raylm import config, jobs_api
 
 CLUSTER = ROOT / "cluster"
 APP = "/home/ray/raylm"  # where the image puts the project
@@ -62,7 +62,7 @@ def test_every_rayjob_runs_an_existing_job_with_a_valid_config():
         cfg_file = ROOT / args[args.index("--config") + 1].removeprefix(APP + "/")
         assert cfg_file.is_file(), stage
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-        cfg = config.load(cli._model_for(stage), cfg_file, sets)  # what the job itself would validate
+        cfg = config.load(jobs_api.model_for(stage), cfg_file, sets)  # what the job itself would validate
         if stage == "pipeline":
             from raylm.pipeline import check
 
@@ -128,7 +128,7 @@ def test_a_broken_rayjob_config_would_be_caught(stage, tmp_path):
     args = shlex.split(doc["spec"]["entrypoint"]) + ["--set", "output.registy=s3://x"]
     cfg_file = ROOT / args[args.index("--config") + 1].removeprefix(APP + "/")
     with pytest.raises(config.ConfigError, match="registy"):
-        config.load(cli._model_for(stage), cfg_file, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+        config.load(jobs_api.model_for(stage), cfg_file, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
 
 
 def test_grafana_dashboard_queries_only_metrics_raylm_exports():

@@ -37,7 +37,7 @@ def test_a_job_submission_carries_no_secret_from_the_shell(monkeypatch):
     """`raylm submit` with cloud, tracking and cluster secrets in the submitting shell: the
     request (entrypoint, runtime_env, metadata) holds none of them, and the uploaded working
     directory leaves out the state dir (tokens), env files and key files."""
-    from raylm.cli import UPLOAD_EXCLUDES, build_submission
+    from raylm.jobs_api import UPLOAD_EXCLUDES, build_submission
 
     secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret-6f1e", "RAY_AUTH_TOKEN": "ray-token-77aa",
                "COMET_API_KEY": "comet-key-19b2", "HF_TOKEN": "hf_token_c0de", "MLFLOW_TRACKING_PASSWORD": "mlf-pw-4e4e"}

@@ -750,7 +750,7 @@ def test_submitted_deploy_job_says_what_its_replicas_wait_for_and_serves_after_i
     from ray import serve
 
     from raylm import cluster
-    from raylm.cli import build_submission
+    from raylm.jobs_api import build_submission
 
     client = cluster.job_client(cluster.resolve_target())
     sub = build_submission("deploy", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"),

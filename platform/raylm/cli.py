@@ -18,54 +18,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
-import shlex
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
 from raylm import cluster, config, runtime
+from raylm.jobs_api import (
+    STAGES, TERMINAL, build_submission, exit_code, follow, project_root, status_of, submit_with_retry,
+)
 from raylm.cluster import ClusterError
-
-# stage name -> the config model its job validates (imported lazily: "module:Class")
-STAGES = {
-    "prepare_data": "raylm.data.config:DataConfig",
-    "train": "raylm.train.config:TrainConfig",
-    "deploy": "raylm.serve.config:DeployConfig",
-    "evaluate": "raylm.evaluate.config:EvaluateConfig",
-    "tune": "raylm.tune.config:TuneConfig",
-    "ensemble": "raylm.tune.config:EnsembleConfig",
-    "pipeline": "raylm.pipeline:PipelineConfig",
-}
-
-# Never uploaded with a job: environments, caches, local state, VCS.
-UPLOAD_EXCLUDES = [".venv/", "venv/", ".raylm/", ".cache/", ".git/", "**/__pycache__/", "*.egg-info/",
-                   ".pytest_cache/", ".device/", "build/", "dist/", "*.pyc",
-                   # secrets never travel with a job: anyone who may run jobs can read its working_dir
-                   ".env", ".env.*", "*.pem", "*.key", "**/keys.json"]
-
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
 
 def _print_err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
-
-
-def project_root() -> Path:
-    """The directory uploaded as a job's working_dir: the nearest parent of the current
-    directory with jobs/ in it, else the checkout raylm was installed from."""
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "jobs").is_dir() and (d / "platform" / "raylm").is_dir():
-            return d
-    src = Path(__file__).resolve().parents[2]
-    if (src / "jobs").is_dir():
-        return src
-    raise ClusterError("cannot find the raylm project (a directory with jobs/ and platform/raylm/); run from inside it")
 
 
 # --- cluster commands ------------------------------------------------------------------------
@@ -196,118 +164,6 @@ def _serve_status(target: cluster.Target) -> list[str]:
 
 # --- jobs --------------------------------------------------------------------------------------
 
-def _model_for(stage: str):
-    module, cls = STAGES[stage].split(":")
-    return getattr(__import__(module, fromlist=[cls]), cls)
-
-
-def build_submission(stage: str, config_path: str, overrides: Sequence[str], root: Path) -> dict:
-    """Validate the config here (fast, clear errors) and build the Jobs API request."""
-    if stage not in STAGES:
-        raise config.ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    script = root / "jobs" / f"{stage}.py"
-    if not script.is_file():
-        raise config.ConfigError(f"{script} does not exist")
-    cfg_file = Path(config_path).expanduser().resolve()
-    cfg = config.load(_model_for(stage), cfg_file, overrides)
-    if stage == "pipeline":
-        from raylm.pipeline import check
-
-        check(cfg, str(cfg_file))  # every stage's config too
-    try:
-        rel = cfg_file.relative_to(root)
-    except ValueError:
-        raise config.ConfigError(f"the config {cfg_file} must be inside the project ({root}): the project "
-                                 "directory is what is uploaded as the job's working_dir") from None
-    args = [f"jobs/{stage}.py", "--config", str(rel)]
-    for o in overrides:
-        args += ["--set", o]
-    return {
-        "entrypoint": "python " + shlex.join(args),
-        "runtime_env": {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES},
-        "submission_id": f"raylm-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        "metadata": {"raylm_stage": stage, "raylm_config": str(rel)},
-    }
-
-
-def _status(info) -> str:
-    return info.status.value if hasattr(info.status, "value") else str(info.status)
-
-
-def _exit_code(info) -> int:
-    status = _status(info)
-    if status == "SUCCEEDED":
-        return 0
-    code = getattr(info, "driver_exit_code", None)
-    if status == "STOPPED":
-        return 130
-    return code if isinstance(code, int) and code != 0 else 1
-
-
-def follow(client, job_id: str, poll_s: float = 0.5) -> int:
-    """Stream the job's log until it ends; return its exit code. Ray's log stream notices the end
-    of a job 2-3 s late (the dashboard re-reads the log and the job state once a second at
-    several layers), so the job's state is polled alongside: once it is final, the stream is
-    dropped and the rest of the log (what the stream had not sent yet) is printed from the
-    stored log."""
-    sent = 0
-
-    async def tail() -> None:
-        nonlocal sent
-        async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-            sent += len(chunk)
-
-    async def watch() -> bool:
-        """True when the job ended before the stream did."""
-        stream = asyncio.ensure_future(tail())
-        try:
-            while not stream.done():
-                if _status(await asyncio.to_thread(client.get_job_info, job_id)) in TERMINAL:
-                    return True
-                await asyncio.wait([stream], timeout=poll_s)
-            stream.result()  # its error, if it failed
-            return False
-        finally:
-            stream.cancel()
-
-    try:
-        ended_first = asyncio.run(watch())
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. `raylm logs {job_id} --follow` resumes, "
-              f"`raylm stop {job_id}` stops it.", file=sys.stderr)
-        return 130
-    if ended_first:
-        rest = client.get_job_logs(job_id)[sent:]
-        if rest:
-            sys.stdout.write(rest)
-            sys.stdout.flush()
-    while True:
-        info = client.get_job_info(job_id)
-        status = _status(info)
-        if status in TERMINAL:
-            break
-        time.sleep(poll_s)
-    code = _exit_code(info)
-    print(f"\njob {job_id}: {status}" + (f" (exit code {code})" if code else "")
-          + (f": {info.message}" if code and info.message else ""), file=sys.stderr)
-    return code
-
-
-def submit_with_retry(client, sub: dict, wait: float = 90) -> str:
-    """Submit; a cluster that has just started answers "No available agent" until its job agent
-    registers, so wait for it (up to `wait` seconds) instead of failing."""
-    deadline = time.time() + wait
-    while True:
-        try:
-            return client.submit_job(**sub)
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
-                raise ClusterError(f"the Jobs API refused the submission: {str(e).splitlines()[-1]}") from None
-            time.sleep(2)
-
-
 def cmd_submit(a: argparse.Namespace) -> int:
     root = project_root()
     sub = build_submission(a.stage, a.config, a.overrides, root)
@@ -340,7 +196,7 @@ def cmd_logs(a: argparse.Namespace) -> int:
     if a.follow:
         return follow(client, a.job_id)
     sys.stdout.write(client.get_job_logs(a.job_id))
-    return _exit_code(info) if _status(info) in TERMINAL else 0
+    return exit_code(info) if status_of(info) in TERMINAL else 0
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -348,20 +204,20 @@ def cmd_stop(a: argparse.Namespace) -> int:
     client, info = _job(a)
     if info is None:
         return 1
-    if _status(info) in TERMINAL:
-        print(f"job {a.job_id} already ended: {_status(info)}")
+    if status_of(info) in TERMINAL:
+        print(f"job {a.job_id} already ended: {status_of(info)}")
         return 0
     client.stop_job(a.job_id)
     deadline = time.time() + a.timeout
-    while _status(info := client.get_job_info(a.job_id)) not in TERMINAL:
+    while status_of(info := client.get_job_info(a.job_id)) not in TERMINAL:
         if time.time() > deadline:
-            _print_err(f"job {a.job_id} is still {_status(info)} {a.timeout:g} s after the stop request; "
+            _print_err(f"job {a.job_id} is still {status_of(info)} {a.timeout:g} s after the stop request; "
                        f"`raylm status` shows it when it ends")
             return 1
         time.sleep(0.5)
-    print(f"job {a.job_id}: {_status(info)}"
+    print(f"job {a.job_id}: {status_of(info)}"
           + (" (submitting the same train or tune config again resumes from its last checkpoint)"
-             if _status(info) == "STOPPED" else ""))
+             if status_of(info) == "STOPPED" else ""))
     return 0
 
 

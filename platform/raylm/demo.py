@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from raylm import cli, cluster
+from raylm import cli, cluster, jobs_api
 
 PIPELINE = "jobs/configs/pipeline_demo.yaml"
 KEY_NAME = "demo"
@@ -90,7 +90,7 @@ def main() -> int:
     from raylm.pipeline import Ledger, PipelineConfig, ledger_uri
 
     ledger = Ledger(ledger_uri(config.load(PipelineConfig, PIPELINE)))
-    deploy_cfg = config.load(cli._model_for("deploy"), "jobs/configs/deploy_authors.yaml")
+    deploy_cfg = config.load(jobs_api.model_for("deploy"), "jobs/configs/deploy_authors.yaml")
     url = f"http://{deploy_cfg.http.host}:{deploy_cfg.http.port}"
     data = (ledger.entries.get("data") or {}).get("output") or {}
     answer = ask(url, deploy_cfg.models[0].name, key_file, data.get("uri"))

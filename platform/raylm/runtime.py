@@ -112,7 +112,7 @@ def _drop(logger_name: str, words: str) -> None:
 def quiet_ray_packaging() -> None:
     """Ray lists, each time it packs a working_dir or py_module for the cluster, every .gitignore
     file it honours, and warns that it no longer packs .git/ and .venv/ (which raylm never
-    uploads: cli.UPLOAD_EXCLUDES): 12 lines at every `raylm submit` from a checkout, around the
+    uploads: jobs_api.UPLOAD_EXCLUDES): 12 lines at every `raylm submit` from a checkout, around the
     lines that matter (the package's size as it is pushed, the job's id). Those are dropped here;
     Ray's other warnings about what it packs stay."""
     _drop("ray._private.runtime_env.packaging", "Ignoring upload to cluster for these files")
