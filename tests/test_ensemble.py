@@ -244,6 +244,7 @@ def test_boosting_rounds_vote_by_their_error(authors_dataset, capsys):
                                      for ln in started), started
     ended = [ln for ln in out.splitlines() if ln.startswith("[ensemble] trial ") and " ended at step " in ln]
     assert len(ended) == 2 and all(re.search(r": val_loss \d+\.\d{4}; 1 trial\(s\) ended$", ln) for ln in ended), ended
+    assert "Configuration for experiment" not in out and out.count("[ensemble] trial results and checkpoints under") == 2
     alphas = card["ensemble"]["alphas"]
     assert card["ensemble"]["combiner"] == "boosting" and len(alphas) == 2 == len(card["ensemble"]["members"])
     assert all(a >= 0 and math.isfinite(a) for a in alphas)

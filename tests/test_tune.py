@@ -157,6 +157,9 @@ def test_search_algorithm_and_scheduler_return_the_best_config(train_dataset, tm
         assert float(ended[-1][3]) == pytest.approx(summary["best"]["val_loss"], abs=1e-4)
         assert ended[-1][4] == summary["best"]["trial"]
         assert "Trial status" not in out and "Trial run_trial" not in out
+        # nor Tune's box per Tuner; the job says where the trials' results go
+        assert "Configuration for experiment" not in out and "View detailed results" not in out, out[:3000]
+        assert re.search(r"^\[tune\] trial results and checkpoints under \S+/trials$", out, re.M), out[:3000]
     if algorithm == "tpe":  # the base config's own values are evaluated first
         assert summary["default"]["params"] == {"train.lr": 5.0e-3, "train.warmup_steps": 0}
 

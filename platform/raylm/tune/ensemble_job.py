@@ -98,7 +98,7 @@ def train_members(cfg: EnsembleConfig, base: dict[str, Any], train_cfg: TrainCon
                                                  callbacks=[trial_mod.trial_log(
                                                      "ensemble", "val_loss", "min", train_cfg.train.max_steps,
                                                      best=False)]))
-    grid = tuner.fit()
+    grid = trial_mod.fit(tuner, "ensemble", storage.join(root, tag))
     found: dict[str, str] = {}
     for r in grid:
         if r.error or not (r.metrics or {}).get("model"):

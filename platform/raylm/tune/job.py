@@ -302,7 +302,7 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
                                      tags={"raylm.dataset": meta["dataset_id"]}, resume=True)
     tuner, _ = build_tuner(cfg, base, train_cfg, meta, tables, exp_root, tracking.tune_callbacks(tracker))
     try:
-        grid = tuner.fit()
+        grid = trial_mod.fit(tuner, "tune", storage.join(exp_root, "trials"))
     except BaseException:
         tracker.finish(ok=False)
         raise

@@ -14,6 +14,7 @@ bootstrap sample, or a weighted resample for boosting) and trains:
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -135,6 +136,23 @@ def describe(config_: dict[str, Any]) -> str:
         shown = f"[{len(v)} values]" if isinstance(v, (list, tuple)) else f"{v:.4g}" if isinstance(v, float) else v
         parts.append(f"{key}={shown}")
     return " ".join(parts) or "defaults"
+
+
+def fit(tuner: Any, prefix: str, where: str) -> Any:
+    """`tuner.fit()` with Tune's own output off: at verbose=0 Tune's default output engine still
+    prints a 9-line box per Tuner (search algorithm, scheduler and sample count, which the job's
+    first line gives, where results go, and a TensorBoard hint); its legacy engine prints
+    nothing at verbose=0, and `trial_log` says what happens. Says where the results go."""
+    print(f"[{prefix}] trial results and checkpoints under {where}", flush=True)
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tune in fit(), in this process only
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def trial_log(prefix: str, metric: Optional[str] = None, mode: str = "max", max_steps: Optional[int] = None,
