@@ -166,6 +166,16 @@ def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):
             if role in _name(p) or role in " ".join(p.cmdline()):
                 daemons.setdefault(role, p)
     assert set(daemons) == {"log_monitor", "gcs_server", "raylet"}, daemons
+    from raylm.cluster import SERVE_PORT_VARS, haproxy_available
+
+    expected = {k: os.environ.get(k, v) for k, v in RAY_DEFAULTS.items()}
+    if not haproxy_available():  # no HAProxy binary here (macOS): Serve keeps its own proxy
+        expected["RAY_SERVE_ENABLE_HA_PROXY"] = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
     for role, p in daemons.items():
         env = p.environ()
-        assert {k: env.get(k) for k in RAY_DEFAULTS} == {k: os.environ.get(k, v) for k, v in RAY_DEFAULTS.items()}, role
+        assert {k: env.get(k) for k in RAY_DEFAULTS} == expected, role
+    # Serve's HAProxy mode: this cluster's own ports for what Ray fixes (8404, 9101, 8500, 9500),
+    # so a second cluster on the machine serves too
+    env = daemons["raylet"].environ()
+    ports = [int(env[k]) for k in SERVE_PORT_VARS]
+    assert len(set(ports)) == 4 and not set(ports) & {8404, 9101, 8500, 9500}, ports
