@@ -119,7 +119,6 @@ class Client:
             t.join()
         return lat, tokens[0], time.perf_counter() - t0, errors[0]
 
-
     def paired(self, bodies: list[dict], engine, warmup: int = 5) -> tuple[list[float], list[float], int]:
         """Each request through Serve, then the same request in-process, alternately on one
         connection: both sides see the same moment of a machine whose speed drifts."""
@@ -142,9 +141,13 @@ class Client:
 
 
 def serve_mode() -> str:
-    """Ray Serve's ingress and data-plane settings this run's cluster was started with."""
-    on = [k for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED") if os.environ.get(k) == "1"]
-    return "+".join(on) or "defaults"
+    """Ray Serve's ingress and data-plane settings as the cluster's workers see them (the
+    cluster may be a `raylm up` one this process only joined)."""
+    import ray
+
+    keys = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    env = ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in keys}).remote())
+    return "+".join(k for k in keys if env[k] == "1") or "defaults"
 
 
 def direct_latencies(engine, bodies: list[dict]) -> list[float]:

