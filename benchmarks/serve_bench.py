@@ -196,7 +196,9 @@ def main() -> int:
     from ray import serve
 
     gpu = a.device == "cuda"
-    ncpu = int(ray.cluster_resources().get("CPU", 2))
+    # the cores this process (and the Ray it started, which inherits its affinity) may run on:
+    # `taskset -c 0,1 python benchmarks/serve_bench.py` measures on 2 cores of a bigger machine
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = 1 if not gpu else 4  # the replica's torch threads; the in-process baseline uses the same
     torch.set_num_threads(threads)
     kf = str(work / "keys.json")
