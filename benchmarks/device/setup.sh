@@ -1,8 +1,7 @@
 # Source on the lent GPU machine, from the project root, after the bundles are built here:
 #   ../shared/device/pack.sh .device            # Ray, DeepSpeed, pydantic    -> .device/site.tar.xz
 #   benchmarks/device/pack_serve.sh .device     # Serve's HTTP stack, HAProxy -> .device/serve.tar.xz
-#   .device/wheels/*.whl (optional): what else raylm imports there (the dashboard's deps for `raylm up`,
-#   the data steps' ftfy/py3langid/phonenumbers), from `pip download --no-deps --python-version 3.12 ...`
+#   benchmarks/device/pack_extra.sh .device    # the dashboard's and data steps' imports -> .device/wheels
 # Then, in the device command (carry: [".device"]):   . benchmarks/device/setup.sh
 # It unpacks everything into /tmp/site, puts a `ray` command on PATH (the bundle has no console
 # scripts; `raylm up` runs `ray start`), and exports PYTHONPATH for python3 and its subprocesses.
