@@ -120,7 +120,7 @@ def served(ray_session, train_dataset, tmp_path_factory, soak):
             {"name": "lm-int8", "model": "lm@v1", **common, "compression": {"quantize": "int8", "eval_batches": 2}},
             {"name": "author", "model": "author-cls", **common},
             {"name": "tight", "model": "lm@v1", **common, "max_ongoing_requests": 1, "max_queued_requests": 1,
-             "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0}},
+             "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0, "stream_interval_s": 0}},
         ],
     }
     cfg = config.build(DeployConfig, cfg_dict)
@@ -196,6 +196,22 @@ def test_streaming_sse_matches_the_whole_answer(served):
     assert len(text_chunks) >= 2
     assert "".join(e["choices"][0]["text"] for e in text_chunks) == whole
     assert events[-1]["usage"]["completion_tokens"] == 12 or text_chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_batches_of_one_answer_as_batched_ones(served):
+    """A deployment with batches of one (`tight`) skips Serve's batch queue: its answers, whole and
+    streamed, and its errors are those of a batched deployment of the same model (`lm`)."""
+    body = {"prompt": "the queen", "max_tokens": 12, "temperature": 0.9, "seed": 3}
+    want = _post(served, "/v1/completions", {**body, "model": "lm"}).json()["choices"][0]["text"]
+    got = _post(served, "/v1/completions", {**body, "model": "tight"})
+    assert got.status_code == 200 and got.json()["choices"][0]["text"] == want
+    r = _post(served, "/v1/completions", {**body, "model": "tight", "stream": True}, stream=True)
+    lines = [ln.decode() for ln in r.iter_lines() if ln]
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert lines[-1] == "data: [DONE]" and len(chunks) >= 2
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
+    bad = _post(served, "/v1/completions", {"model": "tight", "prompt": [1, 2, 10 ** 9]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_prompt"
 
 
 def test_echo_logprobs_are_the_models_own(served):

@@ -59,6 +59,9 @@ class LMDeployment:
                                max_prompt_tokens=o.get("max_prompt_tokens"))
         self._generate_batch.set_max_batch_size(o["batching"]["max_batch_size"])
         self._generate_batch.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        # Batches of one skip `@serve.batch`'s queue and batching task (a few event-loop turns per
+        # request); one generation at a time all the same, as `@serve.batch` runs its batches
+        self._one_at_a_time = asyncio.Semaphore(1) if o["batching"]["max_batch_size"] == 1 else None
         self.stream_interval_s = o["batching"]["stream_interval_s"]
         _log_loaded(spec, self.engine.compression)
 
@@ -81,11 +84,17 @@ class LMDeployment:
     async def generate(self, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream one request's events (called with `handle.options(stream=True)`); requests
         that arrive together share one batched `generate` call."""
-        async for ev in self._generate_batch(req):
-            yield ev
+        if self._one_at_a_time is None:
+            async for ev in self._generate_batch(req):
+                yield ev
+            return
+        async with self._one_at_a_time:
+            async for out in self._generate_events([req]):
+                if out[0] is StopIteration:
+                    return
+                yield out[0]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, reqs: list[dict[str, Any]]) -> AsyncGenerator[list[Any], None]:
+    async def _generate_events(self, reqs: list[dict[str, Any]]) -> AsyncGenerator[list[Any], None]:
         """Per request: first `{"type": "start", "prompt_tokens", "prompt_ids"}` or `{"type":
         "error"}`, then one `{"type": "delta", ...}` per step with new text, the last one with a
         finish_reason."""
@@ -171,6 +180,12 @@ class LMDeployment:
             yield out
             last = loop.time()
         await task  # re-raises what the generation thread raised
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, reqs: list[dict[str, Any]]) -> AsyncGenerator[list[Any], None]:
+        # (a method of its own: `@serve.batch` finds `self` by the decorated function's name)
+        async for out in self._generate_events(reqs):
+            yield out
 
     async def score(self, prompt_ids: list[list[int]], top: int) -> list[dict[str, Any]]:
         """Prompt-token log-probabilities (OpenAI `echo` + `logprobs`)."""
