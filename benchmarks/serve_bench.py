@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -320,6 +321,7 @@ def main() -> int:
                               "concurrency": out}), flush=True)
     finally:
         serve.delete("bench")
+        shutil.rmtree(work, ignore_errors=True)  # the random-init model and the keys file
     return 0
 
 if __name__ == "__main__":
