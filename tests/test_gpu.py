@@ -14,9 +14,16 @@ pytestmark = pytest.mark.gpu
 GPU = ["train.num_workers=1", "train.use_gpu=true", "train.precision=bf16"]
 
 
-@pytest.mark.parametrize("key", list(STRATEGIES))
+# each strategy, then FSDP2's CPUOffloadPolicy and ZeRO-3's optimizer + parameter offload
+# (DeepSpeedCPUAdam, compiled on first use)
+CASES = {**STRATEGIES, "fsdp-offload": STRATEGIES["fsdp"] + ["train.fsdp.cpu_offload=true"],
+         "zero3-offload": STRATEGIES["zero3"] + ["train.deepspeed.offload_optimizer=true",
+                                                 "train.deepspeed.offload_params=true"]}
+
+
+@pytest.mark.parametrize("key", list(CASES))
 def test_gpu_strategy_trains_in_bf16_and_exports(train_dataset, key):
-    _, card = train_tiny(train_dataset, f"gpu-{key}", STRATEGIES[key] + GPU)
+    _, card = train_tiny(train_dataset, f"gpu-{key}", CASES[key] + GPU)
     curve = [loss for _, loss in card["loss_curve"]]
     assert curve[-1] < curve[0] - 0.3, curve
     check = card["export_check"]
@@ -65,17 +72,3 @@ def test_gpu_serving_engine_matches_hf_and_keeps_per_request_sampling(tmp_path):
     alone = run([sampled])[0]
     together = run([GenRequest(prompt, max_tokens=6, temperature=0), sampled])[1]
     assert alone == together
-
-
-@pytest.mark.parametrize("key,sets", [
-    ("fsdp-offload", STRATEGIES["fsdp"] + ["train.fsdp.cpu_offload=true"]),
-    ("zero3-offload", STRATEGIES["zero3"] + ["train.deepspeed.offload_optimizer=true",
-                                             "train.deepspeed.offload_params=true"]),
-])
-def test_gpu_cpu_offload_trains_and_exports(train_dataset, key, sets):
-    """FSDP2's CPUOffloadPolicy and ZeRO-3's optimizer + parameter offload (DeepSpeedCPUAdam,
-    compiled on first use): the loss goes down and the export gives the trained logits."""
-    _, card = train_tiny(train_dataset, f"gpu-{key}", sets + GPU)
-    curve = [loss for _, loss in card["loss_curve"]]
-    assert curve[-1] < curve[0] - 0.3, curve
-    assert card["export_check"]["max_abs_diff"] <= card["export_check"]["tolerance"]

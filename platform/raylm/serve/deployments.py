@@ -83,7 +83,8 @@ class LMDeployment:
 
     async def generate(self, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream one request's events (called with `handle.options(stream=True)`); requests
-        that arrive together share one batched `generate` call."""
+        that arrive together share one batched `generate` call (with batches of one, each runs
+        alone, in turn)."""
         if self._one_at_a_time is None:
             async for ev in self._generate_batch(req):
                 yield ev
