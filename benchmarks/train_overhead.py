@@ -9,6 +9,10 @@
     python benchmarks/train_overhead.py --device cpu --workers 2 --preset small --seq-len 256 \
         --batch-size 4 --steps 50 --vocab 8192 --strategies ddp,fsdp --rounds 4 --plain-nice 0,15
 
+`--steady-after N` leaves the first N steps out of both sides' steady-state tokens/s (default 5, at
+most a quarter of --steps): a Ray worker's first ~20 steps on CPU run slower than its later ones
+(benchmarks/RESULTS.md, "Step by step"), so `--steps 80 --steady-after 20` measures the steps after.
+
 Prints one JSON line per strategy: steady-state tokens/s (and MFU and peak memory on a GPU)
 through Ray Train, the plain loop's in the same run, and the Ray overhead in percent. The data
 is a synthetic dataset version (uniform random tokens): throughput does not depend on what the
@@ -78,6 +82,8 @@ def train_config(args, data_root: str, key: str, storage: str):
         f"train.log_every={max(1, args.steps // 3)}", f"train.eval_every={10 * args.steps}",
         f"train.checkpoint_every={10 * args.steps}", "train.keep_checkpoints=1",
         f"output.storage={storage}", "output.register_model=false",
+        f"train.steady_warmup_steps={args.steady_after}",
+        *args.set,  # the user's own overrides come last
     ]
     return config.build(TrainConfig, config.apply_overrides({}, sets))
 
@@ -91,6 +97,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     import torch.distributed as dist
 
     from raylm.train import losses, models, strategies
+    from raylm.train.loop import cpu_now, cpu_per_step, steady_warmup
 
     rank, world = args.rank, args.workers
     if int(args.plain_nice):
@@ -116,7 +123,7 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     n_params = models.num_params(model)
     strat = strategies.setup(model, cfg.train, device, losses.model_loss)  # the loop's causal-LM loss
     bs = cfg.train.batch_size
-    warm = max(1, min(5, args.steps // 4))
+    warm = steady_warmup(args.steady_after, args.steps)  # as the Ray Train loop leaves out
 
     def sync() -> None:
         if cuda:
@@ -127,14 +134,14 @@ def plain_loop(args, data_root: str, key: str) -> dict:
     for step in range(args.steps):
         if step == warm:
             sync()
-            t0 = time.time()
+            t0, cpu0 = time.time(), cpu_now()
         i = (step * bs) % (len(data) - bs)
         ids = data[i:i + bs].to(device, non_blocking=True)
         strat.micro_step({"input_ids": ids, "labels": ids}, last=True)  # the loop's batch: labels = inputs
         strat.optimizer_step()
     sync()
     tok_s = (args.steps - warm) * bs * args.seq_len * world / (time.time() - t0)
-    out = {"tokens_per_second": tok_s}
+    out = {"tokens_per_second": tok_s, **cpu_per_step(cpu0, args.steps - warm)}
     if cuda:
         flops = models.flops_per_token(model.config, n_params, args.seq_len)
         out.update(mfu=tok_s / world * flops / models.peak_flops(device),
@@ -144,12 +151,16 @@ def plain_loop(args, data_root: str, key: str) -> dict:
 
 def run_plain(args, data_root: str, key: str, nice: int = 0) -> dict | None:
     """Start one plain process per worker at niceness `nice`; rank 0's figures come back."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+    # the environment raylm gives its training workers (train.worker_env)
+    worker_env = train_config(args, data_root, key, storage="/tmp/unused").train.worker_env
+    env = {**os.environ, **worker_env,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
     port = 29500 + os.getpid() % 1000
     common = ["--data-root", data_root, "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch-size",
               str(args.batch_size), "--steps", str(args.steps), "--vocab", str(args.vocab), "--act-ckpt",
               args.act_ckpt, "--compile", args.compile, "--device", args.device, "--workers", str(args.workers),
-              "--port", str(port), "--plain-nice", str(nice)]
+              "--port", str(port), "--plain-nice", str(nice), "--steady-after", str(args.steady_after),
+              *(f"--set={s}" for s in args.set)]
     procs = [subprocess.Popen([sys.executable, __file__, "--plain", key, "--rank", str(r), *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(args.workers)]
@@ -180,6 +191,13 @@ def main() -> int:
                    help="niceness of the plain processes; a list (0,15) runs one baseline per niceness each round. Ray "
                         "runs its workers at 15, so they yield to every other process (Ray's daemons included): 15 "
                         "compares like for like, 0 is a plain loop as users start it")
+    p.add_argument("--steady-after", type=int, default=5,
+                   help="warm-up steps both sides leave out of their steady-state tokens/s (at most a quarter of "
+                        "--steps; train.steady_warmup_steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training config override for both sides, as `raylm submit --set` takes it (repeatable), "
+                        "e.g. --set 'train.worker_env={MALLOC_ARENA_MAX: \"1\"}'; the plain processes get "
+                        "train.worker_env too")
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop for one strategy
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29500, help=argparse.SUPPRESS)
@@ -197,6 +215,7 @@ def main() -> int:
     data_root = synthetic_dataset(work / "datasets", args.vocab, args.seq_len, blocks)
     from raylm.runtime import init_ray
     from raylm.train.job import dataset_meta, build_trainer
+    from raylm.train.loop import steady_warmup
 
     init_ray()
     import statistics
@@ -232,12 +251,26 @@ def main() -> int:
             "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "precision": "bf16" if args.device == "cuda" else "fp32", "activation_checkpointing": args.act_ckpt,
             "compile": args.compile, "plain_niceness": nices[0], "rounds": len(ray_runs),
+            "steady_after_steps": steady_warmup(args.steady_after, args.steps),
+            **({"set": args.set} if args.set else {}),
             "ray_tokens_per_s": round(ray_tok, 1),
             "baseline_plain_tokens_per_s": round(plain_tok[nices[0]], 1),
             "ray_overhead_pct": round(100 * (1 - ray_tok / plain_tok[nices[0]]), 2),
             "per_round_overhead_pct": [round(100 * (1 - r["steady_tokens_per_second"] / b["tokens_per_second"]), 1)
                                        for r, b in zip(ray_runs, plain_runs[nices[0]])],
         }
+        # CPU seconds a step, rank 0 of each side (process: every thread; thread: the loop's own):
+        # more CPU a step is work Ray adds, a slower step at the same CPU is waiting
+        for what in ("cpu", "thread_cpu"):
+            k = f"steady_{what}_s_per_step"
+            if all(k in r for r in ray_runs):
+                ray_cpu = statistics.median(r[k] for r in ray_runs)
+                plain_cpu = statistics.median(b[k] for b in plain_runs[nices[0]])
+                row[f"ray_{what}_s_per_step"] = round(ray_cpu, 4)
+                row[f"baseline_plain_{what}_s_per_step"] = round(plain_cpu, 4)
+                row[f"ray_extra_{what}_pct"] = round(100 * (ray_cpu / plain_cpu - 1), 2)
+                row[f"per_round_extra_{what}_pct"] = [round(100 * (r[k] / b[k] - 1), 1)
+                                                     for r, b in zip(ray_runs, plain_runs[nices[0]])]
         if len(nices) > 1:  # the same figures against each niceness of the plain loop
             row["by_plain_niceness"] = {
                 str(n): {"baseline_plain_tokens_per_s": round(plain_tok[n], 1),

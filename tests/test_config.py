@@ -166,6 +166,18 @@ def test_train_config_errors_name_the_field():
     assert ok.train.worker_resource_request() == {"trainer": 1, "CPU": 1}
 
 
+def test_worker_env_reaches_the_trainer_whole():
+    from raylm.train.config import TrainConfig
+
+    def env(*sets: str) -> dict:
+        return config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", list(sets)).train.worker_env
+
+    assert env() == {"RAYLM_TEST_WORKER_ENV": "tiny"}
+    assert env("train.worker_env={NCCL_DEBUG: INFO}") == {"NCCL_DEBUG": "INFO"}
+    with pytest.raises(ConfigError, match="train.worker_env"):
+        env("train.worker_env=[1, 2]")
+
+
 # --- property tests: any input gives a valid config or one clear ConfigError --------------------
 
 def _config_kinds():

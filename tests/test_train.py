@@ -48,6 +48,10 @@ def test_strategy_trains_and_exports_a_model_transformers_loads(trained, dataset
     assert card["metrics"]["steps"] == 12 and card["dataset"] == dataset["manifest"]["id"]
     assert card["strategy"] == {"ddp": "ddp", "fsdp": "fsdp", "zero2": "deepspeed-zero2",
                                 "zero3": "deepspeed-zero3"}[key]
+    assert card["worker_env"] == {"RAYLM_TEST_WORKER_ENV": "tiny"}  # train.worker_env reached the workers
+    # the steady-state CPU a step: the loop's thread did work, and its process spent at least that
+    m = out["metrics"]
+    assert 0 < m["steady_thread_cpu_s_per_step"] <= m["steady_cpu_s_per_step"] + 1e-3, m
     # the registered directory loads offline and answers exactly as the trained model did
     path = registry.local_path(card)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32).eval()

@@ -112,6 +112,10 @@ class TrainLoopConfig(Strict):
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="more Ray resources each worker needs, e.g. a custom node resource "
         "({trainer: 1}) to keep workers on nodes that offer it")
+    worker_env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables for every training worker process (Ray Train's "
+        "worker runtime env), e.g. {NCCL_DEBUG: INFO, NCCL_SOCKET_IFNAME: eth0}; recorded in the run's config "
+        "and model card, so not for secrets")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="sequences per worker per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -129,6 +133,10 @@ class TrainLoopConfig(Strict):
         "store before the workers start; stream: Ray Data reads them while training (needs a CPU besides the "
         "workers); auto: memory up to 2 GiB of rows, else stream")
     log_every: int = Field(10, ge=1, description="steps between metric reports and progress lines")
+    steady_warmup_steps: int = Field(5, ge=1, description="first steps the final steady-state figures "
+                                     "(steady_tokens_per_second, steady_mfu, steady_cpu_s_per_step, "
+                                     "steady_thread_cpu_s_per_step) leave out (compilation, the allocator's and "
+                                     "the data pipeline's warm-up); at most a quarter of the run")
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1, description="validation batches per worker per evaluation")
     checkpoint_every: int = Field(50, ge=1)

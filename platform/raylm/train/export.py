@@ -7,6 +7,7 @@ LoRA runs export either merged (a plain model directory, the default) or as the 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +127,8 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
             "resumed_from_step": state.get("resumed_from_step"),
         }.items() if v is not None},
         "loss_curve": state.get("loss_curve", []),
+        # train.worker_env as this (rank 0) worker found it in its environment
+        "worker_env": {k: os.environ.get(k) for k in cfg.train.worker_env},
         "config": cfg.model_dump(mode="json"),
         "run": cfg.name,
     }

@@ -317,6 +317,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": dict(t.worker_env)},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(enable_shard_locality=False),

@@ -46,6 +46,26 @@ def _host_batch(batch: pa.Table, task: str, pin: bool) -> dict[str, torch.Tensor
     return out
 
 
+def steady_warmup(wanted: int, steps: int) -> int:
+    """The first steps the steady-state figures leave out: `wanted`, at most a quarter of the run."""
+    return max(1, min(wanted, steps // 4))
+
+
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds (user + system) so far: this whole process's, and this thread's alone."""
+    return time.process_time(), time.thread_time()
+
+
+def cpu_per_step(since: tuple[float, float], steps: int) -> dict[str, float]:
+    """CPU seconds per step since `since` (`cpu_now()`): the process's (the loop, the collectives'
+    threads and, in a Ray Train worker, Ray's own threads) and the loop's thread alone. Set beside
+    the steady tokens/s, they tell work from waiting: a slower run that spends no more CPU a step
+    waited (for another rank, the data, other processes on its cores)."""
+    process, thread = cpu_now()
+    return {"steady_cpu_s_per_step": (process - since[0]) / steps,
+            "steady_thread_cpu_s_per_step": (thread - since[1]) / steps}
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -249,7 +269,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
 
     start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
     last: dict[str, Any] = dict(state.get("last") or {})  # a run resumed at its end still reports them
-    warm_steps = max(1, min(5, (t.max_steps - start_step) // 4))
+    warm_steps = steady_warmup(t.steady_warmup_steps, t.max_steps - start_step)
     steady_t0 = None
     stop_early = False
     while state["step"] < t.max_steps and not stop_early:
@@ -262,7 +282,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         if state["step"] - start_step == warm_steps:  # steady-state throughput excludes warm-up steps
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            steady_t0 = time.time()
+            steady_t0, steady_cpu0 = time.time(), cpu_now()
         state["tokens"] += tokens_per_step
         step = state["step"]
 
@@ -326,6 +346,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
             torch.cuda.synchronize(device)
         steady = (state["step"] - start_step - warm_steps) * tokens_per_step / (time.time() - steady_t0)
         last["steady_tokens_per_second"] = steady
+        last.update(cpu_per_step(steady_cpu0, state["step"] - start_step - warm_steps))
         if peak:
             last["steady_mfu"] = steady / world * flops_tok / peak
     if device.type == "cuda":
