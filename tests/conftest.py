@@ -71,6 +71,7 @@ def raylm_cluster():
     leftover = cluster._session_procs(state.session_id) + (cluster._session_procs(prometheus) if prometheus else [])
     assert not leftover, f"`raylm down` left processes running: {[p.pid for p in leftover]}"
     assert not (Path(state.temp_dir) / "ray_current_cluster").exists()
+    assert state.haproxy_dir and not Path(state.haproxy_dir).exists()  # `down` removed Serve's HAProxy files
 
 
 @pytest.fixture(scope="session")

@@ -379,6 +379,38 @@ def test_unknown_routes_and_methods_are_json(served):
     assert h.status_code == 200 and set(h.json()["models"].values()) == {"ready"}
 
 
+def test_haproxys_admin_socket_is_only_this_users(served, ray_session):
+    """In Serve's HAProxy mode, HAProxy's admin socket (mode 666, `level admin`: it can re-point
+    the app's backends) and its other files live in the cluster's own directory (mode 0700), not
+    in Ray's default /tmp/haproxy-serve, which every user of the machine can enter."""
+    import socket as socket_mod
+    import stat
+
+    from raylm.cluster import haproxy_available
+
+    if not haproxy_available():
+        pytest.skip("no HAProxy binary here: Serve runs its own proxy")
+    import ray
+
+    d = Path(ray_session.haproxy_dir)
+    mode = d.stat()
+    assert mode.st_uid == os.getuid() and stat.S_IMODE(mode.st_mode) == 0o700, oct(mode.st_mode)
+    node = ray.get_runtime_context().get_node_id()
+    sock = d / node / "admin.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    # the HAProxy serving this app answers on it
+    with socket_mod.socket(socket_mod.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(b"show info\n")
+        info = b""
+        while chunk := s.recv(65536):
+            info += chunk
+    assert b"Name: HAProxy" in info, info[:200]
+    assert not (Path("/tmp/haproxy-serve") / node).exists()  # nothing of this cluster's there
+    assert requests.get(served["base"] + "/healthz", timeout=30).status_code == 200
+
+
 def test_rate_limit_per_key(served):
     body = {"model": "lm", "prompt": "x", "max_tokens": 1}
     codes = [_post(served, "/v1/completions", body, key="slow") for _ in range(5)]

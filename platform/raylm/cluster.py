@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class ClusterState:
     started_at: float
     prometheus_url: Optional[str] = None  # `raylm up --metrics`
     prometheus_session: Optional[int] = None
+    haproxy_dir: Optional[str] = None  # Serve's HAProxy files and sockets (private_haproxy_dir)
 
     @classmethod
     def load(cls, state_dir: Path) -> Optional["ClusterState"]:
@@ -95,9 +97,10 @@ def read_token(path: Path | str) -> str:
     return Path(path).read_text().strip()
 
 
-def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
+def cluster_env(state_dir: Path, token_path: Path, haproxy_dir: Optional[Path] = None) -> dict[str, str]:
     """Environment for Ray processes and clients of this cluster: token auth on, our token,
-    our state dir, and this Python's bin dir first on PATH (so a job's `python` is ours)."""
+    our state dir, and this Python's bin dir first on PATH (so a job's `python` is ours);
+    `haproxy_dir` (`private_haproxy_dir()`) for a cluster's daemons."""
     env = dict(os.environ)
     env.update(
         RAY_AUTH_MODE="token",
@@ -107,7 +110,7 @@ def cluster_env(state_dir: Path, token_path: Path) -> dict[str, str]:
     )
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
     env.pop("RAY_ADDRESS", None)
-    for k, v in one_machine_defaults().items():
+    for k, v in one_machine_defaults(haproxy_dir).items():
         env.setdefault(k, v)
     return env
 
@@ -166,15 +169,39 @@ def haproxy_available() -> bool:
         return shutil.which("haproxy") is not None
 
 
-def one_machine_defaults() -> dict[str, str]:
+# Where Serve's HAProxy mode keeps its files. Ray's defaults put them in /tmp/haproxy-serve/, which
+# any user of the machine can enter, with HAProxy's admin socket at mode 666 and `level admin`: any
+# local user could connect and re-point the app's backends at a server of their own (`set server
+# ... addr`), and read every request with its API key. A cluster raylm starts keeps them in a
+# directory of its own that only its user can enter.
+HAPROXY_PATH_VARS = {
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+}
+
+
+def private_haproxy_dir() -> Path:
+    """A new directory (mode 0700) for one cluster's HAProxy files. It is short on purpose: Ray
+    adds the node's id (56 characters) and a socket's name, and a Unix socket's path must stay
+    under 108 bytes, which a directory inside a deep $RAYLM_HOME would pass."""
+    return Path(tempfile.mkdtemp(prefix="raylm-haproxy-"))
+
+
+def one_machine_defaults(haproxy_dir: Optional[Path] = None) -> dict[str, str]:
     """RAY_DEFAULTS for a cluster on this one machine (`raylm up`, a job's throwaway local Ray):
-    free ports for Serve's HAProxy mode, and a short drain for ingress replicas. Ray keeps a
+    free ports for Serve's HAProxy mode, its files in `haproxy_dir` (`private_haproxy_dir()`),
+    and a short drain for ingress replicas. Ray keeps a
     stopping ingress replica reachable 30 s so that HAProxy on every node has dropped it; here
     the one HAProxy reloads within a second, and `raylm undeploy`, a redeploy or a test's
     teardown need not wait 30 s. Without an HAProxy binary Serve keeps its Python proxy."""
     env = dict(RAY_DEFAULTS)
     if not haproxy_available():
         env.pop("RAY_SERVE_ENABLE_HA_PROXY")
+    elif haproxy_dir is not None:
+        env.update({k: str(haproxy_dir / name) if name else str(haproxy_dir) for k, name in HAPROXY_PATH_VARS.items()})
     env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
     for k in SERVE_PORT_VARS:
         env[k] = str(free_port())
@@ -283,6 +310,8 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
             current.prometheus_url, current.prometheus_session = prom.url, prom.session_id
             current.save(state_dir)
         return current
+    if current and current.haproxy_dir:  # a cluster that ended without `raylm down`
+        shutil.rmtree(current.haproxy_dir, ignore_errors=True)
     prom = start_prometheus(state_dir, metrics_port, metrics_interval_s) if metrics else None
     token_path = ensure_token(state_dir)
     temp_dir = state_dir / "ray"
@@ -304,8 +333,9 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log = state_dir / "ray-start.log"
+    haproxy_dir = private_haproxy_dir()
     with open(log, "w") as out:
-        env = cluster_env(state_dir, token_path)
+        env = cluster_env(state_dir, token_path, haproxy_dir)
         if prom:  # the dashboard's metrics pages read from it
             env["RAY_PROMETHEUS_HOST"] = prom.url
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -315,10 +345,12 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_session(sid)
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
             raise ClusterError(f"`ray start` did not finish in {timeout:.0f}s; see {log}")
     if rc != 0:
         _stop_session(sid)
         stop_prometheus(prom.session_id if prom else None)
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         hint = ""
         if "already" in tail.lower() or "in use" in tail.lower():
@@ -328,6 +360,7 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
         session_id=sid, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         temp_dir=str(temp_dir), token_path=str(token_path), num_cpus=num_cpus, started_at=time.time(),
         prometheus_url=prom.url if prom else None, prometheus_session=prom.session_id if prom else None,
+        haproxy_dir=str(haproxy_dir),
     )
     state.save(state_dir)
     _wait_dashboard(state, timeout=timeout)
@@ -389,6 +422,8 @@ def down(state_dir: Optional[Path] = None) -> int:
     if state is None:
         return 0
     n = _stop_session(state.session_id) + stop_prometheus(state.prometheus_session)
+    if state.haproxy_dir:
+        shutil.rmtree(state.haproxy_dir, ignore_errors=True)
     (state_dir / "cluster.json").unlink(missing_ok=True)
     (Path(state.temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
     return n

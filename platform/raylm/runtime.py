@@ -6,9 +6,11 @@ jobs/*.py script, before anything imports Ray; `init_ray()` then connects.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -68,7 +70,9 @@ def init_ray(job: bool = True) -> None:
     elif not address:
         print("[raylm] no cluster found (no RAY_ADDRESS, no `raylm up`): starting a local Ray for this run",
               flush=True)
-        for k, v in cluster.one_machine_defaults().items():  # its daemons read them: as `raylm up` sets them
+        haproxy_dir = cluster.private_haproxy_dir()
+        atexit.register(shutil.rmtree, haproxy_dir, ignore_errors=True)  # after Ray's own shutdown (registered later)
+        for k, v in cluster.one_machine_defaults(haproxy_dir).items():  # its daemons read them: as `raylm up` sets them
             os.environ.setdefault(k, v)
     import raylm
 
