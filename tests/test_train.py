@@ -116,8 +116,10 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
     assert resumed and resumed[0] >= last_seen, again.stdout[-3000:]
     assert again.stdout.count(f"[train] step {end}/{end} ") == 1  # once: Ray Train's print patch is off
     assert "step 1/" not in again.stdout  # it did not start over
-    # the log holds the loop's progress lines, not Ray Train's line per report nor transformers' bars
+    # the log holds the loop's progress lines, not Ray Train's line per report or per checkpoint and
+    # rank, nor transformers' bars
     assert "Reporting training result" not in again.stdout and "Writing model shards" not in again.stdout
+    assert "checkpoint saved at step" in again.stdout and "Checkpoint successfully created" not in again.stdout
     # MLflow saw both jobs as one run: the losses before the stop and after the resume, the model card
     from mlflow import MlflowClient
 

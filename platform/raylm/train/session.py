@@ -52,15 +52,19 @@ def set_ray_train_env() -> None:
 def quiet_report_log() -> None:
     """Ray Train V2 logs every `ray.train.report` at INFO, from every rank, with the whole
     metrics dict ("Reporting training result 12: TrainingReport(checkpoint=None, metrics={...})
-    from rank 3"): one long line per worker per report in the job's output, beside the loop's own
-    progress line. Its logger (named after the module's file) goes to WARNING in this worker."""
+    from rank 3"), and every checkpoint's upload from every rank ("Checkpoint successfully created
+    at: Checkpoint(filesystem=local, path=...)"): long lines per worker in the job's output, beside
+    the loop's own progress line and its "checkpoint saved at step N". Their loggers (named after
+    the modules' files) go to WARNING in this worker."""
     import logging
 
     try:
         from ray.train.v2._internal.execution import context as v2_context
+        from ray.train.v2._internal.execution import storage as v2_storage
     except ImportError:  # another Ray Train: nothing to quiet
         return
-    v2_context.logger.setLevel(logging.WARNING)
+    for module in (v2_context, v2_storage):
+        module.logger.setLevel(logging.WARNING)
 
 
 @contextmanager
