@@ -135,7 +135,7 @@ class TrainLoopConfig(Strict):
     log_every: int = Field(10, ge=1, description="steps between metric reports and progress lines")
     steady_warmup_steps: int = Field(5, ge=1, description="first steps the final steady-state figures "
                                      "(steady_tokens_per_second, steady_mfu, steady_cpu_s_per_step, "
-                                     "steady_thread_cpu_s_per_step) leave out (compilation, the allocator's and "
+                                     "steady_thread_cpu_s_per_step, steady_thread_page_faults_per_step) leave out (compilation, the allocator's and "
                                      "the data pipeline's warm-up); at most a quarter of the run")
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1, description="validation batches per worker per evaluation")
