@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raylm.cluster import free_port  # noqa: F401 - the tests' ports come from the same source as raylm up's
 
 WORDS = ("the king queen crown sword night day love death honour battle field ship sea storm "
          "fool jest wine song letter ring forest duke lord lady ghost castle heaven earth").split()
@@ -52,12 +53,6 @@ def small_config(data_root: Path, sources: list[dict], **extra) -> dict:
     }
     cfg.update(extra)
     return cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SECRETS: list[str] = []  # every API key a test issued: tests/test_security.py looks for them in logs

@@ -155,6 +155,20 @@ def test_down_without_a_cluster_says_so(tmp_path):
     assert proc.returncode == 1 and "no cluster to ask" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_free_ports_are_never_handed_out_twice():
+    """A cluster takes nine free ports at once; the kernel can give one free port to two binds in
+    a row (here: 3 repeats in 300 plain binds), which once gave the demo's Serve fallback proxy the
+    dashboard agent's port."""
+    import socket
+
+    from raylm.cluster import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as s:  # and what it hands out is free
+        s.bind(("127.0.0.1", ports[-1]))
+
+
 def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):
     """The daemons `raylm up` starts run with `cluster.RAY_DEFAULTS` (the log monitor lists the
     log directory once a second, the agent scans events every 10 s) unless the user set them."""

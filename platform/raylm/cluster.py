@@ -208,10 +208,21 @@ def one_machine_defaults(haproxy_dir: Optional[Path] = None) -> dict[str, str]:
     return env
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now that this process has not handed out before. The kernel can
+    give the same free port to two binds in a row (3 repeats in 300 calls here), and a cluster
+    takes nine at once (`raylm up`'s agent and Serve ports): `make demo` once failed to deploy
+    because its fallback proxy had been given the dashboard agent's port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def ray_exe() -> str:
@@ -310,6 +321,7 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
             current.prometheus_url, current.prometheus_session = prom.url, prom.session_id
             current.save(state_dir)
         return current
+    _HANDED_OUT.update((port, dashboard_port))  # the free ports picked below must differ from these
     if current and current.haproxy_dir:  # a cluster that ended without `raylm down`
         shutil.rmtree(current.haproxy_dir, ignore_errors=True)
     prom = start_prometheus(state_dir, metrics_port, metrics_interval_s) if metrics else None

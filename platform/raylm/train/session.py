@@ -54,17 +54,18 @@ def quiet_report_log() -> None:
     metrics dict ("Reporting training result 12: TrainingReport(checkpoint=None, metrics={...})
     from rank 3"), and every checkpoint's upload from every rank ("Checkpoint successfully created
     at: Checkpoint(filesystem=local, path=...)"): long lines per worker in the job's output, beside
-    the loop's own progress line and its "checkpoint saved at step N". Their loggers (named after
-    the modules' files) go to WARNING in this worker."""
+    the loop's own progress line and its "checkpoint saved at step N". A Tune trial's checkpoints
+    log the same line through Ray Train's older storage module. Their loggers (named after the
+    modules' files) go to WARNING in this process."""
+    import importlib
     import logging
 
-    try:
-        from ray.train.v2._internal.execution import context as v2_context
-        from ray.train.v2._internal.execution import storage as v2_storage
-    except ImportError:  # another Ray Train: nothing to quiet
-        return
-    for module in (v2_context, v2_storage):
-        module.logger.setLevel(logging.WARNING)
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage",
+                 "ray.train._internal.storage"):
+        try:
+            importlib.import_module(name).logger.setLevel(logging.WARNING)
+        except (ImportError, AttributeError):  # another Ray: nothing to quiet there
+            continue
 
 
 @contextmanager
@@ -206,6 +207,7 @@ class LocalSession:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tables = tables
         self.min_report_interval_s = 0.0  # ray.tune.report in the trial's own process: every report goes
+        quiet_report_log()
 
     def resume_dir(self):
         from ray import tune
