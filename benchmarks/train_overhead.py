@@ -264,12 +264,12 @@ def main() -> int:
         for what in ("cpu", "thread_cpu", "thread_page_faults"):
             k = f"steady_{what}_per_step" if what.endswith("faults") else f"steady_{what}_s_per_step"
             if all(k in r for r in ray_runs):
-                ray_cpu = statistics.median(r[k] for r in ray_runs)
-                plain_cpu = statistics.median(b[k] for b in plain_runs[nices[0]])
-                row[k.replace("steady_", "ray_")] = round(ray_cpu, 4)
-                row[k.replace("steady_", "baseline_plain_")] = round(plain_cpu, 4)
-                if plain_cpu:  # (faults can be 0: glibc tunables that keep freed memory)
-                    row[f"ray_extra_{what}_pct"] = round(100 * (ray_cpu / plain_cpu - 1), 2)
+                ray_v = statistics.median(r[k] for r in ray_runs)
+                plain_v = statistics.median(b[k] for b in plain_runs[nices[0]])
+                row[k.replace("steady_", "ray_")] = round(ray_v, 4)
+                row[k.replace("steady_", "baseline_plain_")] = round(plain_v, 4)
+                if plain_v:  # (faults can be 0: glibc tunables that keep freed memory)
+                    row[f"ray_extra_{what}_pct"] = round(100 * (ray_v / plain_v - 1), 2)
                     row[f"per_round_extra_{what}_pct"] = [round(100 * (r[k] / b[k] - 1), 1) if b[k] else None
                                                          for r, b in zip(ray_runs, plain_runs[nices[0]])]
         if len(nices) > 1:  # the same figures against each niceness of the plain loop

@@ -49,7 +49,7 @@ def set_ray_train_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def quiet_report_log() -> None:
+def quiet_ray_train_logs() -> None:
     """Ray Train V2 logs every `ray.train.report` at INFO, from every rank, with the whole
     metrics dict ("Reporting training result 12: TrainingReport(checkpoint=None, metrics={...})
     from rank 3"), and every checkpoint's upload from every rank ("Checkpoint successfully created
@@ -141,7 +141,7 @@ class TrainSession:
         import ray.train
         import ray.train.torch
 
-        quiet_report_log()
+        quiet_ray_train_logs()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -207,7 +207,7 @@ class LocalSession:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tables = tables
         self.min_report_interval_s = 0.0  # ray.tune.report in the trial's own process: every report goes
-        quiet_report_log()
+        quiet_ray_train_logs()
 
     def resume_dir(self):
         from ray import tune
