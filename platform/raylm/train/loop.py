@@ -15,7 +15,7 @@ import math
 import resource
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -52,23 +52,25 @@ def steady_warmup(wanted: int, steps: int) -> int:
     return max(1, min(wanted, steps // 4))
 
 
-def cpu_now() -> tuple[float, float, int]:
+def cpu_now() -> tuple[float, float, Optional[int]]:
     """CPU seconds (user + system) so far, this whole process's and this thread's alone, and this
-    thread's minor page faults (0 where the OS does not count them per thread)."""
-    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt if hasattr(resource, "RUSAGE_THREAD") else 0
+    thread's minor page faults (None where the OS does not count them per thread: macOS)."""
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt if hasattr(resource, "RUSAGE_THREAD") else None
     return time.process_time(), time.thread_time(), faults
 
 
-def cpu_per_step(since: tuple[float, float, int], steps: int) -> dict[str, float]:
+def cpu_per_step(since: tuple[float, float, Optional[int]], steps: int) -> dict[str, float]:
     """Per step since `since` (`cpu_now()`): CPU seconds of the process (the loop, the collectives'
     threads and, in a Ray Train worker, Ray's own threads) and of the loop's thread alone, and the
     loop thread's minor page faults. Set beside the steady tokens/s, they tell work from waiting:
     a slower run that spends no more CPU a step waited (for another rank, the data, other processes
     on its cores); faults are the memory the allocator gave back to the OS and took again."""
     process, thread, faults = cpu_now()
-    return {"steady_cpu_s_per_step": (process - since[0]) / steps,
-            "steady_thread_cpu_s_per_step": (thread - since[1]) / steps,
-            "steady_thread_page_faults_per_step": (faults - since[2]) / steps}
+    out = {"steady_cpu_s_per_step": (process - since[0]) / steps,
+           "steady_thread_cpu_s_per_step": (thread - since[1]) / steps}
+    if faults is not None:
+        out["steady_thread_page_faults_per_step"] = (faults - since[2]) / steps
+    return out
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
