@@ -110,6 +110,30 @@ def test_a_job_whose_work_cannot_start_says_what_holds_the_cluster(raylm_cluster
     assert "will hang" not in logs and "is deprecated" not in logs, logs[-3000:]
 
 
+def test_the_wait_watch_never_brings_ray_back_after_the_driver_shut_it_down(raylm_cluster):
+    """The watch looks at the cluster every few seconds from a thread of the driver. A look after
+    the driver has shut Ray down used to start Ray again (every public Ray API connects or starts
+    one when none is connected): a job on its own local Ray started a whole second one as it
+    exited. Here a driver starts the watch, looks a few times, shuts Ray down and waits."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / 'platform')!r})
+import ray
+from raylm import waiting
+ray.init(address={raylm_cluster.gcs_address!r}, log_to_driver=False)
+watch = waiting.start(ray.get_runtime_context().get_job_id())
+time.sleep(1.5)  # three looks (every 0.5 s at this notice time)
+ray.shutdown()
+time.sleep(2)
+print("connected after shutdown:", ray.is_initialized())
+"""
+    env = dict(os.environ, RAYLM_WAIT_NOTICE_S="1", RAY_ADDRESS=raylm_cluster.gcs_address)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "connected after shutdown: False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "SIGTERM handler is not set" not in proc.stderr  # ray.init called from the watch's thread
+
+
 def test_exit_code_follows_the_job(raylm_cluster):
     proc = run_cli("submit", "prepare_data", "--config", "tests/data/tiny.yaml",
                    "--set", "sources.0.uri=tests/data/missing.jsonl")

@@ -204,6 +204,34 @@ def test_hyperband_keeps_only_brackets_that_can_stop_a_trial_early():
     assert hyperband_brackets(10, 3, 10) == 1  # nothing can stop early: plain ASHA's one bracket
 
 
+def test_a_stopped_trials_thread_finishes_before_its_process_exits(tmp_path):
+    """Tune stops a trial by raising SystemExit in its (daemon) thread and ends the process without
+    waiting for it; a thread still freeing its tensors when the interpreter finalizes is killed
+    inside torch's C++ destructor and the process aborts (SIGABRT in the demo's tune stage). The
+    trial thread's process now waits for it: here the "freeing" outlives the main thread, which
+    returns as soon as it has told the thread to stop, as Tune's cleanup does."""
+    done = tmp_path / "freed"
+    script = f"""
+import sys, threading, time
+sys.path.insert(0, {str(ROOT / 'platform')!r})
+from raylm.tune.trial import finish_before_exit
+
+stop = threading.Event()
+
+def trial():
+    finish_before_exit()
+    stop.wait()
+    time.sleep(0.5)  # unwinding: the model, optimizer and batches being freed
+    open({str(done)!r}, "w").close()
+
+threading.Thread(target=trial, daemon=True).start()
+time.sleep(0.1)
+stop.set()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert done.exists(), "the process exited while its trial thread was still unwinding"
+
 def test_bad_search_configs_fail_with_one_clear_message(train_dataset, tmp_path):
     from raylm.tune.job import base_train_dict, check
 

@@ -21,6 +21,7 @@ controller, not of the job, and `serve.run` waits for them without a word in the
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import threading
@@ -65,8 +66,12 @@ class ResourceWatch(threading.Thread):
         print(line, flush=True)
 
     def run(self) -> None:
+        import ray
+
         failures = 0
         while failures < 3 and not self.done.wait(self.poll_s):  # 3 failures: no state API (for us)
+            if not ray.is_initialized():  # the driver has shut Ray down: Ray's APIs would start a new one
+                return
             try:
                 self.tick(time.monotonic())
                 failures = 0
@@ -228,4 +233,15 @@ def start(job_id: str, app: Optional[str] = None) -> Optional[ResourceWatch]:
     repeat_s = float(os.environ.get(REPEAT_ENV, 120))
     watch = ResourceWatch(job_id, notice_s, repeat_s) if app is None else ReplicaWatch(app, job_id, notice_s, repeat_s)
     watch.start()
+    atexit.register(_stop, watch)  # runs before Ray's own atexit shutdown (registered at import)
     return watch
+
+
+def _stop(watch: ResourceWatch, timeout_s: float = 2.0) -> None:
+    """Stop a watch at the driver's exit, before Ray shuts down. A look in progress then would
+    call Ray after its shutdown, and `ray.get_runtime_context()` (like every public Ray API)
+    starts a new Ray when none is connected: a job on its own local Ray started a second one on
+    its way out."""
+    watch.done.set()
+    if watch is not threading.current_thread():
+        watch.join(timeout_s)

@@ -13,8 +13,12 @@ bootstrap sample, or a weighted resample for boosting) and trains:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import threading
+import time
+import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -85,6 +89,38 @@ def resources(train_cfg) -> dict[str, float]:
     return t.worker_resource_request()
 
 
+_TRIAL_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+_AT_EXIT = threading.Lock()
+_registered = False
+EXIT_WAIT_S = 10.0
+
+
+def _join_trial_threads(timeout_s: float = EXIT_WAIT_S) -> None:
+    """atexit: wait (at most `timeout_s` in all) for the trial threads of this process to end."""
+    deadline = time.monotonic() + timeout_s
+    for thread in list(_TRIAL_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def finish_before_exit() -> None:
+    """Make this process wait for the calling thread (a trial's) before it finalizes.
+
+    Tune runs a function trial in a daemon thread and stops it (an early stop by ASHA, the
+    search's end) by raising SystemExit at its next report, then ends the actor without waiting
+    for the thread. If the process starts finalizing while that thread still frees the trial's
+    tensors, CPython ends the thread inside torch's C++ destructor and the whole process aborts
+    (SIGABRT, ~55 lines of stack in the job log; seen once in the demo's tune stage). atexit
+    handlers run before the interpreter starts finalizing, so joining the thread there lets it
+    finish freeing first (bounded: a thread stuck elsewhere does not hold the exit up for long)."""
+    global _registered
+    with _AT_EXIT:
+        if not _registered:
+            atexit.register(_join_trial_threads)
+            _registered = True
+    _TRIAL_THREADS.add(threading.current_thread())
+
+
 def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any],
               name: str, registry: str, runs: str) -> None:
     """The Tune trainable (a function): train one configuration on its rows. `config_` holds
@@ -98,6 +134,7 @@ def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, 
     from raylm.train.loop import train_loop
     from raylm.train.session import LocalSession
 
+    finish_before_exit()
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{name[:40]}-{trial_id}"
     fixed = {"name": run_name, "output.registry": registry, "output.storage": runs, "output.register_model": True}
