@@ -104,15 +104,16 @@ def _join_trial_threads(timeout_s: float = EXIT_WAIT_S) -> None:
 
 
 def finish_before_exit() -> None:
-    """Make this process wait for the calling thread (a trial's) before it finalizes.
+    """Make this process wait for the calling thread (a trial's, on its way out) before it finalizes.
 
-    Tune runs a function trial in a daemon thread and stops it (an early stop by ASHA, the
-    search's end) by raising SystemExit at its next report, then ends the actor without waiting
-    for the thread. If the process starts finalizing while that thread still frees the trial's
-    tensors, CPython ends the thread inside torch's C++ destructor and the whole process aborts
-    (SIGABRT, ~55 lines of stack in the job log; seen once in the demo's tune stage). atexit
-    handlers run before the interpreter starts finalizing, so joining the thread there lets it
-    finish freeing first (bounded: a thread stuck elsewhere does not hold the exit up for long)."""
+    Tune runs a function trial in a daemon thread and stops it (an early stop by ASHA, a trial
+    at the scheduler's last step) by raising SystemExit at its next report, then ends the actor
+    without waiting for the thread. If the process starts finalizing while that thread still
+    frees the trial's tensors (the exception's frames hold them until Ray's thread wrapper drops
+    it), CPython ends the thread inside torch's C++ destructor and the whole process aborts
+    (SIGABRT, ~55 lines of stack in the job log; seen in the demo's tune stage). atexit handlers
+    run before the interpreter starts finalizing, so joining the thread there lets it finish
+    first; at most EXIT_WAIT_S, and only threads that are leaving (see run_trial) are joined."""
     global _registered
     with _AT_EXIT:
         if not _registered:
@@ -126,6 +127,15 @@ def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, 
     """The Tune trainable (a function): train one configuration on its rows. `config_` holds
     `params` (dotted train fields) and `rows` (see select_rows), at the top level (a search) or
     under `member` (an ensemble member)."""
+    try:
+        _train(config_, base=base, meta=meta, tables=tables, name=name, registry=registry, runs=runs)
+    except BaseException:  # Tune's stop (SystemExit) or an error: the frames it holds are freed after this
+        finish_before_exit()
+        raise
+
+
+def _train(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any],
+           name: str, registry: str, runs: str) -> None:
     import ray
     import torch
     from ray import tune
@@ -134,7 +144,6 @@ def run_trial(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, 
     from raylm.train.loop import train_loop
     from raylm.train.session import LocalSession
 
-    finish_before_exit()
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{name[:40]}-{trial_id}"
     fixed = {"name": run_name, "output.registry": registry, "output.storage": runs, "output.register_model": True}
