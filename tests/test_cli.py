@@ -193,6 +193,43 @@ def test_free_ports_are_never_handed_out_twice():
         s.bind(("127.0.0.1", ports[-1]))
 
 
+def test_no_process_is_given_a_port_the_cluster_was_given(raylm_cluster, tmp_path):
+    """`raylm up` gives Serve ports that stay unbound until Serve starts, maybe minutes later; a
+    process beside the cluster (a test run, a second `up`) must not be handed one meanwhile. The
+    session's cluster recorded all eleven; then a cluster state listing 500 ports that were just
+    free, and 500 free ports asked for in another process with that state: none of them (the
+    kernel alone repeated 14 in a try here)."""
+    import socket
+
+    from raylm.cluster import SERVE_PORT_VARS, ClusterState, _name, _session_procs
+
+    state = ClusterState.load(cluster.home())
+    assert len(set(state.ports)) == 11, state.ports  # GCS, dashboard, 5 of Ray's agents, 4 of Serve's
+    assert int(raylm_cluster.gcs_address.rsplit(":", 1)[1]) in state.ports
+    assert int(raylm_cluster.dashboard_url.rsplit(":", 1)[1]) in state.ports
+    raylet = next(p for p in _session_procs(raylm_cluster.session_id) if "raylet" in _name(p))
+    assert {int(raylet.environ()[k]) for k in SERVE_PORT_VARS} <= set(state.ports)
+
+    socks = []
+    for _ in range(500):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    reserved = sorted(s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    home = tmp_path / "home"
+    home.mkdir()
+    ClusterState(session_id=0, gcs_address="127.0.0.1:1", dashboard_url="http://127.0.0.1:2", temp_dir=str(tmp_path),
+                 token_path=str(tmp_path / "t"), num_cpus=None, started_at=0.0, ports=reserved).save(home)
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from raylm.cluster import free_port; "
+              "print(json.dumps([free_port() for _ in range(500)]))")
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "platform")], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, RAYLM_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    handed = json.loads(proc.stdout)
+    assert len(handed) == 500 and not set(handed) & set(reserved)
+
 def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):
     """The daemons `raylm up` starts run with `cluster.RAY_DEFAULTS` (the log monitor lists the
     log directory once a second, the agent scans events every 10 s) unless the user set them."""

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +48,9 @@ class ClusterState:
     prometheus_url: Optional[str] = None  # `raylm up --metrics`
     prometheus_session: Optional[int] = None
     haproxy_dir: Optional[str] = None  # Serve's HAProxy files and sockets (private_haproxy_dir)
+    # Every port `up` gave the cluster. Serve's are bound only when Serve starts, maybe minutes
+    # later: free_port() in any process (a test run, a second `up`) skips them meanwhile.
+    ports: list[int] = field(default_factory=list)
 
     @classmethod
     def load(cls, state_dir: Path) -> Optional["ClusterState"]:
@@ -211,16 +214,29 @@ def one_machine_defaults(haproxy_dir: Optional[Path] = None) -> dict[str, str]:
 _HANDED_OUT: set[int] = set()
 
 
+def _cluster_ports() -> set[int]:
+    """The ports the cluster of this RAYLM_HOME was given (none when there is no readable state)."""
+    try:
+        state = ClusterState.load(home())
+    except (OSError, ValueError, TypeError):
+        return set()
+    return set(state.ports) if state else set()
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 now that this process has not handed out before. The kernel can
-    give the same free port to two binds in a row (3 repeats in 300 calls here), and a cluster
-    takes nine at once (`raylm up`'s agent and Serve ports): `make demo` once failed to deploy
-    because its fallback proxy had been given the dashboard agent's port."""
+    """A port free on 127.0.0.1 now that this process has not handed out before and that the
+    cluster of this RAYLM_HOME was not given. The kernel can give the same free port to two binds
+    in a row (3 repeats in 300 calls here), and a cluster takes nine at once (`raylm up`'s agent
+    and Serve ports): `make demo` once failed to deploy because its fallback proxy had been given
+    the dashboard agent's port. Serve's ports stay unbound until Serve starts, so another process
+    (a test run beside the cluster) could be given one of them meanwhile: it reads them from the
+    cluster's state file."""
+    taken = _HANDED_OUT | _cluster_ports()
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if port not in taken:
             _HANDED_OUT.add(port)
             return port
 
@@ -339,9 +355,11 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
     ]
     # Ray's internal ports get free ones, so this cluster starts even beside another Ray
     # (whose dashboard agent would otherwise hold 52365 and leave this one without a job agent).
+    given = [port, dashboard_port]
     for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                  "--runtime-env-agent-port", "--ray-client-server-port"):
-        cmd.append(f"{flag}={free_port()}")
+        given.append(free_port())
+        cmd.append(f"{flag}={given[-1]}")
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log = state_dir / "ray-start.log"
@@ -368,11 +386,14 @@ def up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: Optional[int] 
         if "already" in tail.lower() or "in use" in tail.lower():
             hint = f"\nIs another Ray using port {port} or {dashboard_port}? Try `raylm up --port N --dashboard-port M`."
         raise ClusterError(f"`ray start` failed (exit {rc}):\n{tail}{hint}")
+    given += [int(env[k]) for k in SERVE_PORT_VARS if env.get(k, "").isdigit()]  # a user's own values too
+    if prom:
+        given.append(int(prom.url.rsplit(":", 1)[1]))
     state = ClusterState(
         session_id=sid, gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         temp_dir=str(temp_dir), token_path=str(token_path), num_cpus=num_cpus, started_at=time.time(),
         prometheus_url=prom.url if prom else None, prometheus_session=prom.session_id if prom else None,
-        haproxy_dir=str(haproxy_dir),
+        haproxy_dir=str(haproxy_dir), ports=sorted(set(given)),
     )
     state.save(state_dir)
     _wait_dashboard(state, timeout=timeout)
