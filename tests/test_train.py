@@ -4,9 +4,12 @@ same loss curve; a stopped job resumes from its last checkpoint when submitted a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -417,3 +420,40 @@ def test_a_run_that_loses_its_node_finishes_from_its_last_checkpoint(raylm_clust
     assert steps == [s for s, _ in base["loss_curve"]], steps  # every step logged once, none lost
     final, uninterrupted = card["loss_curve"][-1][1], base["loss_curve"][-1][1]
     assert abs(final - uninterrupted) <= 0.01 * uninterrupted, (card["loss_curve"], base["loss_curve"])
+
+
+def test_a_rank_resumes_even_when_the_nodes_shared_copy_is_deleted_as_it_waits(s3, tmp_path):
+    """Ray downloads a remote checkpoint once per node into a directory the node's ranks share,
+    and the last reader out deletes it under a file lock. A rank that waited on that lock found the
+    directory gone and Ray raised: the node-loss run above failed so once (its two ranks restored on
+    the new node a moment apart). Here another process holds the lock, deletes the directory and
+    lets go while this one waits, as the leaving rank did; the checkpoint is still read."""
+    from ray.train import Checkpoint
+
+    from raylm import storage
+    from raylm.train.session import _as_dir
+
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "state.json").write_text('{"step": 6}')
+    storage.upload_dir(local, "s3://raylm-test/shared-dir-race/step-00000006")
+    fs, path = storage.arrow_fs("s3://raylm-test/shared-dir-race/step-00000006")
+    ckpt = Checkpoint(path, filesystem=fs)
+    shared = ckpt._get_temporary_checkpoint_dir()
+    os.makedirs(shared, exist_ok=True)
+    script = f"""
+import shutil, sys, time
+from ray.air._internal.filelock import TempFileLock
+with TempFileLock({shared!r}, timeout=-1):
+    print("locked", flush=True)
+    time.sleep(2)  # the other rank is waiting on the lock by now
+    shutil.rmtree({shared!r})
+"""
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with _as_dir(ckpt) as d:
+            assert json.loads((Path(d) / "state.json").read_text()) == {"step": 6}
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -68,13 +68,30 @@ def quiet_ray_train_logs() -> None:
             continue
 
 
+_SHARED_DIR_GONE = "does not exist, even though it should have been created by another process"
+
+
 @contextmanager
-def _as_dir(ckpt) -> Iterator[Optional[str]]:
-    """The checkpoint to resume from as a local directory (None: start fresh)."""
+def _as_dir(ckpt, tries: int = 3) -> Iterator[Optional[str]]:
+    """The checkpoint to resume from as a local directory (None: start fresh).
+
+    From remote storage, Ray downloads a checkpoint once per node into a temporary directory
+    that the node's ranks share, and the last reader out deletes it. A rank that starts reading
+    as the other one leaves finds it deleted under the lock it waited on, and Ray raises
+    ("... does not exist, even though it should have been created by another process"): a
+    two-worker run that lost its node failed so on its replacement node. Another try downloads
+    the checkpoint again."""
     if ckpt is None:
         yield None
         return
-    with ckpt.as_directory() as d:
+    with ExitStack() as stack:
+        for attempt in range(1, tries + 1):
+            try:
+                d = stack.enter_context(ckpt.as_directory())
+                break
+            except RuntimeError as e:
+                if _SHARED_DIR_GONE not in str(e) or attempt == tries:
+                    raise
         yield d
 
 
