@@ -243,5 +243,4 @@ def _stop(watch: ResourceWatch, timeout_s: float = 2.0) -> None:
     starts a new Ray when none is connected: a job on its own local Ray started a second one on
     its way out."""
     watch.done.set()
-    if watch is not threading.current_thread():
-        watch.join(timeout_s)
+    watch.join(timeout_s)

@@ -90,17 +90,15 @@ def resources(train_cfg) -> dict[str, float]:
 
 
 _TRIAL_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
-_AT_EXIT = threading.Lock()
-_registered = False
 EXIT_WAIT_S = 10.0
 
 
+@atexit.register  # imported after Ray, so it runs before Ray's own atexit shutdown
 def _join_trial_threads(timeout_s: float = EXIT_WAIT_S) -> None:
-    """atexit: wait (at most `timeout_s` in all) for the trial threads of this process to end."""
+    """atexit: wait (at most `timeout_s` in all) for the leaving trial threads of this process."""
     deadline = time.monotonic() + timeout_s
     for thread in list(_TRIAL_THREADS):
-        if thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def finish_before_exit() -> None:
@@ -114,11 +112,6 @@ def finish_before_exit() -> None:
     (SIGABRT, ~55 lines of stack in the job log; seen in the demo's tune stage). atexit handlers
     run before the interpreter starts finalizing, so joining the thread there lets it finish
     first; at most EXIT_WAIT_S, and only threads that are leaving (see run_trial) are joined."""
-    global _registered
-    with _AT_EXIT:
-        if not _registered:
-            atexit.register(_join_trial_threads)
-            _registered = True
     _TRIAL_THREADS.add(threading.current_thread())
 
 
