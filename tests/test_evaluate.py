@@ -185,6 +185,11 @@ def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path)
     assert rep["robustness"]["ops"]["delete"][0]["metrics"]["accuracy"] == pytest.approx(mm["accuracy"])
     assert rep["baselines"]["const@v1"]["metrics"]["accuracy"] == pytest.approx(1 - n_trag / len(truth))
     assert "tfidf + logistic regression" in rep["baselines"]
+    # the job's log: the headline metrics at 4 decimals, the robustness change, each baseline
+    log = r.stdout
+    assert f"[evaluate] accuracy {mm['accuracy']:.4f}, f1_macro {mm['f1_macro']:.4f}" in log, log[-3000:]
+    assert "[evaluate] robustness delete@0.5: accuracy " in log and "(+0.0000 from clean)" in log
+    assert f"[evaluate] baseline const@v1: accuracy {1 - n_trag / len(truth):.4f}" in log
     shown = run_cli("models", "show", "const@v2", "--registry", reg)
     assert shown.returncode == 0 and '"flagged_slices": [\n' in shown.stdout and '"label"' in shown.stdout
     assert "accuracy" in shown.stdout

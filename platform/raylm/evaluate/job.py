@@ -97,6 +97,11 @@ class Evaluation:
                                       f["bytes"].to_numpy())
 
 
+def _shown(m: dict[str, Any], keys: Sequence[str]) -> str:
+    """The named metrics that are numbers, at 4 decimals: 'accuracy 0.9599, f1_macro 0.9169'."""
+    return ", ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
+
+
 def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
     cfg, out = ev.cfg, {}
     if ev.task == "classification" and cfg.baselines.tfidf:
@@ -153,7 +158,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                            "metrics": ev.metrics_of(frame)}
     if ev.task == "classification":
         rep["labels"] = ev.labels
-    print(f"[evaluate] {headline} {rep['metrics'].get(headline)}", flush=True)
+    print(f"[evaluate] {_shown(rep['metrics'], rep['compare_metrics'])}", flush=True)
 
     slice_metric = cfg.slices.metric or headline
     rep["slices"] = {}
@@ -180,9 +185,14 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                 for k in ("per_class", "reliability", "confusion"):
                     mm.pop(k, None)
                 rep["robustness"]["ops"].setdefault(op, []).append({"strength": strength, "metrics": mm})
-                print(f"[evaluate] robustness {op}@{strength}: {headline} {mm.get(headline)}", flush=True)
+                clean, noisy_v = rep["metrics"].get(headline), mm.get(headline)
+                change = f" ({noisy_v - clean:+.4f} from clean)" if None not in (clean, noisy_v) else ""
+                print(f"[evaluate] robustness {op}@{strength}: {_shown(mm, [headline])}{change}", flush=True)
 
     rep["baselines"] = _baselines(ev, frame)
+    for name, b in rep["baselines"].items():
+        if b["metrics"]:
+            print(f"[evaluate] baseline {name}: {_shown(b['metrics'], rep['compare_metrics'])}", flush=True)
     rep["seconds"] = time.time() - t0
     out = cfg.output or storage.join(card["uri"], "eval", f"{m['name']}-{m['version']}-{split}")
     rep["report"] = report.write(rep, out)
