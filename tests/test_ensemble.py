@@ -132,7 +132,9 @@ def test_each_member_is_a_minilm_classifier_that_learned_the_authors(seeded, aut
     test = read_split(authors_dataset["manifest"], "docs", "test", ["text", "label"]).to_pylist()
     assert {r["label"] for r in test} == {"milton", "shakespeare"}
     with torch.no_grad():
-        enc = tok([r["text"] for r in test], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        # the exported tokenizer cuts texts where training did (model.max_length=64)
+        assert tok.model_max_length == 64
+        enc = tok([r["text"] for r in test], truncation=True, padding=True, return_tensors="pt")
         pred = model(**enc).logits.argmax(-1).tolist()
     truth = [card["labels"].index(r["label"]) for r in test]
     # chance: 0.5 (balanced accuracy: the mean of the recall of each author, Milton being 1 in 7)

@@ -69,8 +69,10 @@ def _register_classifier(registry_root: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         AutoTokenizer.from_pretrained(base).save_pretrained(d)
+        # trained on texts cut at 16 tokens, as a train job's card records it (`model.max_length`)
         return registry.register(d, "author-cls", {"task": "classification", "base": "all-MiniLM-L6-v2",
-                                                   "labels": list(labels.values())}, root=registry_root)
+                                                   "labels": list(labels.values()),
+                                                   "config": {"model": {"max_length": 16}}}, root=registry_root)
 
 
 @pytest.fixture(scope="session")
@@ -312,15 +314,23 @@ def test_classify_returns_the_models_probabilities(served):
 
     from raylm import registry
 
-    texts = ["Of Man's first disobedience, and the fruit", "Shall I compare thee to a summer's day?"]
+    """The served probabilities are transformers' on the text cut where the model's training cut
+    it (16 tokens, from its card): a longer text is classified on its first 16 tokens, as the
+    evaluation scores it, not on the 512 the encoder could take."""
+    texts = ["Of Man's first disobedience, and the fruit", "Shall I compare thee to a summer's day?",
+             "Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought "
+             "death into the World, and all our woe, with loss of Eden, till one greater Man restore us"]
     r = _post(served, "/v1/classify", {"model": "author", "texts": texts}, key="cls")
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     p = registry.local_path(served["cls"])
     model = AutoModelForSequenceClassification.from_pretrained(str(p)).eval()
-    enc = AutoTokenizer.from_pretrained(str(p))(texts, padding=True, return_tensors="pt")
+    tok = AutoTokenizer.from_pretrained(str(p))
     with torch.no_grad():
-        probs = torch.softmax(model(**enc).logits, -1)
+        probs = torch.softmax(model(**tok(texts, padding=True, truncation=True, max_length=16,
+                                          return_tensors="pt")).logits, -1)
+        whole = torch.softmax(model(**tok(texts[2:], return_tensors="pt")).logits, -1)[0]
+    assert len(tok(texts[2])["input_ids"]) > 16 and not torch.allclose(whole, probs[2], atol=1e-4)
     for row, ref in zip(data, probs.tolist()):
         assert [row["probabilities"]["milton"], row["probabilities"]["shakespeare"]] == pytest.approx(ref, abs=1e-5)
         assert row["label"] == ("milton" if ref[0] > ref[1] else "shakespeare")

@@ -326,6 +326,24 @@ class _Bookkeeper:
         return torch.tensor([r.done for r in self.rows], device=input_ids.device)
 
 
+def trained_max_length(model_dir: str | Path) -> Optional[int]:
+    """The tokens per text a classifier was trained on (`model.max_length` in its model card), so
+    that it is served as it was trained and evaluated. raylm's exports also set it as the
+    tokenizer's `model_max_length`; this reads it for models exported before they did."""
+    import json
+
+    from raylm.registry import CARD
+
+    p = Path(model_dir) / CARD
+    if not p.is_file():
+        return None
+    try:
+        n = ((json.loads(p.read_text()).get("config") or {}).get("model") or {}).get("max_length")
+    except (ValueError, AttributeError):
+        return None
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 class ClassifierEngine:
     def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
                  prune: float = 0.0):
@@ -337,11 +355,12 @@ class ClassifierEngine:
         id2label = self.model.config.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
         self.max_len = min(int(self.tok.model_max_length or 512),
-                           int(getattr(self.model.config, "max_position_embeddings", 512)))
+                           int(getattr(self.model.config, "max_position_embeddings", 512)),
+                           trained_max_length(model_dir) or 1 << 30)
 
     def probabilities(self, texts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
         """(N, labels) class probabilities on the CPU; texts cut at `max_length` tokens (default:
-        the most the model takes)."""
+        `max_len`, the length the model was trained on, else the most it takes)."""
         enc = self.tok(texts, padding=True, truncation=True, max_length=max_length or self.max_len,
                        return_tensors="pt")
         with torch.inference_mode():

@@ -74,7 +74,10 @@ def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, to
     if cfg.model.task == "classification":
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(cfg.model.local_path(), local_files_only=True).save_pretrained(out_dir)
+        tok = AutoTokenizer.from_pretrained(cfg.model.local_path(), local_files_only=True)
+        # texts are cut where training cut them, by anyone who loads the directory with truncation on
+        tok.model_max_length = cfg.model.max_length
+        tok.save_pretrained(out_dir)
     else:
         storage.download_dir(meta["tokenizer_uri"], out_dir)
     return fmt
