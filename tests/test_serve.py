@@ -461,6 +461,47 @@ def test_feedback_lands_where_the_data_job_reads_it(served):
     assert len(mine) == 1 and mine[0]["text"] == "the king" + c["choices"][0]["text"]
 
 
+def test_two_ingress_replicas_share_recent_responses_and_one_rate_limit(served):
+    """With `ingress.num_replicas: 2` HAProxy spreads one client's requests over both ingress
+    replicas. Feedback on a response the other replica served still stores its prompt and
+    completion (the loop back to training keeps its text), and a key's rate limit holds for the
+    app as a whole, not once per replica."""
+    from ray import serve
+
+    from raylm import config, storage
+    from raylm.serve import keys
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.job import run
+
+    kf = served["keys_file"]
+    limited = issued(keys.add("ten", ["generate", "feedback"], kf, rate_limit_per_minute=10))
+    fb = served["dir"] / "feedback-two"
+    cfg = {**served["cfg"], "name": "two-ingress", "route_prefix": "/two", "feedback_uri": str(fb),
+           "ingress": {"num_replicas": 2, "num_cpus": 0},
+           "models": [{"name": "lm", "model": "lm@v1", "num_cpus": 0, "max_tokens_cap": 8}]}
+    out = run(config.build(DeployConfig, cfg))
+    try:
+        two = {**served, "base": out["url"]}
+        http = requests.Session()  # one client, one keep-alive connection
+        done = [_post(two, "/v1/completions", {"model": "lm", "prompt": f"the king {i}", "max_tokens": 3},
+                      http=http).json() for i in range(7)]
+        # HAProxy takes turns between the replicas: after 7 completions, the feedback on each of the
+        # first 6 reaches the replica that did not serve it
+        answers = [_post(two, "/v1/feedback", {"response_id": c["id"], "rating": 1}, http=http).json()
+                   for c in done[:6]]
+        assert [a["response_known"] for a in answers] == [True] * 6, answers
+        stored = [json.loads(storage.read_text(f)) for f in storage.glob_files(str(fb))]
+        assert sorted(r["prompt"] for r in stored) == [f"the king {i}" for i in range(6)]
+        assert all(r["text"] == r["prompt"] + r["completion"] for r in stored)
+        # 14 requests at once from a key allowed 10 a minute: 10 answered, 4 told to wait
+        codes = [_post({**two, "keys": {"ten": limited}}, "/v1/completions",
+                       {"model": "lm", "prompt": "x", "max_tokens": 1}, key="ten", http=http).status_code
+                 for _ in range(14)]
+        assert codes.count(200) == 10 and codes.count(429) == 4, codes
+    finally:
+        serve.delete("two-ingress")
+
+
 def test_int8_quality_change_is_measured_and_on_the_card(served):
     from raylm import registry
 

@@ -126,18 +126,49 @@ async def _once_more_if_replica_lost(call: Any, what: str) -> Any:
         return await call()
 
 
+RECENT_RESPONSES = 10_000  # per ingress replica: what feedback can still find the prompt and answer of
+SHARE_EVERY_S = 0.5
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class SharedResponses:
+    """The recent responses of every ingress replica of an app (bound only when it has several),
+    so that feedback reaching any replica finds the prompt and answer it rates. In memory only,
+    as each replica's own: the newest RECENT_RESPONSES per ingress replica."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: OrderedDict[str, dict] = OrderedDict()
+
+    def remember(self, batch: dict[str, dict]) -> None:
+        self.items.update(batch)
+        while len(self.items) > self.limit:
+            self.items.popitem(last=False)
+
+    def recall(self, rid: str) -> Optional[dict]:
+        return self.items.get(rid)
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, cfg: dict[str, Any], meta: dict[str, dict[str, Any]], handles: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], meta: dict[str, dict[str, Any]], handles: dict[str, Any],
+                 shared: Any = None):
         from raylm.serve.keys import KeyStore, RateLimiter
 
         self.cfg = DeployConfig.model_validate(cfg)
         self.models = {name: {**meta[name], "handle": handles[name]} for name in meta}
         self.options = {m.name: m for m in self.cfg.models}
         self.keys = KeyStore(self.cfg.auth.keys_file) if self.cfg.auth.required else None
-        self.limiter = RateLimiter(self.cfg.limits.rate_limit_per_minute)
+        # HAProxy spreads requests over the ingress replicas in turn: each holds its share of a
+        # key's limit, so the app as a whole allows the key's limit
+        self.limiter = RateLimiter(self.cfg.limits.rate_limit_per_minute, replicas=self.cfg.ingress.num_replicas)
         self.responses: OrderedDict[str, dict] = OrderedDict()  # recent responses, for feedback records
+        # with several ingress replicas, feedback may reach one that did not serve the response: each
+        # hands its new responses to the app's SharedResponses every SHARE_EVERY_S and asks it on a miss
+        self.shared = shared
+        self._unshared: dict[str, dict] = {}
+        self._sharing: Optional[asyncio.Task] = None
         self.created = int(time.time())
         metrics()
 
@@ -242,8 +273,36 @@ class Ingress:
 
     def _remember(self, rid: str, record: dict[str, Any]) -> None:
         self.responses[rid] = record
-        while len(self.responses) > 10_000:
+        while len(self.responses) > RECENT_RESPONSES:
             self.responses.popitem(last=False)
+        if self.shared is not None:
+            self._unshared[rid] = record
+            if self._sharing is None or self._sharing.done():
+                self._sharing = asyncio.get_running_loop().create_task(self._share())
+
+    async def _share(self) -> None:
+        await asyncio.sleep(SHARE_EVERY_S)
+        batch, self._unshared = self._unshared, {}
+        try:
+            await self.shared.remember.remote(batch)
+        except Exception as e:  # feedback on these responses at another replica is stored without their text
+            log.warning("could not share %d recent response(s) with the other ingress replicas: %s", len(batch), e)
+
+    async def _recall(self, rid: str) -> Optional[dict[str, Any]]:
+        """A recent response by id: this replica's, else (several replicas) the one another served."""
+        seen = self.responses.get(rid)
+        if seen is not None or self.shared is None:
+            return seen
+        for wait in (0.0, SHARE_EVERY_S + 0.5):  # the replica that served it shares it within SHARE_EVERY_S
+            await asyncio.sleep(wait)
+            try:
+                seen = await self.shared.recall.remote(rid)
+            except Exception as e:
+                log.warning("could not ask the other ingress replicas for response %s: %s", rid, e)
+                return None
+            if seen is not None:
+                return seen
+        return None
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -549,7 +608,7 @@ class Ingress:
 
         who = self._auth(request, "feedback")
         req: FeedbackRequest = await self._parse(request, FeedbackRequest)
-        seen = self.responses.get(req.response_id)
+        seen = await self._recall(req.response_id)
         now = dt.datetime.now(dt.timezone.utc)
         record = {"id": f"fb-{uuid.uuid4().hex}", "response_id": req.response_id, "rating": req.rating,
                   "comment": req.comment, "model": (seen or {}).get("model") or req.model,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from raylm.serve.app import Ingress
+from raylm.serve.app import RECENT_RESPONSES, Ingress, SharedResponses
 from raylm.serve.config import DeployConfig
 
 
@@ -80,9 +80,14 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
         meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
                         "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
                         if card.get("created") else None}
+    shared = None
+    if cfg.ingress.num_replicas > 1:  # feedback may reach another replica than the one that answered
+        shared = SharedResponses.options(name="shared-responses",
+                                         logging_config={"enable_access_log": cfg.access_log}).bind(
+            RECENT_RESPONSES * cfg.ingress.num_replicas)
     return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
                            max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                            health_check_period_s=cfg.ingress.health_check_period_s,
                            ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
                            logging_config={"enable_access_log": cfg.access_log}).bind(
-        cfg.model_dump(mode="json"), meta, handles)
+        cfg.model_dump(mode="json"), meta, handles, shared)

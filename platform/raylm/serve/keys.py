@@ -123,16 +123,20 @@ class KeyStore:
 
 
 class RateLimiter:
-    """A token bucket per key: `per_minute` requests a minute, bursts up to the same number."""
+    """A token bucket per key: `per_minute` requests a minute, bursts up to the same number.
+    One of `replicas` ingress replicas that a load balancer sends requests to in turn holds
+    1/replicas of each key's limit (bursts at least 1), so together they allow the limit."""
 
-    def __init__(self, default_per_minute: int):
+    def __init__(self, default_per_minute: int, replicas: int = 1):
         self.default = default_per_minute
+        self.replicas = max(1, replicas)
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, who: str, per_minute: Optional[int] = None) -> float:
         """0.0 when allowed, else the seconds until the next request would be."""
-        rate = (per_minute or self.default) / 60.0
-        cap = float(per_minute or self.default)
+        share = (per_minute or self.default) / self.replicas
+        rate = share / 60.0
+        cap = max(1.0, share)
         now = time.monotonic()
         tokens, last = self._buckets.get(who, (cap, now))
         tokens = min(cap, tokens + (now - last) * rate)
