@@ -459,6 +459,18 @@ def test_feedback_lands_where_the_data_job_reads_it(served):
     records = [rec for f in files for rec in parse_file(src, "feedback", f, storage.read_bytes(f))]
     mine = [rec for rec in records if rec["id"] == stored["id"]]
     assert len(mine) == 1 and mine[0]["text"] == "the king" + c["choices"][0]["text"]
+    # only the answers rated good go on to training: a disliked one is set aside with its reason
+    bad = _post(served, "/v1/completions", {"model": "lm", "prompt": "the queen", "max_tokens": 5}).json()
+    assert _post(served, "/v1/feedback", {"response_id": bad["id"], "rating": -1}).status_code == 200
+    liked = src.model_copy(update={"where": {"rating": [1]}})
+    records = [rec for f in storage.glob_files(src.uri) for rec in parse_file(liked, "feedback", f,
+                                                                               storage.read_bytes(f))]
+    kept = {rec["text"] for rec in records if rec["_error"] is None}
+    set_aside = [json.loads(rec["_raw"]) for rec in records if rec["_error"] == "excluded_by_where"]
+    assert "the king" + c["choices"][0]["text"] in kept and not any(t.startswith("the queen") for t in kept)
+    assert [r["prompt"] for r in set_aside if r["response_id"] == bad["id"]] == ["the queen"]
+    with pytest.raises(ValueError, match="text files have no fields"):
+        FileSource(kind="text", uri=src.uri, where={"rating": [1]})
 
 
 def test_two_ingress_replicas_share_recent_responses_and_one_rate_limit(served):

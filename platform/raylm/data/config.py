@@ -61,12 +61,24 @@ class FileSource(Strict):
     author_field: Optional[str] = None
     genre_field: Optional[str] = None
     text_unit: Literal["file", "line"] = Field("file", description="text files: one record per file or per line")
+    where: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "keep only records whose field holds one of the listed values (jsonl, csv, parquet), e.g. "
+        "{rating: [1]} for feedback rated good; the others are set aside (reason excluded_by_where)"))
     passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
         return _check_uri(v, "source uri", ray_visible=True)
+
+    @model_validator(mode="after")
+    def _where(self) -> "FileSource":
+        if self.where and self.kind == "text":
+            raise ValueError("where: text files have no fields to match; use it with jsonl, csv or parquet")
+        for field, values in self.where.items():
+            if not values:
+                raise ValueError(f"where.{field}: list at least one value to keep")
+        return self
 
 
 Source = Annotated[Union[ShakespeareSource, FileSource], Field(discriminator="kind")]

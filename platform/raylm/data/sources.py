@@ -177,6 +177,9 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
         return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
     if not isinstance(text, str):
         return _bad(source, where, "text_not_a_string", json.dumps(obj, default=str))
+    for field, keep in src.where.items():
+        if obj.get(field) not in keep:
+            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
     rid = _as_str(obj.get(src.id_field)) if src.id_field else None
     return _row(
         id=rid or where, source=source, work=rid or where, text=text,
