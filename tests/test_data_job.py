@@ -326,3 +326,40 @@ def test_a_job_log_keeps_ray_data_progress_of_long_executions_only():
                      f"{OK_PREFIX} Dataset long_0 execution finished in 12.00 seconds",
                      f"{WARN_PREFIX} Dataset failed_0 execution failed"], shown
     assert sum("Running Dataset" in m for m in kept) == 4  # Ray Data's log file still gets every line
+
+
+def test_on_several_nodes_a_job_names_the_local_paths_a_node_does_not_see(raylm_cluster, tmp_path):
+    """A job's tasks, workers and replicas run on any node, so on a cluster of several nodes
+    every local path a job names must be on storage each node sees. The check writes a marker
+    in each such directory and reads it from a task on every node: the two nodes here share
+    this machine's disk, so a data config's paths pass; a marker that is not there (as on a
+    node with a disk of its own) is reported for each node, with what to do. A config whose
+    paths are all on S3 (as the KubeRay jobs') has nothing to check."""
+    from conftest import ROOT
+    from helpers import add_node, lose_node
+
+    from raylm import runtime
+    from raylm.data.config import DataConfig
+    from raylm.train.config import TrainConfig
+
+    data = tmp_path / "datasets"
+    cfg = config.load(DataConfig, ROOT / "tests" / "data" / "tiny.yaml",
+                      [f"sources.0.uri={tmp_path / 'in' / 'tiny.jsonl'}", f"output.root={data}"])
+    assert runtime.local_dirs(cfg) == {"sources.0.uri": str(tmp_path / "in"), "output.root": str(data)}
+    defaults = config.load(DataConfig, ROOT / "tests" / "data" / "tiny.yaml", [])  # relative source, default root
+    assert runtime.local_dirs(defaults) == {"RAYLM_HOME": str(runtime.cluster.home())}
+    on_s3 = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml",
+                        ["data.root=s3://b/datasets", "output.storage=s3://b/runs", "output.registry=s3://b/registry"])
+    assert runtime.local_dirs(on_s3) == {}
+    runtime.check_paths_shared(cfg)  # one node: nothing to check
+    node = add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 1)
+    try:
+        runtime.check_paths_shared(cfg)  # both nodes see this disk: no error
+        assert not list(data.glob(".raylm-shared-check-*"))  # the markers are gone
+        missing = runtime.paths_not_seen({f"output.root ({data})": (str(data / "not-written"), "t")})
+        assert len(missing) == 2 and all(v == [f"output.root ({data})"] for v in missing.values()), missing
+        assert node.address_info["node_ip_address"] in " ".join(missing)
+        msg = runtime.not_shared_message(missing)
+        assert f"does not see output.root ({data})" in msg and "s3://" in msg and "RAYLM_SKIP_SHARED_CHECK=1" in msg
+    finally:
+        lose_node(node)

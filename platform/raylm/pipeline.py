@@ -389,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check(cfg, a.config)  # every stage's config, before Ray starts
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     s = run(cfg, a.config)
     print("RAYLM_RESULT " + json.dumps({"name": s["name"], "dataset": s["dataset"], "models": s["models"],
                                         "seconds": s["seconds"],

@@ -14,7 +14,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from raylm import cluster
 
@@ -35,7 +35,7 @@ def prepare_env() -> Optional[str]:
     return address
 
 
-def init_ray(job: bool = True) -> None:
+def init_ray(job: bool = True, config: Any = None) -> None:
     """Connect to the cluster this process belongs to.
 
     - Inside `ray job submit` (RAY_ADDRESS is the GCS address): that cluster.
@@ -47,6 +47,9 @@ def init_ray(job: bool = True) -> None:
     `job=False` is for a command that only asks the cluster something (`raylm undeploy`): no
     package upload, no resource watch, and neither Ray's INFO lines nor the logs of the
     cluster's actors (Serve's controller's) in its output.
+
+    `config`: the job's config. On a cluster of several nodes, its local paths and RAYLM_HOME
+    must be on storage every node sees (`check_paths_shared`).
     """
     already_imported = "ray" in sys.modules
     address = prepare_env()
@@ -86,6 +89,137 @@ def init_ray(job: bool = True) -> None:
     from raylm import waiting
 
     waiting.start(ray.get_runtime_context().get_job_id())  # says so when the job's work cannot start
+    if config is not None:
+        check_paths_shared(config)
+
+
+# --- local paths on a cluster of several nodes ------------------------------------------------
+# A job's tasks, Train workers, trials and replicas run on any node, and each reads and writes
+# the job's paths where it runs. A local path (the defaults under RAYLM_HOME included) on a
+# cluster of several nodes is each node's own disk unless a shared filesystem is mounted there:
+# a data job's shards, a model a Train worker exports, feedback an ingress replica writes would
+# land on whichever node did the work, and the next job would not find them (or find part).
+# Ray Train checks its own run storage this way; raylm checks every path a job names, at start.
+
+PATH_FIELDS = frozenset({"root", "registry", "storage", "uri", "keys_file", "feedback_uri", "output"})
+# path fields whose default (when left out) is under RAYLM_HOME; distill.registry defaults to output.registry
+HOME_DEFAULTS = frozenset({"root", "registry", "storage", "keys_file", "feedback_uri"})
+SHARED_CHECK_TIMEOUT_S = 60.0
+SKIP_SHARED_CHECK_ENV = "RAYLM_SKIP_SHARED_CHECK"
+
+
+def local_dirs(config: Any) -> dict[str, str]:
+    """{where it comes from: local directory} for each absolute local path in the config's path
+    fields (a file's directory; a path not made yet: the directory it will be in), and RAYLM_HOME
+    when a path field left out defaults there. Relative paths are left out: they name the job's
+    own files, which Ray ships to every node."""
+    from raylm import storage
+
+    found: dict[str, str] = {}
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{where}.{k}" if where else str(k)
+                if k in PATH_FIELDS and isinstance(v, str):
+                    found[key] = v
+                elif v is None and k in HOME_DEFAULTS and not key.startswith("distill."):
+                    found.setdefault("RAYLM_HOME", str(cluster.home()))
+                else:
+                    walk(v, key)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}.{i}")
+
+    walk(config.model_dump(mode="json") if hasattr(config, "model_dump") else config, "")
+    out: dict[str, str] = {}
+    for where, uri in found.items():
+        if storage.scheme_of(uri) != "file":
+            continue
+        raw = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not os.path.isabs(os.path.expanduser(raw)):
+            continue
+        p = Path(storage.normalize(uri))
+        d = p if p.is_dir() else p.parent if (p.exists() or p.suffix or any(c in p.name for c in "*?[")) else p
+        out.setdefault(str(d), where)
+    return {where: d for d, where in out.items()}
+
+
+def paths_not_seen(markers: dict[str, tuple[str, str]], timeout_s: float = SHARED_CHECK_TIMEOUT_S) -> dict[str, list[str]]:
+    """{node: [what]} for each alive node that does not see a marker file ({what: (path, content)})
+    as written. A node that does not answer within `timeout_s` (busy, or going away) is left out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def unseen(marks: dict[str, tuple[str, str]]) -> list[str]:
+        out = []
+        for what, (path, content) in marks.items():
+            try:
+                ok = Path(path).read_text() == content
+            except OSError:
+                ok = False
+            if not ok:
+                out.append(what)
+        return out
+
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n["Alive"]}
+    refs = {unseen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(markers):
+            f"{ip} ({nid[:8]})" for nid, ip in nodes.items()}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    out: dict[str, list[str]] = {}
+    for ref in ready:
+        try:
+            missing = ray.get(ref)
+        except Exception:  # noqa: BLE001 - the node went away meanwhile: nothing to say about it
+            continue
+        if missing:
+            out[refs[ref]] = missing
+    return out
+
+
+def check_paths_shared(config: Any) -> None:
+    """On a cluster of several nodes: a StorageError naming each local path (RAYLM_HOME and the
+    config's) that a node does not see, found by writing a marker file in each directory and
+    reading it from a task on every node. Nothing to do on one node, or with s3:// everywhere."""
+    import uuid
+
+    import ray
+
+    from raylm.storage import StorageError
+
+    if os.environ.get(SKIP_SHARED_CHECK_ENV) == "1" or sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+        return
+    token = uuid.uuid4().hex
+    markers: dict[str, tuple[str, str]] = {}
+    try:
+        for where, d in local_dirs(config).items():
+            try:
+                os.makedirs(d, exist_ok=True)
+                path = os.path.join(d, f".raylm-shared-check-{token}")
+                Path(path).write_text(token)
+            except OSError:  # not writable here: the job's own use of it will say so
+                continue
+            markers[f"{where} ({d})"] = (path, token)
+        if not markers:
+            return
+        missing = paths_not_seen(markers)
+    finally:
+        for path, _ in markers.values():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    if missing:
+        raise StorageError(not_shared_message(missing))
+
+
+def not_shared_message(missing: dict[str, list[str]]) -> str:
+    lines = "; ".join(f"node {node} does not see {', '.join(what)}" for node, what in missing.items())
+    return (f"this cluster has several nodes and the job's tasks run on any of them, but {lines}. Put the "
+            "job's data, registry and runs on storage every node reaches: s3://... (set the config's paths, "
+            "e.g. output.registry, data.root, instead of the defaults under RAYLM_HOME), or a shared filesystem "
+            f"mounted at the same path on every node. ({SKIP_SHARED_CHECK_ENV}=1 skips this check.)")
 
 
 # --- what a job's log shows -------------------------------------------------------------------

@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for src in cfg.sources:  # a missing input is a user error: say so before starting Ray
         sources.fingerprint(src)
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     manifest = pipeline.run(cfg)
     print(summary(manifest), flush=True)
     print(steps_table(manifest), flush=True)

@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config.load(EvaluateConfig, args.config, args.overrides)
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     rep = run(cfg)
     print("RAYLM_RESULT " + json.dumps({"model": rep["model"], "report": rep["report"],
                                         "metrics": {k: v for k, v in rep["metrics"].items()

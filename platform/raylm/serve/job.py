@@ -104,7 +104,7 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
         raise config.ConfigError(f"auth: no API keys in {cfg.auth.keys_file}; create one first:\n"
                                  f"    raylm keys add NAME --scopes generate,classify,feedback\n"
                                  "(or set auth.required=false for a private laptop)")
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     import ray
     from ray import serve
 

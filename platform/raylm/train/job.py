@@ -383,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_teacher(cfg, meta)
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     out = run(cfg, meta)
     m = out["metrics"]
     print(f"run {out['run']}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}"

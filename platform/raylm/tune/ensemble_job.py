@@ -310,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config.load(EnsembleConfig, args.config, args.overrides)
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     s = run(cfg, args.config)
     for split, sc in s["scores"].items():
         e, mm = sc["ensemble"], sc["member_mean"]

@@ -371,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check(cfg, base_train_dict(cfg, args.config))  # a bad space fails here, before Ray starts
     from raylm.runtime import init_ray
 
-    init_ray()
+    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     s = run(cfg, args.config)
     print(f"[tune] {s['trials']} trials ({s['errors']} failed), {s['trial_steps']} trial-steps, {s['seconds']:.0f} s",
           flush=True)
