@@ -23,6 +23,7 @@ class Block(str):
 yaml.SafeDumper.add_representer(Block, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|"))
 
 DEFAULT_SET = ["registry=s3://raylm-demo/registry", "auth.keys_file=s3://raylm-demo/serve/keys.json",
+               "feedback_uri=s3://raylm-demo/feedback/authors",  # written by the ingress replicas, on any pod
                "http.host=0.0.0.0"]  # inside the pod; the Service in front of it decides who reaches it
 
 
