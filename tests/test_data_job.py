@@ -351,6 +351,7 @@ def test_on_several_nodes_a_job_names_the_local_paths_a_node_does_not_see(raylm_
     on_s3 = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml",
                         ["data.root=s3://b/datasets", "output.storage=s3://b/runs", "output.registry=s3://b/registry"])
     assert runtime.local_dirs(on_s3) == {}
+    assert runtime.local_dirs({"sources": [{"uri": f"{tmp_path}/in/**/*.jsonl"}]}) == {"sources.0.uri": str(tmp_path / "in")}
     runtime.check_paths_shared(cfg)  # one node: nothing to check
     node = add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 1)
     try:

@@ -7,6 +7,7 @@ jobs/*.py script, before anything imports Ray; `init_ray()` then connects.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import re
@@ -140,7 +141,11 @@ def local_dirs(config: Any) -> dict[str, str]:
         if not os.path.isabs(os.path.expanduser(raw)):
             continue
         p = Path(storage.normalize(uri))
-        d = p if p.is_dir() else p.parent if (p.exists() or p.suffix or any(c in p.name for c in "*?[")) else p
+        if any(c in str(p) for c in "*?["):  # a glob: the directory above its first pattern
+            p = Path(*[part for part in itertools.takewhile(lambda x: not any(c in x for c in "*?["), p.parts)])
+            d = p
+        else:
+            d = p if p.is_dir() else p.parent if (p.exists() or p.suffix) else p
         out.setdefault(str(d), where)
     return {where: d for d, where in out.items()}
 
