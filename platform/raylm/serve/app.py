@@ -281,12 +281,14 @@ class Ingress:
                 self._sharing = asyncio.get_running_loop().create_task(self._share())
 
     async def _share(self) -> None:
-        await asyncio.sleep(SHARE_EVERY_S)
-        batch, self._unshared = self._unshared, {}
-        try:
-            await self.shared.remember.remote(batch)
-        except Exception as e:  # feedback on these responses at another replica is stored without their text
-            log.warning("could not share %d recent response(s) with the other ingress replicas: %s", len(batch), e)
+        while self._unshared:  # and those that came while the last batch was on its way
+            await asyncio.sleep(SHARE_EVERY_S)
+            batch, self._unshared = self._unshared, {}
+            try:
+                await self.shared.remember.remote(batch)
+            except Exception as e:  # feedback on these at another replica is stored without their text
+                log.warning("could not share %d recent response(s) with the other ingress replicas: %s",
+                            len(batch), e)
 
     async def _recall(self, rid: str) -> Optional[dict[str, Any]]:
         """A recent response by id: this replica's, else (several replicas) the one another served."""
