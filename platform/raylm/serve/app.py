@@ -19,7 +19,6 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -32,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.serve.config import DeployConfig
 from raylm.serve.metrics import metrics
+from raylm.serve.recent import RecentResponses
 from raylm.serve.streams import cancel as _cancel
 from raylm.serve.streams import merge as _merge
 from raylm.serve.protocol import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, FeedbackRequest, Stop,
@@ -126,29 +126,6 @@ async def _once_more_if_replica_lost(call: Any, what: str) -> Any:
         return await call()
 
 
-RECENT_RESPONSES = 10_000  # per ingress replica: what feedback can still find the prompt and answer of
-SHARE_EVERY_S = 0.5
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class SharedResponses:
-    """The recent responses of every ingress replica of an app (bound only when it has several),
-    so that feedback reaching any replica finds the prompt and answer it rates. In memory only,
-    as each replica's own: the newest RECENT_RESPONSES per ingress replica."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.items: OrderedDict[str, dict] = OrderedDict()
-
-    def remember(self, batch: dict[str, dict]) -> None:
-        self.items.update(batch)
-        while len(self.items) > self.limit:
-            self.items.popitem(last=False)
-
-    def recall(self, rid: str) -> Optional[dict]:
-        return self.items.get(rid)
-
-
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -163,12 +140,7 @@ class Ingress:
         # HAProxy spreads requests over the ingress replicas in turn: each holds its share of a
         # key's limit, so the app as a whole allows the key's limit
         self.limiter = RateLimiter(self.cfg.limits.rate_limit_per_minute, replicas=self.cfg.ingress.num_replicas)
-        self.responses: OrderedDict[str, dict] = OrderedDict()  # recent responses, for feedback records
-        # with several ingress replicas, feedback may reach one that did not serve the response: each
-        # hands its new responses to the app's SharedResponses every SHARE_EVERY_S and asks it on a miss
-        self.shared = shared
-        self._unshared: dict[str, dict] = {}
-        self._sharing: Optional[asyncio.Task] = None
+        self.recent = RecentResponses(shared)  # for feedback records (serve/recent.py)
         self.created = int(time.time())
         metrics()
 
@@ -271,41 +243,6 @@ class Ingress:
             raise ApiError(400, errors[0], code=code, param="prompt")
         return list(zip(gens, firsts))
 
-    def _remember(self, rid: str, record: dict[str, Any]) -> None:
-        self.responses[rid] = record
-        while len(self.responses) > RECENT_RESPONSES:
-            self.responses.popitem(last=False)
-        if self.shared is not None:
-            self._unshared[rid] = record
-            if self._sharing is None or self._sharing.done():
-                self._sharing = asyncio.get_running_loop().create_task(self._share())
-
-    async def _share(self) -> None:
-        while self._unshared:  # and those that came while the last batch was on its way
-            await asyncio.sleep(SHARE_EVERY_S)
-            batch, self._unshared = self._unshared, {}
-            try:
-                await self.shared.remember.remote(batch)
-            except Exception as e:  # feedback on these at another replica is stored without their text
-                log.warning("could not share %d recent response(s) with the other ingress replicas: %s",
-                            len(batch), e)
-
-    async def _recall(self, rid: str) -> Optional[dict[str, Any]]:
-        """A recent response by id: this replica's, else (several replicas) the one another served."""
-        seen = self.responses.get(rid)
-        if seen is not None or self.shared is None:
-            return seen
-        for wait in (0.0, SHARE_EVERY_S + 0.5):  # the replica that served it shares it within SHARE_EVERY_S
-            await asyncio.sleep(wait)
-            try:
-                seen = await self.shared.recall.remote(rid)
-            except Exception as e:
-                log.warning("could not ask the other ingress replicas for response %s: %s", rid, e)
-                return None
-            if seen is not None:
-                return seen
-        return None
-
     # --- routes ------------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -379,7 +316,7 @@ class Ingress:
             choices.append({"text": echo_texts[i] + o["text"], "index": i, "logprobs": lp,
                             "finish_reason": o["finish_reason"] or "length"})
         usage = self._usage(started, outs)
-        self._remember(rid, {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str) else None,
+        self.recent.remember(rid, {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str) else None,
                              "completion": outs[0]["text"]})
         return {**head, "choices": choices, "usage": usage}
 
@@ -485,7 +422,7 @@ class Ingress:
             metrics()["tokens"].inc(sum(n_tokens) or 0, tags={"model": req.model})
             metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/completions",
                                                                          "model": req.model})
-            self._remember(head["id"], {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str)
+            self.recent.remember(head["id"], {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str)
                                         else None, "completion": "".join(text0)})
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
@@ -512,7 +449,7 @@ class Ingress:
             return StreamingResponse(self._stream_chat(started, {**head, "object": "chat.completion.chunk"}, req,
                                                        prompt), media_type="text/event-stream")
         started, (o,) = await self._generate(request, m, [payload], req.model)
-        self._remember(rid, {"model": req.model, "prompt": prompt, "completion": o["text"]})
+        self.recent.remember(rid, {"model": req.model, "prompt": prompt, "completion": o["text"]})
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
                                      "logprobs": self._chat_logprobs(o) if req.logprobs else None,
                                      "finish_reason": o["finish_reason"] or "length"}],
@@ -558,7 +495,7 @@ class Ingress:
             metrics()["tokens"].inc(n or 0, tags={"model": req.model})
             metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/chat/completions",
                                                                          "model": req.model})
-            self._remember(head["id"], {"model": req.model, "prompt": prompt, "completion": "".join(text)})
+            self.recent.remember(head["id"], {"model": req.model, "prompt": prompt, "completion": "".join(text)})
 
     @app.post("/v1/classify", openapi_extra=body_schema(ClassifyRequest))
     async def classify(self, request: Request) -> dict:
@@ -576,7 +513,7 @@ class Ingress:
             raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
                            {"Retry-After": "1"}) from None
         rid = f"cls-{uuid.uuid4().hex}"
-        self._remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
+        self.recent.remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
         return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
@@ -610,7 +547,7 @@ class Ingress:
 
         who = self._auth(request, "feedback")
         req: FeedbackRequest = await self._parse(request, FeedbackRequest)
-        seen = await self._recall(req.response_id)
+        seen = await self.recent.recall(req.response_id)
         now = dt.datetime.now(dt.timezone.utc)
         record = {"id": f"fb-{uuid.uuid4().hex}", "response_id": req.response_id, "rating": req.rating,
                   "comment": req.comment, "model": (seen or {}).get("model") or req.model,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from raylm.serve.app import RECENT_RESPONSES, Ingress, SharedResponses
+from raylm.serve.app import Ingress
+from raylm.serve.recent import RECENT_RESPONSES, SharedResponses
 from raylm.serve.config import DeployConfig
 
 
