@@ -352,6 +352,16 @@ def test_on_several_nodes_a_job_names_the_local_paths_a_node_does_not_see(raylm_
                         ["data.root=s3://b/datasets", "output.storage=s3://b/runs", "output.registry=s3://b/registry"])
     assert runtime.local_dirs(on_s3) == {}
     assert runtime.local_dirs({"sources": [{"uri": f"{tmp_path}/in/**/*.jsonl"}]}) == {"sources.0.uri": str(tmp_path / "in")}
+    # a search: its own paths and the dataset its trials read (inside its train config's `set`)
+    from raylm.tune.config import TuneConfig
+    from raylm.tune.job import paths_of
+
+    tune_file = ROOT / "jobs" / "configs" / "tune_authors.yaml"
+    s3_out = ["output.storage=s3://b/tune", "output.registry=s3://b/registry"]
+    search = config.load(TuneConfig, tune_file, s3_out + ["set=[data.root=s3://b/datasets]"])
+    assert runtime.local_dirs(paths_of(search, str(tune_file))) == {}
+    search = config.load(TuneConfig, tune_file, s3_out)  # the trials read the default dataset root
+    assert runtime.local_dirs(paths_of(search, str(tune_file))) == {"RAYLM_HOME": str(runtime.cluster.home())}
     runtime.check_paths_shared(cfg)  # one node: nothing to check
     node = add_node(raylm_cluster.gcs_address, raylm_cluster.temp_dir, 1)
     try:

@@ -157,6 +157,8 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
     from raylm.train.config import TrainConfig
     from raylm.tune.config import EnsembleConfig, TuneConfig
 
+    from raylm.runtime import check_paths_shared
+
     files = check(cfg, config_path)
     ledger = Ledger(ledger_uri(cfg))
     planned = [s for s in STAGES if getattr(cfg, s) is not None]
@@ -209,6 +211,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         data_cfg = data_cfg.model_copy(update={"output": data_cfg.output.model_copy(update={"rebuild": True})})
     if data_pipeline.existing_version(data_cfg) is None:
         free_endpoint()
+    check_paths_shared(data_cfg)  # each stage as wired, before it runs (nothing to do on one node)
     m = data_pipeline.run(data_cfg)
     data_root = data_cfg.output.root
     dataset = m["id"]
@@ -231,6 +234,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
             if not train_cfg.output.register_model:
                 raise config.ConfigError("train: output.register_model is false; the pipeline's later stages "
                                          "need the registered model")
+            check_paths_shared(train_cfg)
             result = train(train_cfg)
             out = {"model": result["model"], "metrics": {k: v for k, v in result["metrics"].items()
                                                          if isinstance(v, (int, float))}}
@@ -255,6 +259,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         key = stage_key("tune", resolved, {"dataset": dataset})
         out = cached("tune", key, lambda o: o.get("model") is None or _model_exists(o["model"], reg))
         if out is None:
+            check_paths_shared(tune_job.paths_of(tune_cfg, str(files["tune"])))
             s = tune_job.run(tune_cfg, str(files["tune"]))
             best = s.get("best") or {}
             out = {"model": best.get("model"), "best": {k: v for k, v in best.items() if k != "trial_model"},
@@ -287,6 +292,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         key = stage_key("ensemble", ens_cfg.model_dump(mode="json"), inputs)
         out = cached("ensemble", key, lambda o: _model_exists(o["model"], reg))
         if out is None:
+            check_paths_shared(ensemble_job.paths_of(ens_cfg, str(files["ensemble"])))
             s = ensemble_job.run(ens_cfg, str(files["ensemble"]))
             test = (s.get("scores") or {}).get("test") or {}
             out = {"model": s["model"], "combiner": s["combiner"],
@@ -317,6 +323,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         key = stage_key("evaluate", ev_cfg.model_dump(mode="json"), {"model": model, "dataset": dataset})
         out = cached("evaluate", key, lambda o: storage.exists(o["report"]))
         if out is None:
+            check_paths_shared(ev_cfg)
             rep = evaluate(ev_cfg)
             metrics = rep.get("metrics") or {}
             out = {"model": model, "report": rep["report"],
@@ -334,6 +341,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         dep_set = ["models.0.model=" + model] + ([f"registry={reg}"] if reg else [])
         dep_cfg = config.load(DeployConfig, files["deploy"], cfg.deploy.set + dep_set)
         header("deploy", f"{files['deploy'].name} -> {model} as {dep_cfg.models[0].name!r}")
+        check_paths_shared(dep_cfg)
         out = deploy(dep_cfg)  # always: Serve leaves an unchanged application as it is
         done("deploy", None, {**out, "first_model": dep_cfg.models[0].name}, t0, False)
 

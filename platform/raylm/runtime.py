@@ -193,7 +193,8 @@ def check_paths_shared(config: Any) -> None:
 
     from raylm.storage import StorageError
 
-    if os.environ.get(SKIP_SHARED_CHECK_ENV) == "1" or sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+    if (os.environ.get(SKIP_SHARED_CHECK_ENV) == "1" or not ray.is_initialized()
+            or sum(1 for n in ray.nodes() if n["Alive"]) < 2):
         return
     token = uuid.uuid4().hex
     markers: dict[str, tuple[str, str]] = {}

@@ -25,7 +25,7 @@ from raylm.train.config import TrainConfig
 from raylm.tune import ensemble as ens
 from raylm.tune import trial as trial_mod
 from raylm.tune.config import EnsembleConfig, TuneConfig
-from raylm.tune.job import base_train_dict, default_storage, load_tables
+from raylm.tune.job import base_train_dict, default_storage, load_tables, paths_of
 
 
 def _predict(model_dir: str, table, rows: Optional[list[int]] = None, batch_size: int = 32) -> np.ndarray:
@@ -310,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config.load(EnsembleConfig, args.config, args.overrides)
     from raylm.runtime import init_ray
 
-    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
+    init_ray(config=paths_of(cfg, args.config))  # on several nodes: every local path it uses must be shared
     s = run(cfg, args.config)
     for split, sc in s["scores"].items():
         e, mm = sc["ensemble"], sc["member_mean"]

@@ -54,6 +54,22 @@ def base_train_dict(cfg: TuneConfig, config_path: Optional[str]) -> dict[str, An
     return data
 
 
+def paths_of(cfg: Any, config_path: Optional[str]) -> dict[str, Any]:
+    """What a search or an ensemble (`cfg`: its config) reads and writes, for the shared-path
+    check (`runtime.check_paths_shared`): its own paths, and the dataset its trials read (the train
+    config's `data`, with `set` applied). A train config that cannot be read adds nothing here: the
+    job says what is wrong with it."""
+    own = cfg.model_dump(mode="json")
+    if getattr(cfg, "train", None) is None:  # an ensemble of registry models: no train config
+        return own
+    try:
+        base = base_train_dict(TuneConfig.model_construct(train=cfg.train, set=cfg.set, name=cfg.name), config_path)
+        data = config.build(TrainConfig, base, "train").data.model_dump(mode="json")
+    except config.ConfigError:
+        return own
+    return {"search": own, "trials": {"data": data}}
+
+
 def check(cfg: TuneConfig, base: dict[str, Any]) -> TrainConfig:
     """The base config and every dimension of the space are valid train configs (one clear error
     naming the field otherwise), and the metric is one this task reports."""
@@ -371,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check(cfg, base_train_dict(cfg, args.config))  # a bad space fails here, before Ray starts
     from raylm.runtime import init_ray
 
-    init_ray(config=cfg)  # on several nodes: every local path it names must be shared
+    init_ray(config=paths_of(cfg, args.config))  # on several nodes: every local path it uses must be shared
     s = run(cfg, args.config)
     print(f"[tune] {s['trials']} trials ({s['errors']} failed), {s['trial_steps']} trial-steps, {s['seconds']:.0f} s",
           flush=True)
