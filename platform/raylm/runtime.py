@@ -142,8 +142,7 @@ def local_dirs(config: Any) -> dict[str, str]:
             continue
         p = Path(storage.normalize(uri))
         if any(c in str(p) for c in "*?["):  # a glob: the directory above its first pattern
-            p = Path(*[part for part in itertools.takewhile(lambda x: not any(c in x for c in "*?["), p.parts)])
-            d = p
+            d = Path(*itertools.takewhile(lambda part: not any(c in part for c in "*?["), p.parts))
         else:
             d = p if p.is_dir() else p.parent if (p.exists() or p.suffix) else p
         out.setdefault(str(d), where)
