@@ -215,3 +215,69 @@ def test_documents_with_a_label_the_model_does_not_know_are_left_out_and_counted
     assert rep["left_out"] == truth.count("tragedy") > 0
     assert rep["metrics"]["accuracy"] == 1.0
     assert rep["metrics"]["confusion"] == [[truth.count("comedy"), 0], [0, 0]]
+
+
+def test_evaluation_moves_an_alias_only_to_a_model_that_scores_at_least_as_well(labeled, tmp_path):
+    """`promote: {alias: production}`: a worse model leaves the alias where it was (the alias's
+    model is scored beside it), an equal one takes it, and deploy configs naming `NAME@production`
+    get the version the alias points at; `raylm models alias / list / show` manage and show it."""
+    from raylm import config, registry
+    from raylm.data.versions import read_split
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.graph import resolve as resolve_deploy
+
+    reg = str(tmp_path / "registry")
+    m = labeled["manifest"]
+    truth = read_split(m, "docs", "test", ["label"]).column("label").to_pylist()
+    majority = max(("comedy", "tragedy"), key=truth.count)
+    assert truth.count("comedy") != truth.count("tragedy")
+    right, wrong = ([1.0, 0.0], [0.0, 1.0]) if majority == "comedy" else ([0.0, 1.0], [1.0, 0.0])
+    _register_constant_classifier(reg, "const", right)  # v1: always the majority label
+    _register_constant_classifier(reg, "const", wrong)  # v2: always the minority label
+    _register_constant_classifier(reg, "const", right)  # v3: as good as v1
+    acc_right, acc_wrong = truth.count(majority) / len(truth), 1 - truth.count(majority) / len(truth)
+
+    r = run_cli("models", "alias", "const@v1", "production", "--registry", reg)
+    assert r.returncode == 0 and "const@production -> const@v1" in r.stdout, r.stdout + r.stderr
+
+    def evaluate(model: str, **promote):
+        return run(config.build(EvaluateConfig, {
+            "model": model, "registry": reg, "data": {"dataset": "plays", "root": labeled["root"], "split": "test"},
+            "slices": {"columns": []}, "robustness": None,
+            "baselines": {"previous_versions": 0, "tfidf": False}, "promote": {"alias": "production", **promote}}))
+
+    rep = evaluate("const@v2")
+    p = rep["promotion"]
+    assert not p["promoted"] and p["holder"] == "const@v1" and "stays at const@v1" in p["reason"]
+    assert p["candidate_value"] == pytest.approx(acc_wrong) and p["holder_value"] == pytest.approx(acc_right)
+    assert rep["baselines"]["const@v1"]["metrics"]["accuracy"] == pytest.approx(acc_right)  # in the report too
+    assert registry.resolve("const@production", reg)["id"] == "const@v1"
+    card = registry.resolve("const@v2", reg)
+    assert card["evaluations"][f"{m['id']}:test"]["promotion"]["promoted"] is False
+
+    rep = evaluate("const@v3", min_delta=0.0)  # as good as the alias's model: it takes the alias
+    assert rep["promotion"]["promoted"], rep["promotion"]
+    assert registry.resolve("const@production", reg)["id"] == "const@v3"
+    rec = registry.alias_of("const", "production", reg)
+    assert [h["version"] for h in rec["history"]] == [1, 3] and "raylm evaluate on" in rec["history"][-1]["reason"]
+    assert "already points at" in evaluate("const@v3")["promotion"]["reason"]
+    with pytest.raises(config.ConfigError, match="not a metric of a classification model"):
+        evaluate("const@v2", metric="perplexity")
+
+    # a deploy config names the alias; the app serves the version it points at
+    dep = config.build(DeployConfig, {"registry": reg, "models": [{"name": "c", "model": "const@production"}]})
+    assert resolve_deploy(dep)[1]["c"]["id"] == "const@v3"
+
+    listed = run_cli("models", "list", "--registry", reg).stdout
+    assert [ln.split()[-1] for ln in listed.splitlines() if ln.startswith("const@v")] == ["-", "-", "production"]
+    shown = run_cli("models", "show", "const@production", "--registry", reg)
+    assert json.loads(shown.stdout)["id"] == "const@v3" and json.loads(shown.stdout)["aliases"] == ["production"]
+    missing = run_cli("models", "show", "const@staging", "--registry", reg)
+    assert missing.returncode == 1 and "has no alias 'staging'" in missing.stderr
+    bad = run_cli("models", "alias", "const@v1", "v2", "--registry", reg)
+    assert bad.returncode == 1 and "not allowed" in bad.stderr
+    assert run_cli("models", "alias", "const", "production", "--remove", "--registry", reg).returncode == 0
+    with pytest.raises(FileNotFoundError, match="no alias 'production'"):
+        registry.resolve("const@production", reg)

@@ -32,7 +32,8 @@ def _pipeline_file(tmp_path, **extra) -> str:
                          "set=[train.num_workers=1,train.max_steps=4,train.eval_every=2]",
                          f"output.storage={out / 'tune'}", f"output.registry={out / 'registry'}"]},
         "evaluate": {"config": str(CONFIGS / "evaluate_tiny.yaml"), "model": "train",
-                     "set": ["robustness=null", "slices.columns=[]", "baselines.ngram=null", "baselines.previous_versions=0"]},
+                     "set": ["robustness=null", "slices.columns=[]", "baselines.ngram=null", "baselines.previous_versions=0",
+                             "promote={alias: best, metric: perplexity}"]},
         "deploy": {"config": str(CONFIGS / "deploy_tiny.yaml"), "model": "tune",
                    "set": [f"auth.keys_file={out / 'keys.json'}", f"http.port={extra.pop('port', 8000)}",
                            "models.0.num_cpus=0.5", "name=tiny-pipeline"]},
@@ -132,6 +133,8 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     report = json.loads(Path(st["evaluate"]["report"]).with_name("report.json").read_text())
     assert st["evaluate"]["model"] == first["models"]["train"] and st["evaluate"]["metrics"]["perplexity"] > 1
     assert report["metrics"]["perplexity"] == st["evaluate"]["metrics"]["perplexity"]
+    assert st["evaluate"]["promotion"] == {"alias": "best", "promoted": True, "reason": report["promotion"]["reason"]}
+    assert registry.resolve("tiny-llama@best", reg)["id"] == first["models"]["train"]  # it pointed nowhere
     # the endpoint serves the tune stage's best model and answers with the key
     r = _complete(st["deploy"]["url"], key)
     assert r.status_code == 200, r.text
@@ -143,13 +146,22 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     assert {k for k, s in again["stages"].items() if s["skipped"]} == {"data", "train", "tune", "evaluate"}
     assert again["models"] == first["models"]
     assert [m["id"] for m in registry.list_models(reg) if m["name"] == "tiny-llama"] == [first["models"]["train"]]
-    # a changed train config re-trains; the stages downstream of it run again
+    # a changed train config re-trains; the stages downstream of it run again. Its evaluation moves
+    # the alias `best` only if its perplexity is no worse, and a deploy of the train stage's model
+    # serves what `best` points at
     changed = run(config.load(PipelineConfig, f, ["train.set=[train.num_workers=1,train.max_steps=4,"
                                                   f"output.storage={tmp_path / 'out' / 'runs2'},"
-                                                  f"output.registry={reg}]"]), f)
+                                                  f"output.registry={reg}]", "deploy.model=train"]), f)
     assert not changed["stages"]["train"]["skipped"] and not changed["stages"]["evaluate"]["skipped"]
     assert changed["stages"]["tune"]["skipped"]  # its inputs did not change
     assert changed["models"]["train"] != first["models"]["train"]
+    ppl = {m: registry.resolve(m, reg)["evaluations"][f"{first['dataset']}:test"]["metrics"]["perplexity"]
+           for m in (first["models"]["train"], changed["models"]["train"])}
+    better = changed["models"]["train"] if ppl[changed["models"]["train"]] <= ppl[first["models"]["train"]] \
+        else first["models"]["train"]
+    assert changed["stages"]["evaluate"]["promotion"]["promoted"] == (better == changed["models"]["train"]), ppl
+    assert registry.resolve("tiny-llama@best", reg)["id"] == better
+    assert changed["stages"]["deploy"]["models"] == {"tiny-llama": better}
     # the endpoint was taken down while the train stage re-ran (its CPUs) and is back
     r = _complete(st["deploy"]["url"], key)
     assert r.status_code == 200, r.text

@@ -9,7 +9,8 @@
     raylm stop JOB_ID [--timeout 60]
     raylm datasets list [--root URI]
     raylm datasets show NAME[@VERSION] [--root URI]
-    raylm models list | show NAME[@vN]
+    raylm models list | show NAME[@vN|@ALIAS]
+    raylm models alias NAME@vN ALIAS [--reason TEXT] | alias NAME ALIAS --remove
     raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
     raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
     raylm undeploy NAME
@@ -278,13 +279,18 @@ def cmd_models_list(a: argparse.Namespace) -> int:
     if not cards:
         print(f"no models in {a.registry or registry.default_root()}")
         return 0
-    print(f"{'MODEL':<28} {'TASK':<14} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9} {'VAL_ACC':>8}  CREATED")
+    held: dict[str, list[str]] = {}  # id -> its aliases
+    for name in sorted({c["name"] for c in cards}):
+        for alias, version in registry.aliases(name, a.registry).items():
+            held.setdefault(f"{name}@v{version}", []).append(alias)
+    print(f"{'MODEL':<28} {'TASK':<14} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9} {'VAL_ACC':>8}  "
+          f"{'CREATED':<19}  ALIASES")
     for c in cards:
         m = c.get("metrics", {})
         vl, acc = m.get("val_loss"), m.get("val_accuracy")
         print(f"{c['id']:<28} {c['task']:<14} {c.get('strategy', ''):<16} {c.get('dataset', '')[:28]:<28} "
               f"{(f'{vl:.4f}' if vl is not None else '-'):>9} {(f'{acc:.3f}' if acc is not None else '-'):>8}  "
-              f"{c['created'][:19]}")
+              f"{c['created'][:19]:<19}  {','.join(sorted(held.get(c['id'], []))) or '-'}")
     return 0
 
 
@@ -296,7 +302,34 @@ def cmd_models_show(a: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _print_err(str(e))
         return 1
+    if "name" in card and "version" in card:  # the aliases that point here (kept beside the card, not in it)
+        card = {**card, "aliases": sorted(k for k, v in registry.aliases(card["name"], a.registry).items()
+                                          if v == card["version"])}
     print(json.dumps(card, indent=2))
+    return 0
+
+
+def cmd_models_alias(a: argparse.Namespace) -> int:
+    from raylm import registry
+
+    try:
+        if a.remove:
+            name = a.ref.partition("@")[0]
+            if not registry.remove_alias(name, a.alias, a.registry):
+                _print_err(f"model {name!r} has no alias {a.alias!r}")
+                return 1
+            print(f"removed {name}@{a.alias}")
+            return 0
+        if "@" not in a.ref:
+            _print_err(f"name the version the alias should point at: {a.ref}@vN (or {a.ref}@latest)")
+            return 2
+        before = registry.alias_of(a.ref.partition("@")[0], a.alias, a.registry)
+        rec = registry.set_alias(a.ref, a.alias, a.registry, reason=a.reason or "set by hand (raylm models alias)")
+    except (FileNotFoundError, ValueError) as e:
+        _print_err(str(e))
+        return 1
+    was = f" (was v{before['version']})" if before and before["version"] != rec["version"] else ""
+    print(f"{rec['name']}@{rec['alias']} -> {rec['id']}{was}")
     return 0
 
 
@@ -440,9 +473,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--registry", help="registry root URI (default $RAYLM_HOME/registry)")
     s.set_defaults(fn=cmd_models_list)
     s = ms.add_parser("show", help="one model's card")
-    s.add_argument("ref", help="NAME, NAME@vN or a model directory URI")
+    s.add_argument("ref", help="NAME, NAME@vN, NAME@ALIAS or a model directory URI")
     s.add_argument("--registry")
     s.set_defaults(fn=cmd_models_show)
+    s = ms.add_parser("alias", help="point an alias (NAME@ALIAS, e.g. production) at a version, or remove it")
+    s.add_argument("ref", help="NAME@vN (or NAME@latest, NAME@OTHER_ALIAS) to point the alias at; NAME with --remove")
+    s.add_argument("alias", help="the alias: a letter, then letters, digits, '-' or '_'")
+    s.add_argument("--remove", action="store_true", help="delete the alias")
+    s.add_argument("--reason", help="kept in the alias's history")
+    s.add_argument("--registry")
+    s.set_defaults(fn=cmd_models_alias)
 
     ks = sub.add_parser("keys", help="API keys of served models (stored hashed)").add_subparsers(
         dest="keys_command", required=True)

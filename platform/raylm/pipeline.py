@@ -327,7 +327,9 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
             rep = evaluate(ev_cfg)
             metrics = rep.get("metrics") or {}
             out = {"model": model, "report": rep["report"],
-                   "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+                   "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                   **({"promotion": {k: rep["promotion"][k] for k in ("alias", "promoted", "reason")}}
+                      if "promotion" in rep else {})}
             done("evaluate", key, out, t0, False)
         else:
             done("evaluate", key, out, t0, True)
@@ -338,6 +340,15 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
 
         t0 = time.time()
         model, reg = chosen("deploy", cfg.deploy.model)
+        if cfg.evaluate and ev_cfg.promote and cfg.evaluate.model == cfg.deploy.model:
+            # the evaluate stage decides what is served: the version its alias points at now
+            ref = f"{registry.resolve(model, reg)['name']}@{ev_cfg.promote.alias}"
+            try:
+                model = registry.resolve(ref, reg)["id"]
+            except FileNotFoundError:
+                raise config.ConfigError(f"deploy: the evaluate stage promotes to {ref}, which points at no "
+                                         "model (nothing was promoted yet): nothing to deploy") from None
+            print(f"[pipeline] deploy serves {ref} = {model}", flush=True)
         dep_set = ["models.0.model=" + model] + ([f"registry={reg}"] if reg else [])
         dep_cfg = config.load(DeployConfig, files["deploy"], cfg.deploy.set + dep_set)
         header("deploy", f"{files['deploy'].name} -> {model} as {dep_cfg.models[0].name!r}")
@@ -379,6 +390,10 @@ def print_summary(s: dict[str, Any]) -> None:
             metrics = ", ".join(f"{k} {x['metrics'][k]:.4g}" for k in keep if k in x["metrics"])
             lines.append(f"  evaluate   {x['model']}: {metrics}  [{tag}]")
             lines.append(f"             report {x['report']}")
+            if x.get("promotion"):
+                p = x["promotion"]
+                lines.append(f"             {'promoted' if p['promoted'] else 'not promoted'} to @{p['alias']}: "
+                             f"{p['reason']}")
         elif stage == "deploy":
             lines.append(f"  deploy     {x['url']}/  models {json.dumps(x['models'])}  [{tag}]")
             route = "/v1/classify" if x.get("tasks", {}).get(x["first_model"]) == "classification" \

@@ -4,6 +4,11 @@
 model.safetensors, tokenizer files) plus `model_card.json` (task, base, dataset version,
 strategy, metrics, config). Versions count up per name; the card is written last, so a
 directory without one is not (yet) a model. `name@N`, `name@vN` or `name` (newest) refer to one.
+
+Aliases name a version for the stages that read it: `name@production` is whatever version the
+alias `production` points at (`<registry>/<name>/aliases/<alias>.json`, which keeps the alias's
+history). `set_alias` moves one (the CLI's `raylm models alias`, or the evaluation job's `promote`,
+which moves it only to a version that scores at least as well as the one it holds).
 """
 
 from __future__ import annotations
@@ -18,6 +23,16 @@ from raylm import storage
 from raylm.cluster import home
 
 CARD = "model_card.json"
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"  # and not a version (v3): see `check_alias`
+_VERSION = re.compile(r"v?(\d+)")
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if it can name an alias; ValueError (with what is allowed) otherwise."""
+    if not re.fullmatch(ALIAS_PATTERN, alias) or _VERSION.fullmatch(alias) or alias == "latest":
+        raise ValueError(f"alias {alias!r} is not allowed: a letter, then up to 62 letters, digits, '-' or '_', "
+                         "and not a version (v3) or 'latest'")
+    return alias
 
 
 def default_root() -> str:
@@ -77,20 +92,77 @@ def list_models(root: Optional[str] = None) -> list[dict[str, Any]]:
 
 
 def resolve(ref: str, root: Optional[str] = None) -> dict[str, Any]:
-    """`name`, `name@3` / `name@v3`, or a model directory URI -> its card."""
+    """`name` or `name@latest` (newest), `name@3` / `name@v3`, `name@ALIAS`, or a model directory
+    URI -> its card."""
     if "://" in ref or ref.startswith(("/", ".", "~")):
         card = storage.join(ref, CARD)
         if not storage.exists(card):
             raise FileNotFoundError(f"no model at {ref} (no {CARD})")
         return storage.read_json(card)
     name, _, version = ref.partition("@")
+    if version and version != "latest" and not _VERSION.fullmatch(version):
+        held = alias_of(name, version, root)
+        if held is None:
+            names = sorted(aliases(name, root))
+            raise FileNotFoundError(f"model {name!r} has no alias {version!r}; its aliases: "
+                                    f"{', '.join(names) or 'none'} (set one: raylm models alias {name}@vN {version})")
+        version = str(held["version"])
     cards = [c for c in list_models(root) if c["name"] == name]
-    if version:
-        cards = [c for c in cards if f"v{c['version']}" == version or str(c["version"]) == version]
+    if version and version != "latest":
+        cards = [c for c in cards if c["version"] == int(_VERSION.fullmatch(version).group(1))]
     if not cards:
         known = sorted({c["id"] for c in list_models(root)})
         raise FileNotFoundError(f"no model {ref!r} in the registry; known: {', '.join(known) or 'none'}")
     return cards[-1]
+
+
+# --- aliases -----------------------------------------------------------------------------------
+
+def _alias_uri(root: Optional[str], name: str, alias: str) -> str:
+    return storage.join(storage.normalize(root or default_root()), name, "aliases", f"{alias}.json")
+
+
+def alias_of(name: str, alias: str, root: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The alias's record ({alias, name, version, id, set, reason, history}) or None."""
+    uri = _alias_uri(root, name, alias)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def aliases(name: str, root: Optional[str] = None) -> dict[str, int]:
+    """alias -> version, for every alias of `name`."""
+    base = storage.join(storage.normalize(root or default_root()), name, "aliases")
+    out = {}
+    for entry in storage.listdir(base):
+        if entry.endswith(".json"):
+            rec = storage.read_json(storage.join(base, entry))
+            out[rec["alias"]] = int(rec["version"])
+    return out
+
+
+def set_alias(ref: str, alias: str, root: Optional[str] = None, reason: str = "") -> dict[str, Any]:
+    """Point `alias` of the model `ref` names at that version (its history keeps where it pointed
+    before); returns the alias's record."""
+    check_alias(alias)
+    card = resolve(ref, root)
+    if "name" not in card or "version" not in card:
+        raise ValueError(f"{ref} is not a registry model (a model directory has no aliases)")
+    uri = _alias_uri(root, card["name"], alias)
+    old = alias_of(card["name"], alias, root)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    history = (old or {}).get("history", [])
+    rec = {"alias": alias, "name": card["name"], "version": card["version"], "id": card["id"], "set": now,
+           "reason": reason, "history": [*history, {"version": card["version"], "set": now, "reason": reason}][-50:]}
+    storage.write_json(uri, rec)
+    return rec
+
+
+def remove_alias(name: str, alias: str, root: Optional[str] = None) -> bool:
+    """Delete the alias; False when there was none."""
+    uri = _alias_uri(root, name, alias)
+    if not storage.exists(uri):
+        return False
+    storage.remove(uri)
+    return True
 
 
 def local_path(card: dict[str, Any], cache: Optional[str | Path] = None) -> Path:

@@ -59,6 +59,35 @@ class Baselines(Strict):
     previous_versions: int = Field(1, ge=0, description="also evaluate this many earlier registry versions")
 
 
+HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "next_token_accuracy"}
+LOWER_IS_BETTER = {"ece", "perplexity", "bits_per_byte", "loss"}
+
+
+class Promote(Strict):
+    alias: str = Field(..., description="the registry alias to move to the evaluated model (e.g. production): "
+                       "deploy configs name it as NAME@ALIAS")
+    metric: Optional[str] = Field(None, description="the metric that decides; default accuracy (classification) or "
+                                  "bits_per_byte (causal LM). Higher is better for accuracy, f1_macro, f1_micro, "
+                                  "roc_auc_ovr, next_token_accuracy; lower for ece, perplexity, bits_per_byte, loss")
+    min_delta: float = Field(0.0, ge=0, description="the evaluated model must beat the alias's current model by at "
+                             "least this much (0: at least as good); both are scored on the same documents in this "
+                             "job. An alias that points nowhere yet is set without a comparison")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        from raylm.registry import check_alias
+
+        return check_alias(v)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            raise ValueError(f"promote.metric {v!r} is not one of {', '.join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))}")
+        return v
+
+
 class EvaluateConfig(Strict):
     model: str = Field(..., description="registry model: NAME, NAME@vN or a model directory URI")
     registry: Optional[str] = Field(None, description="registry root; default $RAYLM_HOME/registry")
@@ -71,6 +100,8 @@ class EvaluateConfig(Strict):
     slices: Slices = Slices()
     robustness: Optional[Robustness] = Field(default_factory=Robustness, description="null: skip")
     baselines: Baselines = Baselines()
+    promote: Optional[Promote] = Field(None, description="after scoring, move a registry alias to this model "
+                                       "when it scores at least as well as the alias's current model; null: never")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
     output: Optional[str] = Field(None, description="report directory; default beside the model: "
                                   "<model>/eval/<dataset>-<version>-<split>")

@@ -12,7 +12,7 @@ import numpy as np
 from raylm import config, registry, storage, tracking
 from raylm.evaluate import baselines, infer, metrics, report
 from raylm.data.versions import read_split, with_labels
-from raylm.evaluate.config import EvaluateConfig
+from raylm.evaluate.config import HIGHER_IS_BETTER, EvaluateConfig
 
 CLS_COMPARE = ["accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "ece"]
 LM_COMPARE = ["perplexity", "bits_per_byte", "next_token_accuracy", "loss"]
@@ -142,10 +142,72 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
     return out
 
 
+def _promote(ev: Evaluation, rep: dict[str, Any]) -> dict[str, Any]:
+    """Move `promote.alias` to the evaluated model when it scores at least as well (by `min_delta`)
+    as the model the alias points at, both scored here on the same documents. Returns what was
+    decided and why; a model that loses leaves the alias where it was (not an error)."""
+    p, card = ev.cfg.promote, ev.card
+    metric = p.metric or rep["headline_metric"]
+    higher = metric in HIGHER_IS_BETTER
+    out: dict[str, Any] = {"alias": p.alias, "metric": metric, "higher_is_better": higher, "min_delta": p.min_delta,
+                           "candidate": card["id"], "candidate_value": rep["metrics"].get(metric)}
+    held = registry.alias_of(card["name"], p.alias, ev.cfg.registry)
+    ref = f"{card['name']}@{p.alias}"
+    if held is not None and held["version"] == card["version"]:
+        return {**out, "promoted": False, "holder": card["id"], "reason": f"{ref} already points at {card['id']}"}
+    value = out["candidate_value"]
+    if value is None or not np.isfinite(value):
+        return {**out, "promoted": False, "holder": held and held["id"],
+                "reason": f"{metric} of {card['id']} is undefined on this split"}
+    if held is None:
+        reason = f"{ref} pointed nowhere; set to {card['id']} ({metric} {value:.4f})"
+    else:
+        try:
+            holder = registry.resolve(f"{card['name']}@v{held['version']}", ev.cfg.registry)
+        except FileNotFoundError:
+            holder = None
+        if holder is None:
+            reason = f"{ref} pointed at {held['id']}, which is no longer in the registry; set to {card['id']}"
+        else:
+            scored = rep["baselines"].get(holder["id"])  # an earlier version scored as a baseline
+            if scored is None:  # scored here, and listed with the baselines
+                scored = rep["baselines"][holder["id"]] = {
+                    "metrics": ev.metrics_of(ev.score(str(registry.local_path(holder))))}
+            hm = scored["metrics"]
+            hv = hm.get(metric)
+            out.update(holder=holder["id"], holder_value=hv)
+            if hv is not None and np.isfinite(hv):
+                gain = (value - hv) if higher else (hv - value)
+                if gain < p.min_delta:
+                    return {**out, "promoted": False,
+                            "reason": f"{card['id']} {metric} {value:.4f} against {holder['id']} {hv:.4f}: "
+                                      f"{'better' if gain > 0 else 'not better'} by at least {p.min_delta}; "
+                                      f"{ref} stays at {holder['id']}"}
+                reason = (f"{card['id']} {metric} {value:.4f} against {holder['id']} {hv:.4f} "
+                          f"({'+' if higher else '-'}{abs(value - hv):.4f})")
+            else:
+                reason = f"{metric} of {holder['id']} is undefined on this split; set to {card['id']}"
+    now = registry.alias_of(card["name"], p.alias, ev.cfg.registry)
+    if (now and now["version"]) != (held and held["version"]):  # moved by someone else while this job scored
+        return {**out, "promoted": False, "reason": f"{ref} moved to {now and now['id']} while this job ran; "
+                                                    "evaluate again to compare against it"}
+    registry.set_alias(card["id"], p.alias, ev.cfg.registry,
+                       reason=f"raylm evaluate on {ev.m['id']}:{ev.cfg.data.split}: {reason}")
+    return {**out, "promoted": True, "reason": reason}
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.time()
     ev = Evaluation(cfg)
     card, m, split = ev.card, ev.m, cfg.data.split
+    compare = CLS_COMPARE if ev.task == "classification" else LM_COMPARE
+    if cfg.promote:  # before any scoring
+        if "name" not in card or "version" not in card:
+            raise config.ConfigError(f"promote: {cfg.model} is a model directory, not a registry model; "
+                                     "aliases belong to registry models (model: NAME or NAME@vN)")
+        if cfg.promote.metric and cfg.promote.metric not in compare:
+            raise config.ConfigError(f"promote.metric: {cfg.promote.metric!r} is not a metric of a {ev.task} model "
+                                     f"({', '.join(compare)})")
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
           f"{cfg.compute.actors} replica(s)" + (f"; {ev.left_out} without a known label left out" if ev.left_out
                                                  else ""), flush=True)
@@ -154,7 +216,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     headline = "accuracy" if ev.task == "classification" else "bits_per_byte"
     rep: dict[str, Any] = {"model": card["id"], "task": ev.task, "dataset": m["id"], "split": split,
                            "headline_metric": headline, "window": ev.window, "left_out": ev.left_out,
-                           "compare_metrics": CLS_COMPARE if ev.task == "classification" else LM_COMPARE,
+                           "compare_metrics": compare,
                            "metrics": ev.metrics_of(frame)}
     if ev.task == "classification":
         rep["labels"] = ev.labels
@@ -193,6 +255,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     for name, b in rep["baselines"].items():
         if b["metrics"]:
             print(f"[evaluate] baseline {name}: {_shown(b['metrics'], rep['compare_metrics'])}", flush=True)
+    if cfg.promote:
+        rep["promotion"] = _promote(ev, rep)
+        print(f"[evaluate] {'PROMOTED' if rep['promotion']['promoted'] else 'not promoted'}: "
+              f"{rep['promotion']['reason']}", flush=True)
     rep["seconds"] = time.time() - t0
     out = cfg.output or storage.join(card["uri"], "eval", f"{m['name']}-{m['version']}-{split}")
     rep["report"] = report.write(rep, out)
@@ -200,7 +266,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     evaluation = {"dataset": m["id"], "split": split, "metrics": headline_metrics, "report": rep["report"],
                   "baselines": {name: {k: b["metrics"][k] for k in rep["compare_metrics"]
                                        if b["metrics"].get(k) is not None} for name, b in rep["baselines"].items()},
-                  "flagged_slices": [c for c, s in rep["slices"].items() if s["flagged"]]}
+                  "flagged_slices": [c for c, s in rep["slices"].items() if s["flagged"]],
+                  **({"promotion": rep["promotion"]} if "promotion" in rep else {})}
     card = {**card, "evaluations": {**card.get("evaluations", {}), f"{m['id']}:{split}": evaluation}}
     storage.write_json(storage.join(card["uri"], registry.CARD), card)
     print(f"[evaluate] report: {rep['report']}", flush=True)
@@ -223,6 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_ray(config=cfg)  # on several nodes: every local path it names must be shared
     rep = run(cfg)
     print("RAYLM_RESULT " + json.dumps({"model": rep["model"], "report": rep["report"],
+                                        **({"promoted": rep["promotion"]["promoted"]} if "promotion" in rep else {}),
                                         "metrics": {k: v for k, v in rep["metrics"].items()
                                                     if isinstance(v, (int, float))}}), flush=True)
     return 0

@@ -100,6 +100,10 @@ def write(rep: dict[str, Any], uri: str) -> str:
             f"<b>{html.escape(rep['split'])}</b>: {rep['metrics'].get('n')} documents, {rep['seconds']:.1f} s.</p>",
             "<h2>Model vs baselines</h2>", _table(compare, ["model"] + keys),
         ]
+        if rep.get("promotion"):
+            pr = rep["promotion"]
+            parts.append(f"<p><b>{'Promoted' if pr['promoted'] else 'Not promoted'}</b> to alias "
+                         f"<code>{html.escape(pr['alias'])}</code>: {html.escape(pr['reason'])}</p>")
         if slices:
             parts += ["<h2>Slices</h2>", _table(slices, ["column", "metric", "best", "worst", "gap", "flagged"])]
         if rep.get("robustness"):

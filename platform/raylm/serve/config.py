@@ -66,7 +66,7 @@ class Compression(Strict):
 class ModelDeployment(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="the model id clients send (`model` field)")
-    model: str = Field(..., description="registry reference: NAME, NAME@vN, or a model directory URI")
+    model: str = Field(..., description="registry reference: NAME, NAME@vN, NAME@ALIAS, or a model directory URI")
     num_replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
     autoscaling: Optional[Autoscaling] = None
     max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")

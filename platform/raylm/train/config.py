@@ -49,7 +49,7 @@ class LoraConfig(Strict):
 
 
 class DistillConfig(Strict):
-    teacher: str = Field(..., description="registry model (NAME, NAME@vN or a model directory URI); same "
+    teacher: str = Field(..., description="registry model (NAME, NAME@vN, NAME@ALIAS or a model directory URI); same "
                          "tokenizer (causal LM) or same labels (classification) as the student")
     registry: Optional[str] = Field(None, description="registry root of the teacher; default output.registry")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 1 - alpha on the labels")

@@ -157,7 +157,7 @@ class MembersConfig(Strict):
     search_storage: Optional[str] = Field(None, description="source search: its output.storage; default "
                                           "$RAYLM_HOME/tune")
     models: Optional[list[str]] = Field(None, min_length=2, description="source models: registry refs "
-                                        "(NAME, NAME@vN)")
+                                        "(NAME, NAME@vN, NAME@ALIAS)")
 
     @model_validator(mode="after")
     def _checks(self) -> "MembersConfig":
