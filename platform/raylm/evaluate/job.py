@@ -178,13 +178,13 @@ def _promote(ev: Evaluation, rep: dict[str, Any]) -> dict[str, Any]:
             out.update(holder=holder["id"], holder_value=hv)
             if hv is not None and np.isfinite(hv):
                 gain = (value - hv) if higher else (hv - value)
+                how = f"better by {gain:.4f}" if gain > 0 else f"worse by {-gain:.4f}" if gain < 0 else "as good"
+                compared = f"{card['id']} {metric} {value:.4f} against {holder['id']} {hv:.4f}: {how}"
                 if gain < p.min_delta:
+                    needs = f"better by {p.min_delta}" if p.min_delta else "at least as good"
                     return {**out, "promoted": False,
-                            "reason": f"{card['id']} {metric} {value:.4f} against {holder['id']} {hv:.4f}: "
-                                      f"{'better' if gain > 0 else 'not better'} by at least {p.min_delta}; "
-                                      f"{ref} stays at {holder['id']}"}
-                reason = (f"{card['id']} {metric} {value:.4f} against {holder['id']} {hv:.4f} "
-                          f"({'+' if higher else '-'}{abs(value - hv):.4f})")
+                            "reason": f"{compared} (promotion needs {needs}); {ref} stays at {holder['id']}"}
+                reason = compared
             else:
                 reason = f"{metric} of {holder['id']} is undefined on this split; set to {card['id']}"
     now = registry.alias_of(card["name"], p.alias, ev.cfg.registry)
