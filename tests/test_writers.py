@@ -80,3 +80,28 @@ def test_two_jobs_building_one_dataset_version_on_s3_leave_one_whole_version(ray
     assert sum("another job published" in x or "reusing it" in x for x in logs) == 1, logs
     attempts = [n for n in storage.listdir(storage.join(out, "tiny", m["version"])) if n.startswith("_attempt-")]
     assert attempts == [m["uri"].rsplit("/", 1)[-1]]  # the loser removed its own files
+
+
+def test_an_alias_names_the_version_it_was_last_pointed_at(root, tmp_path):
+    """Aliases on local disk and on S3: set, resolved wherever a model reference is, moved (its
+    history kept), pointed at through another alias, removed; names that read as versions refused."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    for _ in range(3):
+        registry.register(d, "aliased", {"task": "causal_lm"}, root=root)
+    registry.set_alias("aliased@v1", "production", root, reason="first")
+    assert registry.resolve("aliased@production", root)["version"] == 1
+    assert registry.resolve("aliased", root)["version"] == registry.resolve("aliased@latest", root)["version"] == 3
+    registry.set_alias("aliased@2", "production", root, reason="better")
+    registry.set_alias("aliased@production", "staging", root)  # whatever production is now
+    assert registry.aliases("aliased", root) == {"production": 2, "staging": 2}
+    rec = registry.alias_of("aliased", "production", root)
+    assert [(h["version"], h["reason"]) for h in rec["history"]] == [(1, "first"), (2, "better")]
+    assert [c["version"] for c in registry.list_models(root)] == [1, 2, 3]  # aliases are not versions
+    assert registry.remove_alias("aliased", "staging", root) and not registry.remove_alias("aliased", "staging", root)
+    with pytest.raises(FileNotFoundError, match="no alias 'staging'.*its aliases: production"):
+        registry.resolve("aliased@staging", root)
+    for bad in ("v4", "4", "latest", "-x", "a b"):
+        with pytest.raises(ValueError, match="not allowed"):
+            registry.set_alias("aliased@v1", bad, root)
