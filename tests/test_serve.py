@@ -514,6 +514,44 @@ def test_two_ingress_replicas_share_recent_responses_and_one_rate_limit(served):
         serve.delete("two-ingress")
 
 
+def test_a_canary_answers_its_share_and_every_answer_names_its_version(served):
+    """`canary: {model: lm@v2, weight: 0.5}` on the name `lm`: both versions answer, each response
+    names the one that did (body and header), feedback on a canary's answer records its version,
+    /v1/models shows the split; a canary of another task is refused at deploy."""
+    from ray import serve
+
+    from raylm import config, storage
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.job import run
+
+    fb = served["dir"] / "feedback-canary"
+    cfg = {**served["cfg"], "name": "canary", "route_prefix": "/canary", "feedback_uri": str(fb),
+           "models": [{"name": "lm", "model": "lm@v1", "num_cpus": 0, "max_tokens_cap": 8,
+                       "canary": {"model": "lm@v2", "weight": 0.5}}]}
+    out = run(config.build(DeployConfig, cfg))
+    try:
+        s = {**served, "base": out["url"]}
+        http = requests.Session()
+        rs = [_post(s, "/v1/completions", {"model": "lm", "prompt": f"the king {i}", "max_tokens": 2}, http=http)
+              for i in range(40)]
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+        versions = [r.json()["system_fingerprint"] for r in rs]
+        assert versions == [r.headers["x-raylm-model-version"] for r in rs]
+        assert set(versions) == {"lm@v1", "lm@v2"} and min(versions.count("lm@v1"), versions.count("lm@v2")) >= 5
+        on_canary = next(r.json() for r in rs if r.json()["system_fingerprint"] == "lm@v2")
+        assert _post(s, "/v1/feedback", {"response_id": on_canary["id"], "rating": -1}, http=http).status_code == 200
+        (stored,) = [json.loads(storage.read_text(f)) for f in storage.glob_files(str(fb))]
+        assert stored["model"] == "lm" and stored["model_version"] == "lm@v2"
+        entry = http.get(s["base"] + "/v1/models/lm", headers=_h(s["keys"]["gen"]), timeout=30).json()
+        assert entry["registry_id"] == "lm@v1" and entry["canary"] == {"registry_id": "lm@v2", "weight": 0.5}
+        assert http.get(s["base"] + "/healthz", timeout=30).json()["status"] == "ok"
+    finally:
+        serve.delete("canary")
+    bad = {**cfg, "models": [{**cfg["models"][0], "canary": {"model": "author-cls", "weight": 0.1}}]}
+    with pytest.raises(config.ConfigError, match="canary author-cls@v1 is a classification model"):
+        run(config.build(DeployConfig, bad))
+
+
 def test_int8_quality_change_is_measured_and_on_the_card(served):
     from raylm import registry
 

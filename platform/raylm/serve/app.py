@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import math
+import random
 import time
 import uuid
 from pathlib import Path
@@ -89,13 +90,16 @@ class _Count:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        state = scope["state"] = {**scope.get("state", {}), "model": "", "streaming": False}  # this request's
+        state = scope["state"] = {**scope.get("state", {}), "model": "", "version": "", "streaming": False}
         status = 500  # unless a response starts
 
         async def sent(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if state["version"]:  # the registry version that answered (a canary or the model)
+                    message["headers"] = [*message.get("headers", []),
+                                          (b"x-raylm-model-version", state["version"].encode())]
             await send(message)
 
         try:
@@ -104,7 +108,8 @@ class _Count:
             path = scope["path"]
             route = path if path in ROUTES else "other"
             m = metrics()
-            m["requests"].inc(tags={"route": route, "status": str(status), "model": state["model"]})
+            m["requests"].inc(tags={"route": route, "status": str(status), "model": state["model"],
+                                    "version": state["version"]})
             if not state["streaming"]:
                 m["latency"].observe(time.perf_counter() - t0, tags={"route": route, "model": state["model"]})
 
@@ -135,6 +140,9 @@ class Ingress:
 
         self.cfg = DeployConfig.model_validate(cfg)
         self.models = {name: {**meta[name], "handle": handles[name]} for name in meta}
+        for name, m in self.models.items():  # a canary: another version answering a share of the name's requests
+            if m.get("canary"):
+                m["canary"] = {**m["canary"], "handle": handles[f"{name}@canary"]}
         self.options = {m.name: m for m in self.cfg.models}
         self.keys = KeyStore(self.cfg.auth.keys_file) if self.cfg.auth.required else None
         # HAProxy spreads requests over the ingress replicas in turn: each holds its share of a
@@ -202,6 +210,9 @@ class Ingress:
         if m["task"] != task:
             raise ApiError(400, f"model {name!r} is a {m['task']} model; this route needs a {task} model",
                            code="wrong_task", param="model")
+        if m.get("canary") and random.random() < m["canary"]["weight"]:
+            m = m["canary"]
+        request.state.version = m["registry_id"]
         return m
 
     def _max_tokens(self, name: str, asked: Optional[int]) -> int:
@@ -252,7 +263,8 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         async def probe(m: dict) -> str:
-            handles = m["handle"] if isinstance(m["handle"], list) else [m["handle"]]
+            handles = [h for x in (m, m.get("canary") or {}) if "handle" in x
+                       for h in (x["handle"] if isinstance(x["handle"], list) else [x["handle"]])]
             try:
                 await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in handles)), timeout=5)
                 return "ready"
@@ -266,7 +278,9 @@ class Ingress:
     def _model_entry(self, name: str) -> dict[str, Any]:
         m = self.models[name]
         return {"id": name, "object": "model", "created": m.get("created", self.created), "owned_by": "raylm",
-                "task": m["task"], "registry_id": m["registry_id"], **({"labels": m["labels"]} if m.get("labels") else {})}
+                "task": m["task"], "registry_id": m["registry_id"], **({"labels": m["labels"]} if m.get("labels") else {}),
+                **({"canary": {"registry_id": m["canary"]["registry_id"], "weight": m["canary"]["weight"]}}
+                   if m.get("canary") else {})}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -296,7 +310,8 @@ class Ingress:
                 "echo": req.echo, "stream": req.stream}
         payloads = [{**base, "prompt": x} for x in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
+                "system_fingerprint": m["registry_id"]}
         if req.stream:
             started = await self._start(m, payloads)
             outs = None
@@ -316,7 +331,8 @@ class Ingress:
             choices.append({"text": echo_texts[i] + o["text"], "index": i, "logprobs": lp,
                             "finish_reason": o["finish_reason"] or "length"})
         usage = self._usage(started, outs)
-        self.recent.remember(rid, {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str) else None,
+        self.recent.remember(rid, {"model": req.model, "version": m["registry_id"],
+                                   "prompt": prompts[0] if isinstance(prompts[0], str) else None,
                              "completion": outs[0]["text"]})
         return {**head, "choices": choices, "usage": usage}
 
@@ -422,7 +438,8 @@ class Ingress:
             metrics()["tokens"].inc(sum(n_tokens) or 0, tags={"model": req.model})
             metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/completions",
                                                                          "model": req.model})
-            self.recent.remember(head["id"], {"model": req.model, "prompt": prompts[0] if isinstance(prompts[0], str)
+            self.recent.remember(head["id"], {"model": req.model, "version": head["system_fingerprint"],
+                                              "prompt": prompts[0] if isinstance(prompts[0], str)
                                         else None, "completion": "".join(text0)})
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest))
@@ -441,7 +458,8 @@ class Ingress:
                    "temperature": req.temperature, "top_p": req.top_p, "stop": self._stops(req.stop),
                    "seed": req.seed, "logprobs": top, "stream": req.stream}
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
+        head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+                "system_fingerprint": m["registry_id"]}
         prompt = messages[-1]["content"]
         if req.stream:
             started = await self._start(m, [payload])
@@ -449,7 +467,8 @@ class Ingress:
             return StreamingResponse(self._stream_chat(started, {**head, "object": "chat.completion.chunk"}, req,
                                                        prompt), media_type="text/event-stream")
         started, (o,) = await self._generate(request, m, [payload], req.model)
-        self.recent.remember(rid, {"model": req.model, "prompt": prompt, "completion": o["text"]})
+        self.recent.remember(rid, {"model": req.model, "version": m["registry_id"], "prompt": prompt,
+                                   "completion": o["text"]})
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
                                      "logprobs": self._chat_logprobs(o) if req.logprobs else None,
                                      "finish_reason": o["finish_reason"] or "length"}],
@@ -495,7 +514,8 @@ class Ingress:
             metrics()["tokens"].inc(n or 0, tags={"model": req.model})
             metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/chat/completions",
                                                                          "model": req.model})
-            self.recent.remember(head["id"], {"model": req.model, "prompt": prompt, "completion": "".join(text)})
+            self.recent.remember(head["id"], {"model": req.model, "version": head["system_fingerprint"],
+                                              "prompt": prompt, "completion": "".join(text)})
 
     @app.post("/v1/classify", openapi_extra=body_schema(ClassifyRequest))
     async def classify(self, request: Request) -> dict:
@@ -513,8 +533,10 @@ class Ingress:
             raise ApiError(503, "the model's queue is full; retry shortly", "server_busy", "queue_full",
                            {"Retry-After": "1"}) from None
         rid = f"cls-{uuid.uuid4().hex}"
-        self.recent.remember(rid, {"model": req.model, "prompt": texts[0], "completion": results[0]["label"]})
+        self.recent.remember(rid, {"model": req.model, "version": m["registry_id"], "prompt": texts[0],
+                                   "completion": results[0]["label"]})
         return {"id": rid, "object": "classification", "created": int(time.time()), "model": req.model,
+                "system_fingerprint": m["registry_id"],
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     async def _classify(self, m: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
@@ -551,6 +573,7 @@ class Ingress:
         now = dt.datetime.now(dt.timezone.utc)
         record = {"id": f"fb-{uuid.uuid4().hex}", "response_id": req.response_id, "rating": req.rating,
                   "comment": req.comment, "model": (seen or {}).get("model") or req.model,
+                  "model_version": (seen or {}).get("version"),
                   "prompt": (seen or {}).get("prompt"), "completion": (seen or {}).get("completion"),
                   "response_known": seen is not None, "key": who.name, "created": now.isoformat(timespec="seconds")}
         record["text"] = (record["prompt"] or "") + (record["completion"] or "")

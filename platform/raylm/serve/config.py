@@ -63,6 +63,11 @@ class Compression(Strict):
     eval_batches: int = Field(8, ge=1, description="validation blocks used to measure the quality change")
 
 
+class Canary(Strict):
+    model: str = Field(..., description="registry reference of the version on trial (NAME@vN, NAME@ALIAS...)")
+    weight: float = Field(..., gt=0, lt=1, description="share of this model's requests it answers (0.1: one in ten)")
+
+
 class ModelDeployment(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="the model id clients send (`model` field)")
@@ -84,6 +89,9 @@ class ModelDeployment(Strict):
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it out (OpenAI: 16)")
     chat_template: Optional[str] = Field(None, description="Jinja chat template; default: the tokenizer's, "
                                                            "else a plain `role: content` template")
+    canary: Optional[Canary] = Field(None, description="another version answering a share of this name's "
+                                     "requests (its own deployment, with this entry's options); responses name the "
+                                     "version that answered (`system_fingerprint`, header x-raylm-model-version)")
 
 
 class Auth(Strict):

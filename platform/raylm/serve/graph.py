@@ -2,7 +2,7 @@
 deployment per model (one per member for an ensemble) with its replicas, autoscaling and
 resources, and the FastAPI ingress (serve/app.py) bound to their handles.
 
-    resolve(cfg) -> (cfg with defaults filled in, {model name: card})
+    resolve(cfg) -> (cfg with defaults filled in, {model name: card, "NAME@canary": its canary's card})
     build(cfg) -> serve.Application          (the deploy job and the benchmarks run it;
                                               `raylm.serve.app:app_builder` wraps it for Serve configs)
 """
@@ -30,18 +30,51 @@ def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
     cfg.feedback_uri = storage.normalize(cfg.feedback_uri or str(home() / "feedback" / cfg.name))
     cards = {}
     for m in cfg.models:
-        card = registry.resolve(m.model, cfg.registry)
-        if card.get("task") not in ("causal_lm", "classification"):
-            raise ValueError(f"model {card.get('id')} has task {card.get('task')!r}; raylm serves causal_lm and "
-                             "classification models")
-        cards[m.name] = card
+        for key, ref in [(m.name, m.model)] + ([(canary_key(m.name), m.canary.model)] if m.canary else []):
+            card = registry.resolve(ref, cfg.registry)
+            if card.get("task") not in ("causal_lm", "classification"):
+                raise ValueError(f"model {card.get('id')} has task {card.get('task')!r}; raylm serves causal_lm and "
+                                 "classification models")
+            cards[key] = card
+        if m.canary and cards[canary_key(m.name)]["task"] != cards[m.name]["task"]:
+            raise ValueError(f"{m.name}: the canary {cards[canary_key(m.name)]['id']} is a "
+                             f"{cards[canary_key(m.name)]['task']} model, {cards[m.name]['id']} a "
+                             f"{cards[m.name]['task']} one")
     return cfg, cards
 
 
-def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
+def canary_key(name: str) -> str:
+    """The key of a model's canary among the cards (`resolve`)."""
+    return f"{name}@canary"
+
+
+def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) -> tuple[Any, dict[str, Any]]:
+    """One model's deployment(s) bound, and what the ingress needs to know of it."""
     from raylm import storage
     from raylm.serve.deployments import ClassifierDeployment, LMDeployment
 
+    spec = {"name": name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
+            "options": spec_options}
+    ensemble = None
+    if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
+        ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
+        handle = [ClassifierDeployment.options(**{**options, "name": f"{options['name']}-m{i}"}).bind(
+            {**spec, "name": f"{name}-m{i}", "card": {
+                "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
+                "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
+            for i in range(len(ensemble["members"]))]
+    else:
+        cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
+        handle = cls.options(**options).bind(spec)
+    labels = None
+    if card["task"] == "classification":
+        labels = card.get("labels") or (card.get("config") or {}).get("labels")
+    return handle, {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
+                    "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
+                    if card.get("created") else None}
+
+
+def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
     if cards is None:
         cfg, cards = resolve(cfg)
     handles, meta = {}, {}
@@ -62,25 +95,12 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
                 "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
         else:
             options["num_replicas"] = m.num_replicas
-        spec = {"name": m.name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
-                "options": m.model_dump(mode="json")}
-        ensemble = None
-        if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
-            ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
-            handles[m.name] = [ClassifierDeployment.options(**{**options, "name": f"model-{m.name}-m{i}"}).bind(
-                {**spec, "name": f"{m.name}-m{i}", "card": {
-                    "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
-                    "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
-                for i in range(len(ensemble["members"]))]
-        else:
-            cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-            handles[m.name] = cls.options(**options).bind(spec)
-        labels = None
-        if card["task"] == "classification":
-            labels = card.get("labels") or (card.get("config") or {}).get("labels")
-        meta[m.name] = {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
-                        "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
-                        if card.get("created") else None}
+        handles[m.name], meta[m.name] = _bind(options, m.name, card, m.model_dump(mode="json"))
+        if m.canary:
+            handles[canary_key(m.name)], c_meta = _bind({**options, "name": f"model-{m.name}-canary"},
+                                                        f"{m.name}-canary", cards[canary_key(m.name)],
+                                                        m.model_dump(mode="json"))
+            meta[m.name]["canary"] = {**c_meta, "weight": m.canary.weight}
     shared = None
     if cfg.ingress.num_replicas > 1:  # feedback may reach another replica than the one that answered
         shared = SharedResponses.options(name="shared-responses",

@@ -11,8 +11,9 @@ def metrics() -> dict[str, Any]:
         from ray.util import metrics as m
 
         _METRICS.update(
-            requests=m.Counter("raylm_serve_requests_total", "HTTP requests by route, status and model",
-                               tag_keys=("route", "status", "model")),
+            requests=m.Counter("raylm_serve_requests_total", "HTTP requests by route, status, model and the "
+                               "registry version that answered (a canary's or the model's)",
+                               tag_keys=("route", "status", "model", "version")),
             latency=m.Histogram("raylm_serve_request_latency_seconds", "request latency (to the last byte)",
                                 boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
                                 tag_keys=("route", "model")),
