@@ -824,6 +824,7 @@ def test_playground_in_headless_chromium(served, tmp_path):
         # the page put the streamed pieces together into the whole completion, piece by piece
         assert out.get_attribute("textContent") == text and text.strip()
         assert int(out.get_attribute("data-chunks")) >= 2
+        assert driver.find_element(By.ID, "version").text == "answered by lm@v1"  # the registry version
         driver.find_element(By.ID, "good").click()
         wait.until(lambda d: d.find_element(By.ID, "feedback-status").text)
         assert driver.find_element(By.ID, "feedback-status").text == "thanks, stored"
@@ -834,6 +835,7 @@ def test_playground_in_headless_chromium(served, tmp_path):
         assert out.text in ("milton", "shakespeare")
         probs = [float(e.text) for e in driver.find_elements(By.CSS_SELECTOR, "#probs .prob")]
         assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
+        assert driver.find_element(By.ID, "version").text == "answered by author-cls@v1"
         driver.save_screenshot(str(tmp_path / "playground.png"))
         assert driver.find_element(By.ID, "error").text == ""
     finally:
