@@ -82,10 +82,14 @@ class Evaluation:
         self.ds = ds.materialize()
         self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs
 
-    def score(self, model_dir: str, ds=None):
-        """A pandas frame of the documents with the model's outputs."""
-        return infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, self.window,
+    def score(self, model_dir: str, ds=None, window: Optional[int] = None):
+        """A pandas frame of the documents with the model's outputs (`window`: another model's own)."""
+        return infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, window or self.window,
                                    self.cfg, local=self.local).to_pandas()
+
+    def score_other(self, other: dict[str, Any]):
+        """Another registry model on the same documents, cut as that model was trained (a baseline)."""
+        return self.score(str(registry.local_path(other)), window=_window(self.cfg, other, self.task))
 
     def metrics_of(self, frame, mask=None) -> dict[str, Any]:
         f = frame if mask is None else frame[mask]
@@ -138,7 +142,7 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
                           if c["name"] == ev.card["name"] and c["version"] < ev.card["version"]),
                          key=lambda c: c["version"])[-cfg.baselines.previous_versions:]
         for c in earlier:
-            out[c["id"]] = {"metrics": ev.metrics_of(ev.score(str(registry.local_path(c))))}
+            out[c["id"]] = {"metrics": ev.metrics_of(ev.score_other(c))}
     return out
 
 
@@ -171,8 +175,7 @@ def _promote(ev: Evaluation, rep: dict[str, Any]) -> dict[str, Any]:
         else:
             scored = rep["baselines"].get(holder["id"])  # an earlier version scored as a baseline
             if scored is None:  # scored here, and listed with the baselines
-                scored = rep["baselines"][holder["id"]] = {
-                    "metrics": ev.metrics_of(ev.score(str(registry.local_path(holder))))}
+                scored = rep["baselines"][holder["id"]] = {"metrics": ev.metrics_of(ev.score_other(holder))}
             hm = scored["metrics"]
             hv = hm.get(metric)
             out.update(holder=holder["id"], holder_value=hv)
