@@ -105,3 +105,36 @@ def test_an_alias_names_the_version_it_was_last_pointed_at(root, tmp_path):
     for bad in ("v4", "4", "latest", "-x", "a b"):
         with pytest.raises(ValueError, match="not allowed"):
             registry.set_alias("aliased@v1", bad, root)
+
+
+def test_deleting_and_pruning_versions_keeps_the_aliased_ones_and_never_reuses_a_number(root, tmp_path):
+    from conftest import run_cli
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\0" * 1024)
+    for _ in range(4):
+        registry.register(d, "old", {"task": "causal_lm"}, root=root)
+    registry.set_alias("old@v2", "production", root)
+    assert registry.prune("old", 1, root, dry_run=True) == ["old@v1", "old@v3"]
+    assert [c["version"] for c in registry.list_models(root)] == [1, 2, 3, 4]  # a dry run deletes nothing
+    assert registry.prune("old", 1, root) == ["old@v1", "old@v3"]  # v2: aliased, v4: the newest
+    assert [c["version"] for c in registry.list_models(root)] == [2, 4]
+    assert storage.listdir(storage.join(root, "old", "v1")) == ["deleted.json"]  # the files are gone
+    with pytest.raises(FileNotFoundError):
+        registry.resolve("old@v3", root)
+    registry.delete("old@v4", root)
+    assert registry.register(d, "old", {"task": "causal_lm"}, root=root)["version"] == 5  # not v4 again
+    with pytest.raises(ValueError, match="old@production point"):
+        registry.delete("old@v2", root)
+    registry.delete("old@production", root, force=True)
+    assert registry.aliases("old", root) == {} and [c["id"] for c in registry.list_models(root)] == ["old@v5"]
+    if root.startswith("s3://"):
+        return
+    r = run_cli("models", "delete", "old", "--registry", root)
+    assert r.returncode == 2 and "name the version to delete: old@vN" in r.stderr
+    r = run_cli("models", "prune", "old", "--keep", "1", "--registry", root)
+    assert r.returncode == 0 and "deleted 0 version(s) of old" in r.stdout
+    r = run_cli("models", "delete", "old@v5", "--registry", root)
+    assert r.returncode == 0 and "deleted old@v5" in r.stdout and registry.list_models(root) == []

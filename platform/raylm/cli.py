@@ -11,6 +11,7 @@
     raylm datasets show NAME[@VERSION] [--root URI]
     raylm models list | show NAME[@vN|@ALIAS]
     raylm models alias NAME@vN ALIAS [--reason TEXT] | alias NAME ALIAS --remove
+    raylm models delete NAME@vN [--force] | prune NAME --keep N [--dry-run]
     raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
     raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
     raylm undeploy NAME
@@ -333,6 +334,35 @@ def cmd_models_alias(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_delete(a: argparse.Namespace) -> int:
+    from raylm import registry
+
+    if "@" not in a.ref:
+        _print_err(f"name the version to delete: {a.ref}@vN (raylm models list shows them)")
+        return 2
+    try:
+        card = registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete")
+    except (FileNotFoundError, ValueError) as e:
+        _print_err(str(e))
+        return 1
+    print(f"deleted {card['id']} (its number stays taken)")
+    return 0
+
+
+def cmd_models_prune(a: argparse.Namespace) -> int:
+    from raylm import registry
+
+    try:
+        ids = registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run)
+    except (FileNotFoundError, ValueError) as e:
+        _print_err(str(e))
+        return 1
+    verb = "would delete" if a.dry_run else "deleted"
+    print(f"{verb} {len(ids)} version(s) of {a.name}" + (": " + ", ".join(ids) if ids else "")
+          + f" (kept the newest {a.keep} and every aliased one)")
+    return 0
+
+
 # --- API keys and Serve configs ---------------------------------------------------------------
 
 def cmd_keys_add(a: argparse.Namespace) -> int:
@@ -483,6 +513,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", help="kept in the alias's history")
     s.add_argument("--registry")
     s.set_defaults(fn=cmd_models_alias)
+    s = ms.add_parser("delete", help="delete one version's files (refused for a version an alias points at)")
+    s.add_argument("ref", help="NAME@vN (or NAME@ALIAS with --force)")
+    s.add_argument("--force", action="store_true", help="also when an alias points at it (the alias is removed)")
+    s.add_argument("--registry")
+    s.set_defaults(fn=cmd_models_delete)
+    s = ms.add_parser("prune", help="delete all versions of a model but the newest N and the aliased ones")
+    s.add_argument("name")
+    s.add_argument("--keep", type=int, required=True, help="newest versions to keep (at least 1)")
+    s.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    s.add_argument("--registry")
+    s.set_defaults(fn=cmd_models_prune)
 
     ks = sub.add_parser("keys", help="API keys of served models (stored hashed)").add_subparsers(
         dest="keys_command", required=True)

@@ -9,6 +9,9 @@ Aliases name a version for the stages that read it: `name@production` is whateve
 alias `production` points at (`<registry>/<name>/aliases/<alias>.json`, which keeps the alias's
 history). `set_alias` moves one (the CLI's `raylm models alias`, or the evaluation job's `promote`,
 which moves it only to a version that scores at least as well as the one it holds).
+
+`delete` / `prune` remove versions' files (never a version an alias points at, unless forced); a
+`deleted.json` keeps the number taken.
 """
 
 from __future__ import annotations
@@ -114,6 +117,55 @@ def resolve(ref: str, root: Optional[str] = None) -> dict[str, Any]:
         known = sorted({c["id"] for c in list_models(root)})
         raise FileNotFoundError(f"no model {ref!r} in the registry; known: {', '.join(known) or 'none'}")
     return cards[-1]
+
+
+# --- deleting --------------------------------------------------------------------------------------
+
+DELETED = "deleted.json"  # what is left of a deleted version: its number is never given out again
+
+
+def delete(ref: str, root: Optional[str] = None, force: bool = False, reason: str = "") -> dict[str, Any]:
+    """Delete one registered version's files (its card first, so no reader takes it for a model
+    half gone); a `deleted.json` stays in its place, so the number is not given to another model
+    (a pipeline ledger or a report that names `NAME@vN` never finds a different model there). A
+    version an alias points at is refused unless `force` (then the alias is removed too).
+    Returns the deleted card."""
+    root = storage.normalize(root or default_root())
+    card = resolve(ref, root)
+    if "name" not in card or "version" not in card or not storage.exists(storage.join(root, card["name"],
+                                                                                       f"v{card['version']}", CARD)):
+        raise ValueError(f"{ref} is not a version in the registry at {root}")
+    held = sorted(a for a, v in aliases(card["name"], root).items() if v == card["version"])
+    if held and not force:
+        raise ValueError(f"{card['id']} is what {', '.join(card['name'] + '@' + a for a in held)} point(s) at; "
+                         "point the alias elsewhere first (raylm models alias), or delete with --force")
+    for a in held:
+        remove_alias(card["name"], a, root)
+    uri = storage.join(root, card["name"], f"v{card['version']}")
+    storage.remove(storage.join(uri, CARD))  # first: from here on it is not a model
+    storage.write_json(storage.join(uri, DELETED), {  # the directory never goes away (see above)
+        "id": card["id"], "deleted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "reason": reason, "aliases_removed": held})
+    for entry in storage.listdir(uri):
+        if entry != DELETED:
+            storage.remove(storage.join(uri, entry))
+    return card
+
+
+def prune(name: str, keep: int, root: Optional[str] = None, dry_run: bool = False) -> list[str]:
+    """Delete every version of `name` but the newest `keep` and those an alias points at; returns
+    the ids deleted (or, with `dry_run`, that would be)."""
+    if keep < 1:
+        raise ValueError("keep at least 1 version")
+    cards = [c for c in list_models(root) if c["name"] == name]
+    if not cards:
+        raise FileNotFoundError(f"no model {name!r} in the registry")
+    aliased = set(aliases(name, root).values())
+    doomed = [c["id"] for c in cards[:-keep] if c["version"] not in aliased]
+    if not dry_run:
+        for ref in doomed:
+            delete(ref, root, reason=f"prune: keep the newest {keep} and the aliased")
+    return doomed
 
 
 # --- aliases -----------------------------------------------------------------------------------
