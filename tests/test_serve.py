@@ -526,6 +526,17 @@ def test_a_canary_answers_its_share_and_every_answer_names_its_version(served):
         assert _post(s, "/v1/feedback", {"response_id": on_canary["id"], "rating": -1}, http=http).status_code == 200
         (stored,) = [json.loads(storage.read_text(f)) for f in storage.glob_files(str(fb))]
         assert stored["model"] == "lm" and stored["model_version"] == "lm@v2"
+        # ratings by version: `raylm feedback stats` puts the two side by side (a stray line is skipped)
+        for r in [r for r in rs if r.json()["system_fingerprint"] == "lm@v1"][:4]:
+            _post(s, "/v1/feedback", {"response_id": r.json()["id"], "rating": 1}, http=http)
+        (fb / "stray.jsonl").write_text('{"rating": "great"}\nnot json\n')
+        st = run_cli("feedback", "stats", "--uri", str(fb), "--json")
+        assert st.returncode == 0, st.stderr
+        st = json.loads(st.stdout)
+        assert st["skipped"] == 2 and st["records"] == 5
+        assert [(v["version"], v["good"], v["bad"]) for v in st["versions"]] == [("lm@v1", 4, 0), ("lm@v2", 0, 1)]
+        assert 0 < st["versions"][0]["good_share_95"][0] < 1 == st["versions"][0]["good_share"]
+        assert "lm@v2" in run_cli("feedback", "stats", "--uri", str(fb)).stdout
         entry = http.get(s["base"] + "/v1/models/lm", headers=_h(s["keys"]["gen"]), timeout=30).json()
         assert entry["registry_id"] == "lm@v1" and entry["canary"] == {"registry_id": "lm@v2", "weight": 0.5}
         assert http.get(s["base"] + "/healthz", timeout=30).json()["status"] == "ok"

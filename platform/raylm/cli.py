@@ -13,6 +13,7 @@
     raylm models alias NAME@vN ALIAS [--reason TEXT] | alias NAME ALIAS --remove
     raylm models delete NAME@vN [--force] | prune NAME --keep N [--dry-run]
     raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
+    raylm feedback stats [--app NAME | --uri URI] [--json]
     raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
     raylm undeploy NAME
 """
@@ -363,6 +364,30 @@ def cmd_models_prune(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback_stats(a: argparse.Namespace) -> int:
+    from raylm import storage
+    from raylm.serve.feedback import stats
+
+    uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
+    try:
+        s = stats(uri)
+    except storage.StorageError as e:
+        _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
+        return 1
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{s['records']} ratings in {s['files']} file(s) under {uri}"
+          + (f"; {s['skipped']} line(s) skipped (not feedback records)" if s["skipped"] else ""))
+    if s["versions"]:
+        print(f"{'MODEL':<20} {'VERSION':<28} {'N':>6} {'GOOD':>6} {'NEUTRAL':>7} {'BAD':>6}  GOOD SHARE (95%)")
+    for v in s["versions"]:
+        lo, hi = v["good_share_95"]
+        print(f"{v['model']:<20} {v['version']:<28} {v['n']:>6} {v['good']:>6} {v['neutral']:>7} {v['bad']:>6}  "
+              f"{v['good_share']:.3f} ({lo:.3f}-{hi:.3f})")
+    return 0
+
+
 # --- API keys and Serve configs ---------------------------------------------------------------
 
 def cmd_keys_add(a: argparse.Namespace) -> int:
@@ -524,6 +549,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     s.add_argument("--registry")
     s.set_defaults(fn=cmd_models_prune)
+
+    fs = sub.add_parser("feedback", help="what users rated, by model and registry version").add_subparsers(
+        dest="feedback_command", required=True)
+    s = fs.add_parser("stats", help="ratings per model and version (a canary beside its model), with the share "
+                                    "of good ones and its 95%% interval")
+    s.add_argument("--app", default="raylm", help="the deploy config's name (default raylm)")
+    s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_feedback_stats)
 
     ks = sub.add_parser("keys", help="API keys of served models (stored hashed)").add_subparsers(
         dest="keys_command", required=True)
