@@ -504,15 +504,18 @@ def test_a_canary_answers_its_share_and_every_answer_names_its_version(served):
     /v1/models shows the split; a canary of another task is refused at deploy."""
     from ray import serve
 
-    from raylm import config, storage
+    from raylm import config, registry, storage
     from raylm.serve.config import DeployConfig
     from raylm.serve.job import run
 
     fb = served["dir"] / "feedback-canary"
     cfg = {**served["cfg"], "name": "canary", "route_prefix": "/canary", "feedback_uri": str(fb),
            "models": [{"name": "lm", "model": "lm@v1", "num_cpus": 0, "max_tokens_cap": 8,
+                       "compression": {"quantize": "int8", "eval_batches": 1},
                        "canary": {"model": "lm@v2", "weight": 0.5}}]}
     out = run(config.build(DeployConfig, cfg))
+    # the canary is served as the entry says (int8 here), and what that costs it is measured too
+    assert registry.resolve("lm@v2", served["registry"])["serving"]["compression"]["measured"]
     try:
         s = {**served, "base": out["url"]}
         http = requests.Session()

@@ -94,7 +94,7 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     from raylm import waiting
     from raylm.runtime import init_ray
     from raylm.serve import keys
-    from raylm.serve.graph import build, resolve
+    from raylm.serve.graph import build, canary_key, resolve
 
     try:
         cfg, cards = resolve(cfg)
@@ -114,21 +114,22 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
             continue
         if c.quantize == "int8" and m.num_gpus > 0:
             raise config.ConfigError(f"models.{m.name}.compression.quantize=int8 is for CPU serving; set num_gpus: 0")
-        print(f"[deploy] measuring {cards[m.name]['id']} with quantize={c.quantize} prune={c.prune} on its "
-              f"validation split ...", flush=True)
-        # with the CPUs its replica will have (asking for a whole one waited forever, silently, on a
-        # cluster whose other apps hold all but a fraction of its CPUs)
-        ref = ray.remote(num_cpus=m.num_cpus)(measure_compression).remote(cards[m.name], c)
-        waited = 0
-        while not ray.wait([ref], timeout=30)[0]:
-            waited += 30
-            print(f"[deploy] {m.name}: still measuring after {waited} s (it asked for {m.num_cpus:g} CPU; "
-                  f"free now: {ray.available_resources().get('CPU', 0):g} of "
-                  f"{ray.cluster_resources().get('CPU', 0):g})", flush=True)
-        result = ray.get(ref)
-        print(f"[deploy] {m.name}: {result}", flush=True)
-        if result.get("measured"):
-            record_compression(cards[m.name], result)
+        for key in [m.name] + ([canary_key(m.name)] if m.canary else []):  # a canary is served compressed too
+            print(f"[deploy] measuring {cards[key]['id']} with quantize={c.quantize} prune={c.prune} on its "
+                  f"validation split ...", flush=True)
+            # with the CPUs its replica will have (asking for a whole one waited forever, silently, on a
+            # cluster whose other apps hold all but a fraction of its CPUs)
+            ref = ray.remote(num_cpus=m.num_cpus)(measure_compression).remote(cards[key], c)
+            waited = 0
+            while not ray.wait([ref], timeout=30)[0]:
+                waited += 30
+                print(f"[deploy] {key}: still measuring after {waited} s (it asked for {m.num_cpus:g} CPU; "
+                      f"free now: {ray.available_resources().get('CPU', 0):g} of "
+                      f"{ray.cluster_resources().get('CPU', 0):g})", flush=True)
+            result = ray.get(ref)
+            print(f"[deploy] {key}: {result}", flush=True)
+            if result.get("measured"):
+                record_compression(cards[key], result)
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     actual = _running_http_options()
