@@ -138,3 +138,40 @@ def test_deleting_and_pruning_versions_keeps_the_aliased_ones_and_never_reuses_a
     assert r.returncode == 0 and "deleted 0 version(s) of old" in r.stdout
     r = run_cli("models", "delete", "old@v5", "--registry", root)
     assert r.returncode == 0 and "deleted old@v5" in r.stdout and registry.list_models(root) == []
+
+
+def test_pruning_dataset_versions_keeps_the_newest_and_those_models_were_trained_on(root, tmp_path):
+    """Four versions of a dataset (their manifests and a data file each), one of them a registered
+    model's training data (in a mixture): pruning to the newest one deletes the other two, files and
+    all; deleting the used one is refused unless forced."""
+    from conftest import run_cli
+
+    from raylm.data import versions
+
+    data, reg = storage.join(root, "datasets"), storage.join(root, "registry")
+    for i in range(4):
+        vid = f"v{i:012x}"
+        base = storage.join(data, "docs", vid)
+        storage.write_bytes(storage.join(base, "docs", "train", "part-0.parquet"), b"rows" * 100)
+        storage.write_json(storage.join(base, "manifest.json"), {
+            "id": f"docs@{vid}", "name": "docs", "version": vid, "uri": base, "created": f"2026-12-0{i + 1}T00:00:00"})
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    registry.register(d, "user", {"task": "causal_lm", "dataset": "docs@v000000000001 (60%) + other@v1 (40%)"},
+                      root=reg)
+    assert versions.prune("docs", 1, data, reg, dry_run=True) == ["docs@v000000000002", "docs@v000000000000"]
+    assert len(versions.list_versions(data)) == 4
+    assert versions.prune("docs", 1, data, reg) == ["docs@v000000000002", "docs@v000000000000"]
+    assert [m["id"] for m in versions.list_versions(data)] == ["docs@v000000000003", "docs@v000000000001"]
+    assert storage.listdir(storage.join(data, "docs")) == ["v000000000001", "v000000000003"]  # files and all
+    with pytest.raises(ValueError, match="training data of user@v1"):
+        versions.delete("docs@v000000000001", data, reg)
+    if root.startswith("s3://"):
+        return
+    r = run_cli("datasets", "delete", "docs@v000000000001", "--root", data, "--registry", reg)
+    assert r.returncode == 1 and "training data of user@v1" in r.stderr
+    r = run_cli("datasets", "delete", "docs@v000000000001", "--root", data, "--registry", reg, "--force")
+    assert r.returncode == 0 and "deleted docs@v000000000001" in r.stdout
+    r = run_cli("datasets", "prune", "docs", "--keep", "1", "--root", data, "--registry", reg)
+    assert r.returncode == 0 and "deleted 0 version(s) of docs" in r.stdout

@@ -9,6 +9,7 @@
     raylm stop JOB_ID [--timeout 60]
     raylm datasets list [--root URI]
     raylm datasets show NAME[@VERSION] [--root URI]
+    raylm datasets delete NAME@VERSION [--force] | prune NAME --keep N [--dry-run]
     raylm models list | show NAME[@vN|@ALIAS]
     raylm models alias NAME@vN ALIAS [--reason TEXT] | alias NAME ALIAS --remove
     raylm models delete NAME@vN [--force] | prune NAME --keep N [--dry-run]
@@ -272,6 +273,45 @@ def cmd_datasets_show(a: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(a: argparse.Namespace, version_hint: str, delete, shown) -> int:
+    """`raylm datasets|models delete`: the reference must name a version (`version_hint`)."""
+    if "@" not in a.ref:
+        _print_err(f"name the version to delete: {a.ref}@{version_hint} (the list command shows them)")
+        return 2
+    try:
+        print(f"deleted {shown(delete())}")
+    except (FileNotFoundError, ValueError) as e:
+        _print_err(str(e))
+        return 1
+    return 0
+
+
+def _prune(a: argparse.Namespace, prune, kept: str) -> int:
+    """`raylm datasets|models prune`: what was (or, with --dry-run, would be) deleted."""
+    try:
+        ids = prune()
+    except (FileNotFoundError, ValueError) as e:
+        _print_err(str(e))
+        return 1
+    print(f"{'would delete' if a.dry_run else 'deleted'} {len(ids)} version(s) of {a.name}"
+          + (": " + ", ".join(ids) if ids else "") + f" (kept the newest {a.keep} and {kept})")
+    return 0
+
+
+def cmd_datasets_delete(a: argparse.Namespace) -> int:
+    from raylm.data import versions
+
+    return _delete(a, "VERSION", lambda: versions.delete(a.ref, a.root, a.registry, force=a.force),
+                   lambda m: f"{m['id']} ({m['uri']})")
+
+
+def cmd_datasets_prune(a: argparse.Namespace) -> int:
+    from raylm.data import versions
+
+    return _prune(a, lambda: versions.prune(a.name, a.keep, a.root, a.registry, dry_run=a.dry_run),
+                  "every one a registered model was trained on")
+
+
 # --- models ----------------------------------------------------------------------------------
 
 def cmd_models_list(a: argparse.Namespace) -> int:
@@ -338,30 +378,14 @@ def cmd_models_alias(a: argparse.Namespace) -> int:
 def cmd_models_delete(a: argparse.Namespace) -> int:
     from raylm import registry
 
-    if "@" not in a.ref:
-        _print_err(f"name the version to delete: {a.ref}@vN (raylm models list shows them)")
-        return 2
-    try:
-        card = registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete")
-    except (FileNotFoundError, ValueError) as e:
-        _print_err(str(e))
-        return 1
-    print(f"deleted {card['id']} (its number stays taken)")
-    return 0
+    return _delete(a, "vN", lambda: registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete"),
+                   lambda card: f"{card['id']} (its number stays taken)")
 
 
 def cmd_models_prune(a: argparse.Namespace) -> int:
     from raylm import registry
 
-    try:
-        ids = registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run)
-    except (FileNotFoundError, ValueError) as e:
-        _print_err(str(e))
-        return 1
-    verb = "would delete" if a.dry_run else "deleted"
-    print(f"{verb} {len(ids)} version(s) of {a.name}" + (": " + ", ".join(ids) if ids else "")
-          + f" (kept the newest {a.keep} and every aliased one)")
-    return 0
+    return _prune(a, lambda: registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run), "every aliased one")
 
 
 def cmd_feedback_stats(a: argparse.Namespace) -> int:
@@ -522,6 +546,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--root")
     s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     s.set_defaults(fn=cmd_datasets_show)
+    s = ds.add_parser("delete", help="delete one version (refused for one a registered model was trained on)")
+    s.add_argument("ref", help="NAME@VERSION")
+    s.add_argument("--root")
+    s.add_argument("--registry", help="the registry whose models are checked (default $RAYLM_HOME/registry)")
+    s.add_argument("--force", action="store_true", help="also when a registered model was trained on it")
+    s.set_defaults(fn=cmd_datasets_delete)
+    s = ds.add_parser("prune", help="delete all versions of a dataset but the newest N and those models use")
+    s.add_argument("name")
+    s.add_argument("--keep", type=int, required=True, help="newest versions to keep (at least 1)")
+    s.add_argument("--root")
+    s.add_argument("--registry", help="the registry whose models are checked (default $RAYLM_HOME/registry)")
+    s.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    s.set_defaults(fn=cmd_datasets_prune)
 
     ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     s = ms.add_parser("list", help="registered models with task, strategy, dataset, metrics")
