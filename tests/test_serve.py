@@ -774,6 +774,17 @@ def test_serve_config_validates_against_rays_schema(served, tmp_path):
     app = doc["applications"][0]
     assert app["import_path"] == "raylm.serve.app:app_builder" and doc["http_options"]["host"] == "127.0.0.1"
     assert DeployConfig.model_validate(app["args"]).models[0].name == "tiny-llama"
+    # --pin: the version an alias names now, written out (Serve rebuilds an app only when its config changes)
+    from raylm import registry
+
+    registry.set_alias("lm@v2", "pinned", served["registry"])
+    r = run_cli("serve-config", "--config", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"), "--pin",
+                "--set", f"registry={served['registry']}", "--set", "models.0.model=lm@pinned")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["applications"][0]["args"]["models"][0]["model"] == "lm@v2"
+    r = run_cli("serve-config", "--config", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"), "--pin",
+                "--set", f"registry={served['registry']}", "--set", "models.0.model=lm@nowhere")
+    assert r.returncode == 1 and "has no alias 'nowhere'" in r.stderr
     bad = run_cli("serve-config", "--config", str(ROOT / "jobs" / "configs" / "deploy_tiny.yaml"),
                   "--set", "models.0.autoscaling.min_replicas=5")
     assert bad.returncode == 2 and "min_replicas" in bad.stderr

@@ -477,6 +477,16 @@ def cmd_serve_config(a: argparse.Namespace) -> int:
     from raylm.serve.schema import serve_config
 
     cfg = config.load(DeployConfig, a.config, a.overrides)
+    if a.pin:  # NAME and NAME@ALIAS -> the version they name now (Serve rebuilds an app only when its config changes)
+        from raylm import registry
+
+        for m in [*cfg.models, *(x.canary for x in cfg.models if x.canary)]:
+            if "://" not in m.model and not m.model.startswith(("/", ".", "~")):
+                try:
+                    m.model = registry.resolve(m.model, cfg.registry)["id"]
+                except FileNotFoundError as e:
+                    _print_err(f"--pin: {e}")
+                    return 1
     text = yaml.safe_dump(serve_config(cfg, working_dir=a.working_dir), sort_keys=False)
     if a.output:
         Path(a.output).write_text(text, encoding="utf-8")
@@ -622,6 +632,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--working-dir", help="runtime_env working_dir URI for clusters without raylm installed")
+    s.add_argument("--pin", action="store_true", help="write each model as the registry version its reference "
+                   "(NAME, NAME@ALIAS) names now, so applying the config rolls the app to it")
     s.add_argument("--output", "-o")
     s.set_defaults(fn=cmd_serve_config)
     return p
