@@ -1,4 +1,5 @@
-"""`raylm`: run a local cluster, submit stage jobs, follow them, list datasets.
+"""`raylm`: run a local cluster, submit stage jobs, follow them; the commands on what the jobs
+stored (datasets, models, feedback) are in cli_stores.py.
 
     raylm up [--num-cpus N] [--port 6379] [--dashboard-port 8265]
     raylm down
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import subprocess
 import sys
 import time
@@ -225,193 +225,6 @@ def cmd_stop(a: argparse.Namespace) -> int:
     return 0
 
 
-# --- datasets ----------------------------------------------------------------------------------
-
-def cmd_datasets_list(a: argparse.Namespace) -> int:
-    from raylm.data.versions import list_versions
-
-    versions = list_versions(a.root)
-    if a.json:
-        print(json.dumps([{k: m[k] for k in ("id", "uri", "created", "counts", "splits")} for m in versions],
-                         indent=2))
-        return 0
-    if not versions:
-        from raylm.data.pipeline import default_root
-
-        print(f"no dataset versions under {a.root or default_root()}")
-        return 0
-    print(f"{'DATASET':<30} {'DOCS':>6} {'TOKENS':>11} {'QUAR.':>6}  {'CREATED':<20} SOURCES")
-    for m in versions:
-        srcs = ",".join(s.get("kind", "?") for s in m.get("sources", []))
-        print(f"{m['id']:<30} {m['counts']['documents']:>6} {m['counts']['tokens']:>11} "
-              f"{m['counts']['quarantined']:>6}  {m['created'][:19]:<20} {srcs}")
-        print(f"{'':<30} {m['uri']}")
-    return 0
-
-
-def cmd_datasets_show(a: argparse.Namespace) -> int:
-    from raylm.data.versions import resolve
-
-    try:
-        m = resolve(a.ref, a.root)
-    except FileNotFoundError as e:
-        _print_err(str(e))
-        return 1
-    if a.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    from raylm import storage
-    from raylm.data.job import summary, steps_table
-
-    print(summary(m))
-    print(steps_table(m))
-    report = (m.get("files") or {}).get("report")
-    if report:
-        uri = storage.join(m["uri"], report)
-        print(f"report:          {uri}" + (f"\n                 (open file://{uri})" if storage.is_local(uri) else ""))
-    print("full manifest:   raylm datasets show --json " + m["id"])
-    return 0
-
-
-def _delete(a: argparse.Namespace, version_hint: str, delete, shown) -> int:
-    """`raylm datasets|models delete`: the reference must name a version (`version_hint`)."""
-    if "@" not in a.ref:
-        _print_err(f"name the version to delete: {a.ref}@{version_hint} (the list command shows them)")
-        return 2
-    try:
-        print(f"deleted {shown(delete())}")
-    except (FileNotFoundError, ValueError) as e:
-        _print_err(str(e))
-        return 1
-    return 0
-
-
-def _prune(a: argparse.Namespace, prune, kept: str) -> int:
-    """`raylm datasets|models prune`: what was (or, with --dry-run, would be) deleted."""
-    try:
-        ids = prune()
-    except (FileNotFoundError, ValueError) as e:
-        _print_err(str(e))
-        return 1
-    print(f"{'would delete' if a.dry_run else 'deleted'} {len(ids)} version(s) of {a.name}"
-          + (": " + ", ".join(ids) if ids else "") + f" (kept the newest {a.keep} and {kept})")
-    return 0
-
-
-def cmd_datasets_delete(a: argparse.Namespace) -> int:
-    from raylm.data import versions
-
-    return _delete(a, "VERSION", lambda: versions.delete(a.ref, a.root, a.registry, force=a.force),
-                   lambda m: f"{m['id']} ({m['uri']})")
-
-
-def cmd_datasets_prune(a: argparse.Namespace) -> int:
-    from raylm.data import versions
-
-    return _prune(a, lambda: versions.prune(a.name, a.keep, a.root, a.registry, dry_run=a.dry_run),
-                  "every one a registered model was trained on")
-
-
-# --- models ----------------------------------------------------------------------------------
-
-def cmd_models_list(a: argparse.Namespace) -> int:
-    from raylm import registry
-
-    cards = registry.list_models(a.registry)
-    if not cards:
-        print(f"no models in {a.registry or registry.default_root()}")
-        return 0
-    held: dict[str, list[str]] = {}  # id -> its aliases
-    for name in sorted({c["name"] for c in cards}):
-        for alias, version in registry.aliases(name, a.registry).items():
-            held.setdefault(f"{name}@v{version}", []).append(alias)
-    print(f"{'MODEL':<28} {'TASK':<14} {'STRATEGY':<16} {'DATASET':<28} {'VAL_LOSS':>9} {'VAL_ACC':>8}  "
-          f"{'CREATED':<19}  ALIASES")
-    for c in cards:
-        m = c.get("metrics", {})
-        vl, acc = m.get("val_loss"), m.get("val_accuracy")
-        print(f"{c['id']:<28} {c['task']:<14} {c.get('strategy', ''):<16} {c.get('dataset', '')[:28]:<28} "
-              f"{(f'{vl:.4f}' if vl is not None else '-'):>9} {(f'{acc:.3f}' if acc is not None else '-'):>8}  "
-              f"{c['created'][:19]:<19}  {','.join(sorted(held.get(c['id'], []))) or '-'}")
-    return 0
-
-
-def cmd_models_show(a: argparse.Namespace) -> int:
-    from raylm import registry
-
-    try:
-        card = registry.resolve(a.ref, a.registry)
-    except FileNotFoundError as e:
-        _print_err(str(e))
-        return 1
-    if "name" in card and "version" in card:  # the aliases that point here (kept beside the card, not in it)
-        card = {**card, "aliases": sorted(k for k, v in registry.aliases(card["name"], a.registry).items()
-                                          if v == card["version"])}
-    print(json.dumps(card, indent=2))
-    return 0
-
-
-def cmd_models_alias(a: argparse.Namespace) -> int:
-    from raylm import registry
-
-    try:
-        if a.remove:
-            name = a.ref.partition("@")[0]
-            if not registry.remove_alias(name, a.alias, a.registry):
-                _print_err(f"model {name!r} has no alias {a.alias!r}")
-                return 1
-            print(f"removed {name}@{a.alias}")
-            return 0
-        if "@" not in a.ref:
-            _print_err(f"name the version the alias should point at: {a.ref}@vN (or {a.ref}@latest)")
-            return 2
-        before = registry.alias_of(a.ref.partition("@")[0], a.alias, a.registry)
-        rec = registry.set_alias(a.ref, a.alias, a.registry, reason=a.reason or "set by hand (raylm models alias)")
-    except (FileNotFoundError, ValueError) as e:
-        _print_err(str(e))
-        return 1
-    was = f" (was v{before['version']})" if before and before["version"] != rec["version"] else ""
-    print(f"{rec['name']}@{rec['alias']} -> {rec['id']}{was}")
-    return 0
-
-
-def cmd_models_delete(a: argparse.Namespace) -> int:
-    from raylm import registry
-
-    return _delete(a, "vN", lambda: registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete"),
-                   lambda card: f"{card['id']} (its number stays taken)")
-
-
-def cmd_models_prune(a: argparse.Namespace) -> int:
-    from raylm import registry
-
-    return _prune(a, lambda: registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run), "every aliased one")
-
-
-def cmd_feedback_stats(a: argparse.Namespace) -> int:
-    from raylm import storage
-    from raylm.serve.feedback import stats
-
-    uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
-    try:
-        s = stats(uri)
-    except storage.StorageError as e:
-        _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
-        return 1
-    if a.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"{s['records']} ratings in {s['files']} file(s) under {uri}"
-          + (f"; {s['skipped']} line(s) skipped (not feedback records)" if s["skipped"] else ""))
-    if s["versions"]:
-        print(f"{'MODEL':<20} {'VERSION':<28} {'N':>6} {'GOOD':>6} {'NEUTRAL':>7} {'BAD':>6}  GOOD SHARE (95%)")
-    for v in s["versions"]:
-        lo, hi = v["good_share_95"]
-        print(f"{v['model']:<20} {v['version']:<28} {v['n']:>6} {v['good']:>6} {v['neutral']:>7} {v['bad']:>6}  "
-              f"{v['good_share']:.3f} ({lo:.3f}-{hi:.3f})")
-    return 0
-
-
 # --- API keys and Serve configs ---------------------------------------------------------------
 
 def cmd_keys_add(a: argparse.Namespace) -> int:
@@ -546,65 +359,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address")
     s.set_defaults(fn=cmd_stop)
 
-    ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(dest="datasets_command", required=True)
-    s = ds.add_parser("list", help="versions with counts, tokens, sources, created")
-    s.add_argument("--root", help="dataset root URI (default $RAYLM_HOME/datasets)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_datasets_list)
-    s = ds.add_parser("show", help="one version: counts per step, splits, link to its data report")
-    s.add_argument("ref", help="NAME, NAME@VERSION or a version URI")
-    s.add_argument("--root")
-    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
-    s.set_defaults(fn=cmd_datasets_show)
-    s = ds.add_parser("delete", help="delete one version (refused for one a registered model was trained on)")
-    s.add_argument("ref", help="NAME@VERSION")
-    s.add_argument("--root")
-    s.add_argument("--registry", help="the registry whose models are checked (default $RAYLM_HOME/registry)")
-    s.add_argument("--force", action="store_true", help="also when a registered model was trained on it")
-    s.set_defaults(fn=cmd_datasets_delete)
-    s = ds.add_parser("prune", help="delete all versions of a dataset but the newest N and those models use")
-    s.add_argument("name")
-    s.add_argument("--keep", type=int, required=True, help="newest versions to keep (at least 1)")
-    s.add_argument("--root")
-    s.add_argument("--registry", help="the registry whose models are checked (default $RAYLM_HOME/registry)")
-    s.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
-    s.set_defaults(fn=cmd_datasets_prune)
+    from raylm.cli_stores import add_parsers  # datasets, models, feedback
 
-    ms = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
-    s = ms.add_parser("list", help="registered models with task, strategy, dataset, metrics")
-    s.add_argument("--registry", help="registry root URI (default $RAYLM_HOME/registry)")
-    s.set_defaults(fn=cmd_models_list)
-    s = ms.add_parser("show", help="one model's card")
-    s.add_argument("ref", help="NAME, NAME@vN, NAME@ALIAS or a model directory URI")
-    s.add_argument("--registry")
-    s.set_defaults(fn=cmd_models_show)
-    s = ms.add_parser("alias", help="point an alias (NAME@ALIAS, e.g. production) at a version, or remove it")
-    s.add_argument("ref", help="NAME@vN (or NAME@latest, NAME@OTHER_ALIAS) to point the alias at; NAME with --remove")
-    s.add_argument("alias", help="the alias: a letter, then letters, digits, '-' or '_'")
-    s.add_argument("--remove", action="store_true", help="delete the alias")
-    s.add_argument("--reason", help="kept in the alias's history")
-    s.add_argument("--registry")
-    s.set_defaults(fn=cmd_models_alias)
-    s = ms.add_parser("delete", help="delete one version's files (refused for a version an alias points at)")
-    s.add_argument("ref", help="NAME@vN (or NAME@ALIAS with --force)")
-    s.add_argument("--force", action="store_true", help="also when an alias points at it (the alias is removed)")
-    s.add_argument("--registry")
-    s.set_defaults(fn=cmd_models_delete)
-    s = ms.add_parser("prune", help="delete all versions of a model but the newest N and the aliased ones")
-    s.add_argument("name")
-    s.add_argument("--keep", type=int, required=True, help="newest versions to keep (at least 1)")
-    s.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
-    s.add_argument("--registry")
-    s.set_defaults(fn=cmd_models_prune)
-
-    fs = sub.add_parser("feedback", help="what users rated, by model and registry version").add_subparsers(
-        dest="feedback_command", required=True)
-    s = fs.add_parser("stats", help="ratings per model and version (a canary beside its model), with the share "
-                                    "of good ones and its 95%% interval")
-    s.add_argument("--app", default="raylm", help="the deploy config's name (default raylm)")
-    s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_feedback_stats)
+    add_parsers(sub)
 
     ks = sub.add_parser("keys", help="API keys of served models (stored hashed)").add_subparsers(
         dest="keys_command", required=True)
