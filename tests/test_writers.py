@@ -102,6 +102,8 @@ def test_an_alias_names_the_version_it_was_last_pointed_at(root, tmp_path):
     assert registry.remove_alias("aliased", "staging", root) and not registry.remove_alias("aliased", "staging", root)
     with pytest.raises(FileNotFoundError, match="no alias 'staging'.*its aliases: production"):
         registry.resolve("aliased@staging", root)
+    with pytest.raises(FileNotFoundError, match="neither a version"):
+        registry.resolve("aliased@../../x", root)  # never a path outside the model's aliases
     for bad in ("v4", "4", "latest", "-x", "a b"):
         with pytest.raises(ValueError, match="not allowed"):
             registry.set_alias("aliased@v1", bad, root)

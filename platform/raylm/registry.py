@@ -104,6 +104,8 @@ def resolve(ref: str, root: Optional[str] = None) -> dict[str, Any]:
         return storage.read_json(card)
     name, _, version = ref.partition("@")
     if version and version != "latest" and not _VERSION.fullmatch(version):
+        if not re.fullmatch(ALIAS_PATTERN, version):
+            raise FileNotFoundError(f"no model {ref!r}: {version!r} is neither a version (vN) nor an alias name")
         held = alias_of(name, version, root)
         if held is None:
             names = sorted(aliases(name, root))
