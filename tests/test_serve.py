@@ -498,7 +498,7 @@ def test_two_ingress_replicas_share_recent_responses_and_one_rate_limit(served):
         serve.delete("two-ingress")
 
 
-def test_a_canary_answers_its_share_and_every_answer_names_its_version(served):
+def test_a_canary_answers_its_share_and_every_answer_names_its_version(served, capsys):
     """`canary: {model: lm@v2, weight: 0.5}` on the name `lm`: both versions answer, each response
     names the one that did (body and header), feedback on a canary's answer records its version,
     /v1/models shows the split; a canary of another task is refused at deploy."""
@@ -511,11 +511,14 @@ def test_a_canary_answers_its_share_and_every_answer_names_its_version(served):
     fb = served["dir"] / "feedback-canary"
     cfg = {**served["cfg"], "name": "canary", "route_prefix": "/canary", "feedback_uri": str(fb),
            "models": [{"name": "lm", "model": "lm@v1", "num_cpus": 0, "max_tokens_cap": 8,
-                       "compression": {"quantize": "int8", "eval_batches": 1},
+                       "compression": {"quantize": "int8", "eval_batches": 2},
                        "canary": {"model": "lm@v2", "weight": 0.5}}]}
     out = run(config.build(DeployConfig, cfg))
-    # the canary is served as the entry says (int8 here), and what that costs it is measured too
+    # the canary is served as the entry says (int8 here), and what that costs it is measured too;
+    # lm@v1's card has it from the lm-int8 entry's deploy (the same settings): not measured again
     assert registry.resolve("lm@v2", served["registry"])["serving"]["compression"]["measured"]
+    said = capsys.readouterr().out
+    assert "[deploy] lm: measured at an earlier deploy" in said and "[deploy] measuring lm@v2" in said, said
     try:
         s = {**served, "base": out["url"]}
         http = requests.Session()

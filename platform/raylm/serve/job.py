@@ -56,7 +56,8 @@ def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
     base_loss, base_s = evaluate(model)
     out = compress(copy.deepcopy(model), c.quantize, c.prune)
     loss, s = evaluate(out.pop("model"))
-    return {"measured": True, "split_blocks": len(blocks), "quantize": c.quantize, "prune": c.prune, "applied": out,
+    return {"measured": True, "split_blocks": len(blocks), "quantize": c.quantize, "prune": c.prune,
+            "eval_batches": c.eval_batches, "applied": out,
             "val_loss_before": round(base_loss, 5), "val_loss_after": round(loss, 5),
             "val_loss_delta": round(loss - base_loss, 5),
             "val_ppl_before": round(math.exp(min(base_loss, 50)), 3), "val_ppl_after": round(math.exp(min(loss, 50)), 3),
@@ -115,6 +116,11 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
         if c.quantize == "int8" and m.num_gpus > 0:
             raise config.ConfigError(f"models.{m.name}.compression.quantize=int8 is for CPU serving; set num_gpus: 0")
         for key in [m.name] + ([canary_key(m.name)] if m.canary else []):  # a canary is served compressed too
+            before = (cards[key].get("serving") or {}).get("compression") or {}
+            if before.get("measured") and (before.get("quantize"), before.get("prune"), before.get("eval_batches")) \
+                    == (c.quantize, c.prune, c.eval_batches):  # a redeploy: the card has it
+                print(f"[deploy] {key}: measured at an earlier deploy (model card): {before}", flush=True)
+                continue
             print(f"[deploy] measuring {cards[key]['id']} with quantize={c.quantize} prune={c.prune} on its "
                   f"validation split ...", flush=True)
             # with the CPUs its replica will have (asking for a whole one waited forever, silently, on a
