@@ -167,7 +167,7 @@ def _promote(ev: Evaluation, rep: dict[str, Any]) -> dict[str, Any]:
         reason = f"{ref} pointed nowhere; set to {card['id']} ({metric} {value:.4f})"
     else:
         try:
-            holder = registry.resolve(f"{card['name']}@v{held['version']}", ev.cfg.registry)
+            holder = registry.resolve(held["id"], ev.cfg.registry)
         except FileNotFoundError:
             holder = None
         if holder is None:
