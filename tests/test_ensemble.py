@@ -213,14 +213,15 @@ SMALL = ["train.num_workers=1", "train.max_steps=8", "train.eval_every=8", "trai
          "train.warmup_steps=1", "model.max_length=32", "model.overrides.num_hidden_layers=2"]
 
 
-def build_ensemble(authors_dataset, name: str, members: dict, combiner: str, **extra) -> tuple[dict, dict]:
+def build_ensemble(authors_dataset, name: str, members: dict, combiner: str, sets: tuple[str, ...] = (),
+                   **extra) -> tuple[dict, dict]:
     from raylm.tune.config import EnsembleConfig
     from raylm.tune.ensemble_job import run
 
     d = authors_dataset["dir"]
     summary = run(config.build(EnsembleConfig, {
         "name": name, "train": str(ROOT / "jobs" / "configs" / "train_authors.yaml"),
-        "set": [f"data.root={authors_dataset['root']}", *SMALL], "members": members, "combiner": combiner,
+        "set": [f"data.root={authors_dataset['root']}", *SMALL, *sets], "members": members, "combiner": combiner,
         "output": {"storage": str(d / "tune"), "registry": str(d / "registry")}, **extra}))
     card = registry.resolve(summary["model"], str(d / "registry"))
     test = summary["scores"]["test"]
@@ -263,9 +264,16 @@ def test_folds_are_stacked_on_out_of_fold_predictions(authors_dataset):
 
 
 def test_soup_is_one_model_with_the_mean_of_its_members_weights(authors_dataset):
+    """Its members read long texts in windows (`model.long_texts`): the job scores them, and the
+    soup, on whole passages, and the test score it reports is the one the soup gives loaded as
+    evaluation and serving load it."""
     from safetensors.torch import load_file
 
-    summary, card = build_ensemble(authors_dataset, "soup", {"source": "seeds", "n": 2}, "soup")
+    from raylm.data.versions import read_split
+    from raylm.serve.engine import ClassifierEngine
+
+    summary, card = build_ensemble(authors_dataset, "soup", {"source": "seeds", "n": 2}, "soup",
+                                   sets=("model.long_texts=windows", "model.max_windows=4"))
     assert card["format"] == "full" and "ensemble.json" not in {p.name for p in registry.local_path(card).iterdir()}
     d = authors_dataset["dir"]
     members = [load_file(str(registry.local_path(registry.resolve(m, str(d / "tune" / "ensembles" / "soup" /
@@ -275,7 +283,15 @@ def test_soup_is_one_model_with_the_mean_of_its_members_weights(authors_dataset)
     head = [k for k in soup if k.startswith("classifier.") and k.endswith("weight")][0]
     assert not torch.equal(members[0][head], members[1][head])  # two seeds: two different heads
     assert torch.allclose(soup[head], (members[0][head] + members[1][head]) / 2, atol=1e-6)
-    assert "test" in summary["scores"] and summary["scores"]["test"]["ensemble"]["accuracy"] >= 0
+    assert card["config"]["model"]["long_texts"] == "windows" and card["config"]["model"]["max_windows"] == 4
+    engine = ClassifierEngine(registry.local_path(card), dtype="float32")
+    assert engine.long_texts == "windows" and engine.max_windows == 4
+    test = read_split(authors_dataset["manifest"], "docs", "test", ["text", "label"]).to_pydict()
+    assert max(len(engine.tok(t)["input_ids"]) for t in test["text"]) > 32  # passages longer than a window
+    probs = engine.probabilities(test["text"]).numpy()
+    accuracy = float(np.mean([engine.labels[i] == y for i, y in zip(probs.argmax(-1), test["label"])]))
+    assert summary["scores"]["test"]["ensemble"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert summary["scores"]["test"]["n"] == len(test["text"])
 
 
 def test_members_from_a_search_and_from_the_registry(authors_dataset):

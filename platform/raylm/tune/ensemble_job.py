@@ -29,15 +29,26 @@ from raylm.tune.job import base_train_dict, default_storage, load_tables, paths_
 
 
 def _predict(model_dir: str, table, rows: Optional[list[int]] = None, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities of a registry model on tokenized rows (the same tokens it trained on)."""
+    """Class probabilities of a registry model on tokenized rows (the same tokens it trained on),
+    or, for a model that reads long texts in windows (`model.long_texts`), on the rows' texts
+    as evaluation and serving read them."""
     import torch
 
+    from raylm.serve.engine import ClassifierEngine, trained_model_config
     from raylm.train.export import load_exported
 
-    card = json.loads((Path(model_dir) / registry.CARD).read_text())
-    model = load_exported(model_dir, "classification", card.get("format", "full"))
     if rows is not None:
         table = table.take(rows)
+    if trained_model_config(model_dir).get("long_texts") == "windows":
+        if "text" not in table.column_names:
+            raise ValueError(f"{model_dir} reads long texts in windows: it is scored on texts, and these rows "
+                             "have none (encode_texts(keep_text=True))")
+        engine, texts = ClassifierEngine(model_dir, dtype="float32"), table.column("text").to_pylist()
+        probs = [engine.probabilities([t or "" for t in texts[i:i + batch_size]]).numpy()
+                 for i in range(0, len(texts), batch_size)]
+        return np.concatenate(probs) if probs else np.zeros((0, len(engine.labels)))
+    card = json.loads((Path(model_dir) / registry.CARD).read_text())
+    model = load_exported(model_dir, "classification", card.get("format", "full"))
     out = []
     with torch.inference_mode():
         for start in range(0, table.num_rows, batch_size):
@@ -120,7 +131,8 @@ def _test_table(m: dict[str, Any], meta: dict[str, Any]):
     if not m["splits"]["test"]["documents"]:
         return None
     table = read_split(m, "docs", "test", ["text", "label"])
-    out = encode_texts(table, meta["tokenizer_path"], meta["seq_len"], meta["labels"])
+    out = encode_texts(table, meta["tokenizer_path"], meta["seq_len"], meta["labels"],
+                       keep_text=meta.get("long_texts") == "windows")
     return out if out.num_rows else None
 
 
@@ -167,6 +179,13 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
     if train_cfg.model.task != "classification":
         raise config.ConfigError("ensembles combine classifiers: the members' model.task must be classification")
     meta = dataset_meta(train_cfg)
+    # how the ensemble reads long texts (its card; a soup reads them so); the rows keep their texts
+    # when any member reads them in windows, to score it as evaluation and serving will
+    windows = {"long_texts": train_cfg.model.long_texts, "max_windows": train_cfg.model.max_windows}
+    if train_cfg.model.long_texts == "windows" or any(
+            (registry.resolve(u).get("config") or {}).get("model", {}).get("long_texts") == "windows"
+            for u in member_uris):
+        meta["long_texts"] = "windows"
     m = versions.resolve(train_cfg.data.dataset, train_cfg.data.root)
     tables = load_tables(train_cfg, meta)
     n_train = ray.get(tables["train"]).num_rows
@@ -245,7 +264,7 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             fmt = "full"
             for split, (probs, y) in evals.items():
                 table = ray.get(tables["validation"]) if split == "validation" else _test_table(m, meta)
-                (out / registry.CARD).write_text(json.dumps({"format": "full"}))
+                (out / registry.CARD).write_text(json.dumps({"format": "full", "config": {"model": windows}}))
                 soup_probs = _predict(str(out), table)
                 scores[split]["ensemble"] = classification_scores(soup_probs, y)
             (out / registry.CARD).unlink()
@@ -263,7 +282,7 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             "metrics": {f"{'val' if split == 'validation' else split}_{k}": v for split, s in scores.items()
                         if s["ensemble"] for k, v in s["ensemble"].items()},
             "ensemble_scores": scores,
-            "config": {"model": {"max_length": train_cfg.model.max_length, "path": train_cfg.model.path},
+            "config": {"model": {"max_length": train_cfg.model.max_length, "path": train_cfg.model.path, **windows},
                        "data": train_cfg.data.model_dump(mode="json")},
         }
         if cfg.combiner == "soup":
