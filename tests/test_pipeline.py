@@ -149,8 +149,9 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     # a changed train config re-trains; the stages downstream of it run again. Its evaluation moves
     # the alias `best` only if its perplexity is no worse, and a deploy of the train stage's model
     # serves what `best` points at
+    # (the same run name and storage: the finished 6-step run is started over, not resumed)
     changed = run(config.load(PipelineConfig, f, ["train.set=[train.num_workers=1,train.max_steps=4,"
-                                                  f"output.storage={tmp_path / 'out' / 'runs2'},"
+                                                  f"output.storage={tmp_path / 'out' / 'runs'},"
                                                   f"output.registry={reg}]", "deploy.model=train"]), f)
     assert not changed["stages"]["train"]["skipped"] and not changed["stages"]["evaluate"]["skipped"]
     assert changed["stages"]["tune"]["skipped"]  # its inputs did not change

@@ -74,6 +74,30 @@ def test_ddp_and_fsdp_follow_the_same_loss_curve(trained):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (ddp, fsdp)
 
 
+def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(trained, dataset, capfd):
+    """Re-running a finished run's name with another model stops before anything starts and names
+    the change (resuming would hand back the old run's model as if it were the new one);
+    train.resume=restart starts it over at step 0 and registers a new version."""
+    from raylm import config
+
+    _, card = trained("ddp")
+    changed = STRATEGIES["ddp"] + ["model.overrides.num_hidden_layers=1"]
+    with pytest.raises(config.ConfigError, match=r"model\.overrides\.num_hidden_layers: null -> 1.*train\.resume="
+                                                 r"restart"):
+        train_tiny(dataset, "t-ddp", changed)
+    capfd.readouterr()
+    out, same = train_tiny(dataset, "t-ddp", STRATEGIES["ddp"])  # the same config: the finished run, as it was
+    assert same["id"] == card["id"] and out["model"] == card["id"]
+    assert "t-ddp: the run already reached train.max_steps (12): nothing to train" in capfd.readouterr().out
+    out, again = train_tiny(dataset, "t-ddp", changed + ["train.resume=restart", "train.num_workers=1",
+                                                         "train.max_steps=2", "train.eval_every=2"])
+    log = capfd.readouterr().out
+    assert "t-ddp: starting over at step 0 (train.resume=restart)" in log
+    assert again["id"] != card["id"] and again["version"] == card["version"] + 1
+    assert again["metrics"]["steps"] == 2
+    assert json.loads((registry.local_path(again) / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
     """Submit through the Jobs API, stop it after a checkpoint, submit it again: it continues
     from the last checkpoint step instead of starting over."""
@@ -117,6 +141,7 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint at step (\d+)", again.stdout)]
     assert resumed and resumed[0] >= last_seen, again.stdout[-3000:]
+    assert f"resume-me: resuming with train.max_steps: 100000 -> {end}" in again.stdout  # what changed, said
     assert again.stdout.count(f"[train] step {end}/{end} ") == 1  # once: Ray Train's print patch is off
     assert "step 1/" not in again.stdout  # it did not start over
     # the log holds the loop's progress lines, not Ray Train's line per report or per checkpoint and

@@ -235,6 +235,9 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
                 raise config.ConfigError("train: output.register_model is false; the pipeline's later stages "
                                          "need the registered model")
             check_paths_shared(train_cfg)
+            if train_cfg.train.resume == "auto":  # a run left by another config of this stage starts over
+                train_cfg = train_cfg.model_copy(update={"train": train_cfg.train.model_copy(
+                    update={"resume": "restart_if_changed"})})
             result = train(train_cfg)
             out = {"model": result["model"], "metrics": {k: v for k, v in result["metrics"].items()
                                                          if isinstance(v, (int, float))}}

@@ -354,7 +354,7 @@ class ClassifierEngine:
     """A sequence classifier. A text longer than the model reads is cut at `max_len` tokens, or,
     for a model trained with `model.long_texts: windows` (its card says), read whole: cut into
     consecutive windows of `max_len` tokens (at most `max_windows`), each scored, the class
-    probabilities averaged per text."""
+    probabilities averaged per text, each window weighted by its tokens."""
 
     WINDOWS_PER_CALL = 64  # windows in one forward pass (a batch of long texts is split)
 
@@ -408,8 +408,11 @@ class ClassifierEngine:
             probs.append(self._forward(self.tok.pad(part, return_tensors="pt")))
         per_window = torch.cat(probs) if probs else torch.zeros(0, len(self.labels))
         index = torch.tensor([owner[j] for j in keep], dtype=torch.long)
-        total = torch.zeros(len(texts), per_window.shape[-1]).index_add_(0, index, per_window)
-        return total / torch.tensor(seen, dtype=torch.float32).clamp(min=1).unsqueeze(-1)
+        # each window weighs by the tokens it read: a text's short last window counts for its few tokens
+        tokens = torch.tensor([float(sum(enc["attention_mask"][j])) for j in keep])
+        total = torch.zeros(len(texts), per_window.shape[-1]).index_add_(0, index, per_window * tokens.unsqueeze(-1))
+        weight = torch.zeros(len(texts)).index_add_(0, index, tokens)
+        return total / weight.clamp(min=1).unsqueeze(-1)
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         out = []

@@ -67,7 +67,8 @@ class ModelConfig(Strict):
                             "in windows of this length: long_texts)")
     long_texts: Literal["truncate", "windows"] = Field(
         "truncate", description="classification: a text longer than max_length is cut there (truncate), or read "
-        "whole as consecutive windows of max_length tokens whose class probabilities are averaged (windows), "
+        "whole as consecutive windows of max_length tokens whose class probabilities are averaged, each window "
+        "weighted by its tokens (windows), "
         "wherever the model is scored: evaluation, serving, ensembles; training and its "
         "validation metrics read each text's first window either way")
     max_windows: int = Field(8, ge=1, le=256, description="long_texts=windows: at most this many windows a text "
@@ -160,6 +161,12 @@ class TrainLoopConfig(Strict):
         "val_loss", description="the metric early stopping watches (loss: lower is better; others: higher)")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="classification: balanced weighs each class by 1 / its share of the train split")
+    resume: Literal["auto", "restart", "restart_if_changed"] = Field(
+        "auto", description="a run name that already has checkpoints: auto resumes the last one when only steps "
+        "(not below it), lr, evaluation cadence, early stopping or where and how the run saves and logs changed, "
+        "and otherwise stops before anything starts, naming what changed; restart removes the run's checkpoints "
+        "and starts at step 0 (the models it registered stay); restart_if_changed resumes an interrupted run of "
+        "the same config and restarts one of any other (what the pipeline does)")
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainLoopConfig":
