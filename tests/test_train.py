@@ -92,7 +92,7 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     out, again = train_tiny(dataset, "t-ddp", changed + ["train.resume=restart", "train.num_workers=1",
                                                          "train.max_steps=2", "train.eval_every=2"])
     log = capfd.readouterr().out
-    assert "t-ddp: starting over at step 0 (train.resume=restart)" in log
+    assert "[train] t-ddp: starting over (train.resume=restart)" in log
     assert again["id"] != card["id"] and again["version"] == card["version"] + 1
     assert again["metrics"]["steps"] == 2
     assert json.loads((registry.local_path(again) / "config.json").read_text())["num_hidden_layers"] == 1

@@ -311,3 +311,22 @@ def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, 
     df = pd.read_parquet(tmp_path / "tune" / "resume-search" / "results.parquet")
     assert len(df) == 4 and df["model"].notna().all()
     assert sorted(df["param:train.lr"]) == [1e-3, 4e-3, 8e-3, 1.6e-2]
+    # the same name with another space: resuming would hand back the old search's trials as this
+    # one's, so it stops before anything starts; resume=restart runs the new search from nothing
+    doc = cfg.model_dump(mode="json")
+    doc["space"] = {"train.lr": {"grid": [2e-3]}}
+    doc["set"] = [s.replace("max_steps=60", "max_steps=4").replace("eval_every=20", "eval_every=2") for s in doc["set"]]
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(doc))
+    other = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(tmp_path / "other.yaml")]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode == 2 and "space.train.lr.grid: [0.001, 0.004, 0.008, 0.016] -> [0.002]" in \
+        refused.stderr and "train_config.train.max_steps: 60 -> 4" in refused.stderr, refused.stderr[-2000:]
+    assert len(finished()) == 4  # untouched
+    again = subprocess.run(other + ["--set", "resume=restart"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[tune] resume-search: starting over (resume=restart)" in again.stdout
+    assert "resuming the search" not in again.stdout
+    df = pd.read_parquet(tmp_path / "tune" / "resume-search" / "results.parquet")
+    assert list(df["param:train.lr"]) == [2e-3] and len(finished()) == 1
+    for trial in first:  # the old search's models stay
+        assert (models / f"resume-search-{trial}" / "v1").is_dir()

@@ -263,6 +263,8 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         out = cached("tune", key, lambda o: o.get("model") is None or _model_exists(o["model"], reg))
         if out is None:
             check_paths_shared(tune_job.paths_of(tune_cfg, str(files["tune"])))
+            if tune_cfg.resume == "auto":  # a search left by another config of this stage starts over
+                tune_cfg = tune_cfg.model_copy(update={"resume": "restart_if_changed"})
             s = tune_job.run(tune_cfg, str(files["tune"]))
             best = s.get("best") or {}
             out = {"model": best.get("model"), "best": {k: v for k, v in best.items() if k != "trial_model"},

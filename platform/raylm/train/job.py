@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
-from raylm import config, storage, tracking
+from raylm import config, reruns, storage, tracking
 from raylm.cluster import home
 from raylm.train.config import TrainConfig
 
@@ -354,25 +354,18 @@ def check_teacher(cfg: TrainConfig, meta: dict[str, Any]) -> None:
                                      f"{meta['labels']}")
 
 
-# Fields that never change what a run trains (where it runs, how often it saves and logs);
-# RUN_FILE leaves them out.
+# Fields that never change what a run trains (where it runs, how often it saves and logs).
 OPERATIONAL = ("train.max_failures", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.ingest", "train.cpus_per_worker", "train.worker_resources", "train.worker_env",
                "train.steady_warmup_steps", "train.resume", "data.root", "output.", "tracking.")
 # Fields a user may change to go on with a run (`train.resume: auto`): more steps, another
 # learning rate, another evaluation cadence or early stopping. Anything else is another run.
 CONTINUABLE = ("train.max_steps", "train.lr", "train.eval_every", "train.eval_batches", "train.early_stopping_")
-RUN_FILE = "raylm_run.json"  # in the run's directory: the config it was started with
-
-
-def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in prefixes)
 
 
 def run_identity(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """The run's config as dotted keys without the OPERATIONAL ones, the dataset as the version
-    it resolved to."""
-    flat = {k: v for k, v in tracking.flatten(cfg.model_dump(mode="json")).items() if not _matches(k, OPERATIONAL)}
+    """The run's config as dotted keys (`reruns.identity`), the dataset as the version it resolved to."""
+    flat = reruns.identity(cfg.model_dump(mode="json"), OPERATIONAL)
     flat.pop("data.mixture", None)
     flat["data.dataset"] = meta["dataset_id"]  # (a mixture's: each version and its weight)
     return flat
@@ -383,44 +376,24 @@ def run_storage(cfg: TrainConfig) -> str:
 
 
 def _start_or_resume(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
-    """Decide, before anything starts, whether a run with checkpoints resumes (`train.resume`);
-    a restart removes the run's directory. Records the run's config. Returns whether it starts
-    over."""
+    """Before anything starts: whether a run with checkpoints resumes (`train.resume`,
+    `reruns.decide`); a restart removes the run's directory. Returns whether it starts over."""
     from raylm.train.session import _STEP_DIR
 
     run_uri = storage.join(run_storage(cfg), cfg.name)
     steps = [int(m.group(1)) for m in map(_STEP_DIR.match, storage.listdir(run_uri)) if m]  # its checkpoints
-    mode, record = cfg.train.resume, storage.join(run_uri, RUN_FILE)
-    changes: list[str] = []
-    blocking: list[str] = []
-    if steps and storage.exists(record):
-        before, now = storage.read_json(record), run_identity(cfg, meta)
-        for k in sorted(set(before) | set(now)):
-            if before.get(k) != now.get(k):
-                changes.append(f"{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}")
-                if not _matches(k, CONTINUABLE):
-                    blocking.append(changes[-1])
-    if steps and cfg.train.max_steps < max(steps):
-        blocking.append(f"train.max_steps {cfg.train.max_steps} is below the run's last checkpoint (step {max(steps)})")
-    restart = bool(steps) and (mode == "restart" or (mode == "restart_if_changed" and bool(changes or blocking)))
-    if blocking and mode == "auto":
-        raise config.ConfigError(
-            f"run {cfg.name!r} (at {run_uri}) has checkpoints of another config, and resuming would continue that "
-            f"run, not train this one: {'; '.join(blocking)}. Set train.resume=restart to start it over at step 0 "
-            "(its checkpoints are removed; the models it registered stay), or give this run another name")
+    now = run_identity(cfg, meta)
+    below = ((f"train.max_steps {cfg.train.max_steps} is below the run's last checkpoint (step {max(steps)})",)
+             if steps and cfg.train.max_steps < max(steps) else ())
+    restart = reruns.decide("train", cfg.name, run_uri, now, cfg.train.resume, bool(steps), CONTINUABLE, below,
+                            setting="train.resume")
     if restart:
-        why = f"the config changed: {'; '.join(changes or blocking)}" if mode != "restart" else "train.resume=restart"
-        print(f"[train] {cfg.name}: starting over at step 0 ({why}); the run's checkpoints at {run_uri} are removed",
-              flush=True)
         storage.remove(run_uri)
-    elif changes:
-        print(f"[train] {cfg.name}: resuming with {'; '.join(changes)}", flush=True)
-    if steps and not restart and max(steps) >= cfg.train.max_steps:
+    elif steps and max(steps) >= cfg.train.max_steps:
         print(f"[train] {cfg.name}: the run already reached train.max_steps ({cfg.train.max_steps}): nothing to "
               "train; the job hands back the model it registered (a larger max_steps trains on, "
               "train.resume=restart starts over)", flush=True)
-    if restart or changes or not steps or not storage.exists(record):  # (changes: the next attempt compares with them)
-        storage.write_json(record, run_identity(cfg, meta))
+    reruns.record(run_uri, now)
     return restart
 
 

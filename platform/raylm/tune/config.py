@@ -113,6 +113,12 @@ class TuneConfig(Strict):
     cv: Optional[CVConfig] = Field(None, description="k-fold cross-validation of every configuration")
     output: TuneOutput = TuneOutput()
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
+    resume: Literal["auto", "restart", "restart_if_changed"] = Field(
+        "auto", description="a search name that already has trials: auto resumes it when it was started with this "
+        "config (output, tracking, max_concurrent and state_save_s may change) and otherwise stops before anything "
+        "starts, naming what changed; restart removes its trials and runs and starts over (the models it "
+        "registered stay); restart_if_changed resumes an interrupted search of the same config and restarts one "
+        "of any other (what the pipeline does)")
 
     @field_validator("space")
     @classmethod

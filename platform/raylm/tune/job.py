@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from raylm import config, registry, storage, tracking
+from raylm import config, registry, reruns, storage, tracking
 from raylm.cluster import home
 from raylm.train.config import TrainConfig
 from raylm.tune.config import Param, TuneConfig
@@ -68,6 +68,30 @@ def paths_of(cfg: Any, config_path: Optional[str]) -> dict[str, Any]:
     except config.ConfigError:
         return own
     return {"search": own, "trials": {"data": data}}
+
+
+# Fields that never change a search's results (the resolved train config stands for `train`
+# and `set`); anything else changed makes another search.
+OPERATIONAL = ("output.", "tracking.", "resume", "search.max_concurrent", "search.state_save_s", "train", "train.",
+               "set")
+
+
+def _start_or_resume(cfg: TuneConfig, train_cfg: TrainConfig, meta: dict[str, Any], exp_root: str) -> bool:
+    """Before anything starts: whether a search with saved trials resumes (`resume`,
+    `reruns.decide`); a restart removes its trials and runs. Returns whether it starts over."""
+    from ray import tune
+
+    from raylm.train.job import run_identity
+
+    now = {**reruns.identity(cfg.model_dump(mode="json"), OPERATIONAL),
+           **{f"train_config.{k}": v for k, v in run_identity(train_cfg, meta).items()}}
+    has_trials = tune.Tuner.can_restore(storage.join(exp_root, "trials"))
+    restart = reruns.decide("tune", cfg.name, exp_root, now, cfg.resume, has_trials)
+    if restart:
+        for part in ("trials", "runs"):
+            storage.remove(storage.join(exp_root, part))
+    reruns.record(exp_root, now)
+    return restart
 
 
 def check(cfg: TuneConfig, base: dict[str, Any]) -> TrainConfig:
@@ -305,6 +329,7 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
         raise config.ConfigError(f"the search needs {cfg.metric} from a validation split; {meta['dataset_id']} "
                                  "has none: give the data config a validation fraction, or use cv")
     exp_root = storage.join(cfg.output.storage or default_storage(), cfg.name)
+    restarted = _start_or_resume(cfg, train_cfg, meta, exp_root)
     t0 = time.time()
     print(f"[tune] {cfg.name}: {cfg.search.algorithm} search, {cfg.search.scheduler} scheduler, "
           f"{cfg.search.num_samples} sample(s){f' x {cfg.cv.folds} folds' if cfg.cv else ''} over "
@@ -315,7 +340,7 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
           + ", ".join(f"{k} {ray.get(v).num_rows} rows" for k, v in tables.items()), flush=True)
     # a parent MLflow run for the search, a child run per trial (Ray Tune's MLflow / Comet callbacks)
     tracker = tracking.Tracker.start(cfg.tracking, "tune", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
-                                     tags={"raylm.dataset": meta["dataset_id"]}, resume=True)
+                                     tags={"raylm.dataset": meta["dataset_id"]}, resume=not restarted)
     tuner, _ = build_tuner(cfg, base, train_cfg, meta, tables, exp_root, tracking.tune_callbacks(tracker))
     try:
         grid = trial_mod.fit(tuner, "tune", storage.join(exp_root, "trials"))

@@ -1,0 +1,70 @@
+"""A job submitted again under a name that already has state (a train run's checkpoints, a
+search's trials): resume it only when it was started with the same config, so that a changed
+config never gets the old run's results handed back as its own.
+
+Each run keeps the config it was started with (`RUN_FILE`, dotted keys, without the fields that
+never change a result: where it saves, how often it logs). On a re-run, `mode` decides:
+
+  auto                resume when nothing changed but the `continuable` fields; otherwise stop
+                      before anything starts, naming what changed
+  restart             start over (the caller removes the run's state)
+  restart_if_changed  resume an interrupted run of the same config, start over on any change
+                      (what the pipeline does: its stage re-runs because its config changed)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from raylm import config, storage, tracking
+
+RUN_FILE = "raylm_run.json"
+MODES = ("auto", "restart", "restart_if_changed")
+
+
+def matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    """`key` is one of `prefixes`, or under one that ends in `.` or `_`."""
+    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in prefixes)
+
+
+def identity(doc: dict[str, Any], operational: tuple[str, ...]) -> dict[str, Any]:
+    """A config as dotted keys, the `operational` ones left out."""
+    return {k: v for k, v in tracking.flatten(doc).items() if not matches(k, operational)}
+
+
+def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, has_state: bool,
+           continuable: tuple[str, ...] = (), blocking: tuple[str, ...] = (), setting: str = "resume") -> bool:
+    """Whether the run at `run_uri` (which has state to resume: `has_state`) starts over, given
+    its config `now` (`identity`). Raises ConfigError (mode auto) when something other than the
+    `continuable` fields changed, or `blocking` says why it cannot resume (`setting`: the config
+    field of `mode`, for the message). Prints what it
+    decided when there was a change. The caller removes the state on a restart, then calls
+    `record`."""
+    changes: list[str] = []
+    stops = list(blocking) if has_state else []
+    record_uri = storage.join(run_uri, RUN_FILE)
+    if has_state and storage.exists(record_uri):
+        before = storage.read_json(record_uri)
+        for k in sorted(set(before) | set(now)):
+            if before.get(k) != now.get(k):
+                changes.append(f"{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}")
+                if not matches(k, continuable):
+                    stops.append(changes[-1])
+    restart = has_state and (mode == "restart" or (mode == "restart_if_changed" and bool(changes or stops)))
+    if stops and mode == "auto":
+        raise config.ConfigError(
+            f"{what} {name!r} (at {run_uri}) was started with another config, and resuming would continue that "
+            f"{what}, not run this one: {'; '.join(stops)}. Set {setting}=restart to start it over (its "
+            "checkpoints are removed; the models it registered stay), or give this one another name")
+    if restart:
+        why = f"the config changed: {'; '.join(changes or stops)}" if mode != "restart" else f"{setting}=restart"
+        print(f"[{what}] {name}: starting over ({why}); its state at {run_uri} is removed", flush=True)
+    elif changes:
+        print(f"[{what}] {name}: resuming with {'; '.join(changes)}", flush=True)
+    return restart
+
+
+def record(run_uri: str, now: dict[str, Any]) -> None:
+    """Keep `now` as the config the run goes on with (the next re-run compares with it)."""
+    storage.write_json(storage.join(run_uri, RUN_FILE), now)
