@@ -321,6 +321,24 @@ def test_classify_returns_the_models_probabilities(served):
     assert _post(served, "/v1/classify", {"model": "author", "texts": "one"}, key="cls").json()["data"][0]["index"] == 0
 
 
+def test_a_served_version_is_neither_deleted_nor_pruned(served):
+    """`raylm models delete` asks the cluster's Serve apps what they serve (each raylm ingress
+    answers a handle call): a served version is refused, since a replica that restarts would find
+    no model, and prune passes over it."""
+    from raylm import registry, storage
+    from raylm.serve.job import served_versions
+
+    reg = served["registry"]
+    where = served_versions()
+    v1 = registry.resolve("lm@v1", reg)
+    assert {f"app {APP!r} as 'lm'", f"app {APP!r} as 'lm-int8'"} <= set(where[storage.normalize(v1["uri"])]), where
+    assert registry.prune("lm", 1, reg, dry_run=True) == ["lm@v1"]  # what prune would do, not asked
+    assert registry.prune("lm", 1, reg, dry_run=True, served=where) == []  # v1 served, v2 the newest
+    r = run_cli("models", "delete", "lm@v1", "--registry", reg)
+    assert r.returncode == 1 and f"lm@v1 is being served (app {APP!r} as 'lm'" in r.stderr, r.stderr[-2000:]
+    assert registry.resolve("lm@v1", reg)["id"] == "lm@v1"  # still there
+
+
 @pytest.mark.parametrize("case", [
     ("bad json", "/v1/completions", b"{nope", "gen", 400, "invalid_json"),
     ("not an object", "/v1/completions", b"[1, 2]", "gen", 400, "invalid_json"),

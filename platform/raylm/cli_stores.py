@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from raylm import cluster
 from raylm.cli import _print_err
@@ -161,17 +162,30 @@ def cmd_models_alias(a: argparse.Namespace) -> int:
     return 0
 
 
+def _served() -> dict[str, list[str]]:
+    """What the cluster's Serve apps serve (model URI -> where); {} with a note when no cluster."""
+    from raylm.serve.job import served_versions
+
+    found = served_versions()
+    if found is None:
+        print("note: no cluster to ask (no `raylm up` here, no RAY_ADDRESS): not checked whether Serve serves it",
+              file=sys.stderr)
+    return found or {}
+
+
 def cmd_models_delete(a: argparse.Namespace) -> int:
     from raylm import registry
 
-    return _delete(a, "vN", lambda: registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete"),
+    return _delete(a, "vN", lambda: registry.delete(a.ref, a.registry, force=a.force, reason="raylm models delete",
+                                                    served=None if a.force else _served()),
                    lambda card: f"{card['id']} (its number stays taken)")
 
 
 def cmd_models_prune(a: argparse.Namespace) -> int:
     from raylm import registry
 
-    return _prune(a, lambda: registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run), "every aliased one")
+    return _prune(a, lambda: registry.prune(a.name, a.keep, a.registry, dry_run=a.dry_run, served=_served()),
+                  "every aliased or served one")
 
 
 def cmd_feedback_stats(a: argparse.Namespace) -> int:

@@ -126,17 +126,23 @@ def resolve(ref: str, root: Optional[str] = None) -> dict[str, Any]:
 DELETED = "deleted.json"  # what is left of a deleted version: its number is never given out again
 
 
-def delete(ref: str, root: Optional[str] = None, force: bool = False, reason: str = "") -> dict[str, Any]:
+def delete(ref: str, root: Optional[str] = None, force: bool = False, reason: str = "",
+           served: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """Delete one registered version's files (its card first, so no reader takes it for a model
     half gone); a `deleted.json` stays in its place, so the number is not given to another model
     (a pipeline ledger or a report that names `NAME@vN` never finds a different model there). A
-    version an alias points at is refused unless `force` (then the alias is removed too).
+    version an alias points at, or one Serve serves (`served`: model URI -> where, from
+    `serve.job.served_versions`), is refused unless `force` (then the alias is removed too).
     Returns the deleted card."""
     root = storage.normalize(root or default_root())
     card = resolve(ref, root)
     if "name" not in card or "version" not in card or not storage.exists(storage.join(root, card["name"],
                                                                                        f"v{card['version']}", CARD)):
         raise ValueError(f"{ref} is not a version in the registry at {root}")
+    serving = (served or {}).get(storage.normalize(card["uri"]))
+    if serving and not force:
+        raise ValueError(f"{card['id']} is being served ({'; '.join(serving)}): a replica that restarts would "
+                         "find no model; deploy another version or undeploy first, or delete with --force")
     held = sorted(a for a, v in aliases(card["name"], root).items() if v == card["version"])
     if held and not force:
         raise ValueError(f"{card['id']} is what {', '.join(card['name'] + '@' + a for a in held)} point(s) at; "
@@ -154,16 +160,19 @@ def delete(ref: str, root: Optional[str] = None, force: bool = False, reason: st
     return card
 
 
-def prune(name: str, keep: int, root: Optional[str] = None, dry_run: bool = False) -> list[str]:
-    """Delete every version of `name` but the newest `keep` and those an alias points at; returns
-    the ids deleted (or, with `dry_run`, that would be)."""
+def prune(name: str, keep: int, root: Optional[str] = None, dry_run: bool = False,
+          served: Optional[dict[str, list[str]]] = None) -> list[str]:
+    """Delete every version of `name` but the newest `keep`, those an alias points at and those
+    Serve serves (`served`, as `delete` takes it); returns the ids deleted (or, with `dry_run`,
+    that would be)."""
     if keep < 1:
         raise ValueError("keep at least 1 version")
     cards = [c for c in list_models(root) if c["name"] == name]
     if not cards:
         raise FileNotFoundError(f"no model {name!r} in the registry")
     aliased = set(aliases(name, root).values())
-    doomed = [c["id"] for c in cards[:-keep] if c["version"] not in aliased]
+    doomed = [c["id"] for c in cards[:-keep] if c["version"] not in aliased
+              and storage.normalize(c["uri"]) not in (served or {})]
     if not dry_run:
         for ref in doomed:
             delete(ref, root, reason=f"prune: keep the newest {keep} and the aliased")

@@ -254,6 +254,11 @@ class Ingress:
             raise ApiError(400, errors[0], code=code, param="prompt")
         return list(zip(gens, firsts))
 
+    def served(self) -> list[dict[str, Any]]:
+        """Every registry version this app serves (a handle call: `raylm models delete` asks)."""
+        return [{"model": name, "id": x["registry_id"], "uri": x["uri"]} for name, m in self.models.items()
+                for x in (m, m.get("canary") or {}) if x.get("uri")]
+
     # --- routes ------------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -69,7 +69,8 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) ->
     labels = None
     if card["task"] == "classification":
         labels = card.get("labels") or (card.get("config") or {}).get("labels")
-    return handle, {"task": card["task"], "registry_id": card["id"], "labels": labels, "ensemble": ensemble,
+    return handle, {"task": card["task"], "registry_id": card["id"], "uri": card["uri"], "labels": labels,
+                    "ensemble": ensemble,
                     "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
                     if card.get("created") else None}
 

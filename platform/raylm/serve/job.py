@@ -81,6 +81,32 @@ def _running_http_options() -> dict[str, Any]:
         return {}
 
 
+def served_versions() -> Optional[dict[str, list[str]]]:
+    """Model directories (URIs) the raylm apps on the cluster serve -> where, e.g. `app 'raylm'
+    as 'authors'`; None when there is no cluster to ask (no `raylm up`, no RAY_ADDRESS)."""
+    import logging
+
+    from raylm import cluster
+    from raylm.runtime import init_ray
+
+    try:
+        init_ray(job=False)
+    except cluster.ClusterError:
+        return None
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    out: dict[str, list[str]] = {}
+    for app in serve.status().applications:
+        try:
+            rows = serve.get_app_handle(app).served.remote().result(timeout_s=30)
+        except Exception:  # noqa: BLE001 - not a raylm app (no `served`), or not running
+            continue
+        for r in rows:
+            out.setdefault(storage.normalize(r["uri"]), []).append(f"app {app!r} as {r['model']!r}")
+    return out
+
+
 def undeploy(name: str) -> bool:
     """Delete a running Serve application (its replicas stop after their in-flight requests)."""
     from ray import serve
