@@ -20,7 +20,6 @@ from typing import Any
 from raylm import config, storage, tracking
 
 RUN_FILE = "raylm_run.json"
-MODES = ("auto", "restart", "restart_if_changed")
 
 
 def matches(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -38,9 +37,8 @@ def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, h
     """Whether the run at `run_uri` (which has state to resume: `has_state`) starts over, given
     its config `now` (`identity`). Raises ConfigError (mode auto) when something other than the
     `continuable` fields changed, or `blocking` says why it cannot resume (`setting`: the config
-    field of `mode`, for the message). Prints what it
-    decided when there was a change. The caller removes the state on a restart, then calls
-    `record`."""
+    field of `mode`, for the message). Says what it decided when something changed. The caller
+    removes the state on a restart, then calls `record`."""
     changes: list[str] = []
     stops = list(blocking) if has_state else []
     record_uri = storage.join(run_uri, RUN_FILE)
@@ -55,8 +53,8 @@ def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, h
     if stops and mode == "auto":
         raise config.ConfigError(
             f"{what} {name!r} (at {run_uri}) was started with another config, and resuming would continue that "
-            f"{what}, not run this one: {'; '.join(stops)}. Set {setting}=restart to start it over (its "
-            "checkpoints are removed; the models it registered stay), or give this one another name")
+            f"{what}, not run this one: {'; '.join(stops)}. Set {setting}=restart to start it over (its saved "
+            "state is removed; the models it registered stay), or give this one another name")
     if restart:
         why = f"the config changed: {'; '.join(changes or stops)}" if mode != "restart" else f"{setting}=restart"
         print(f"[{what}] {name}: starting over ({why}); its state at {run_uri} is removed", flush=True)

@@ -264,7 +264,8 @@ def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any
             fmt = "full"
             for split, (probs, y) in evals.items():
                 table = ray.get(tables["validation"]) if split == "validation" else _test_table(m, meta)
-                (out / registry.CARD).write_text(json.dumps({"format": "full", "config": {"model": windows}}))
+                (out / registry.CARD).write_text(json.dumps({"format": "full", "config": {"model": {
+                    "max_length": train_cfg.model.max_length, **windows}}}))
                 soup_probs = _predict(str(out), table)
                 scores[split]["ensemble"] = classification_scores(soup_probs, y)
             (out / registry.CARD).unlink()
