@@ -273,7 +273,7 @@ def test_soup_is_one_model_with_the_mean_of_its_members_weights(authors_dataset)
     from raylm.serve.engine import ClassifierEngine
 
     summary, card = build_ensemble(authors_dataset, "soup", {"source": "seeds", "n": 2}, "soup",
-                                   sets=("model.long_texts=windows", "model.max_windows=4"))
+                                   sets=("model.long_texts=windows", "model.max_windows=2"))
     assert card["format"] == "full" and "ensemble.json" not in {p.name for p in registry.local_path(card).iterdir()}
     d = authors_dataset["dir"]
     members = [load_file(str(registry.local_path(registry.resolve(m, str(d / "tune" / "ensembles" / "soup" /
@@ -283,9 +283,9 @@ def test_soup_is_one_model_with_the_mean_of_its_members_weights(authors_dataset)
     head = [k for k in soup if k.startswith("classifier.") and k.endswith("weight")][0]
     assert not torch.equal(members[0][head], members[1][head])  # two seeds: two different heads
     assert torch.allclose(soup[head], (members[0][head] + members[1][head]) / 2, atol=1e-6)
-    assert card["config"]["model"]["long_texts"] == "windows" and card["config"]["model"]["max_windows"] == 4
+    assert card["config"]["model"]["long_texts"] == "windows" and card["config"]["model"]["max_windows"] == 2
     engine = ClassifierEngine(registry.local_path(card), dtype="float32")
-    assert engine.long_texts == "windows" and engine.max_windows == 4
+    assert engine.long_texts == "windows" and engine.max_windows == 2
     test = read_split(authors_dataset["manifest"], "docs", "test", ["text", "label"]).to_pydict()
     assert max(len(engine.tok(t)["input_ids"]) for t in test["text"]) > 32  # passages longer than a window
     probs = engine.probabilities(test["text"]).numpy()

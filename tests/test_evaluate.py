@@ -348,6 +348,7 @@ def test_a_classifier_trained_to_read_long_texts_in_windows_reads_them_whole(lab
     capsys.readouterr()
     rep_whole = evaluate("reader@v2")
     assert rep_whole["long_texts"] == "windows" and rep_whole["window"] == 16
+    assert "texts read whole, in windows of 16 tokens" in open(rep_whole["report"], encoding="utf-8").read()
     assert "texts read in windows of 16 tokens (at most 3), averaged" in capsys.readouterr().out
     rep_cut = evaluate("reader@v1")
     assert rep_cut["long_texts"] == "truncate" and "texts cut at 16 tokens" in capsys.readouterr().out

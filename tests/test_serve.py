@@ -530,8 +530,13 @@ def test_a_canary_answers_its_share_and_every_answer_names_its_version(served, c
     cfg = {**served["cfg"], "name": "canary", "route_prefix": "/canary", "feedback_uri": str(fb),
            "models": [{"name": "lm", "model": "lm@v1", "num_cpus": 0, "max_tokens_cap": 8,
                        "compression": {"quantize": "int8", "eval_batches": 2},
-                       "canary": {"model": "lm@v2", "weight": 0.5}}]}
+                       "canary": {"model": "lm@v2", "weight": 0.5, "num_cpus": 0.05}}]}
     out = run(config.build(DeployConfig, cfg))
+    from ray.serve.context import _get_global_client
+
+    deps = _get_global_client().get_serve_details()["applications"]["canary"]["deployments"]
+    assert deps["model-lm-canary"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.05  # its own
+    assert deps["model-lm"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0
     # the canary is served as the entry says (int8 here), and what that costs it is measured too;
     # lm@v1's card has it from the lm-int8 entry's deploy (the same settings): not measured again
     assert registry.resolve("lm@v2", served["registry"])["serving"]["compression"]["measured"]

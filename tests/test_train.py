@@ -74,28 +74,46 @@ def test_ddp_and_fsdp_follow_the_same_loss_curve(trained):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (ddp, fsdp)
 
 
-def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(trained, dataset, capfd):
+def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(trained, dataset, capsys):
     """Re-running a finished run's name with another model stops before anything starts and names
-    the change (resuming would hand back the old run's model as if it were the new one);
-    train.resume=restart starts it over at step 0 and registers a new version."""
-    from raylm import config
+    the change (resuming would hand back the old run's model as if it were the new one); the same
+    config resumes (nothing left to train: the job hands back the model it registered);
+    train.resume=restart removes the run's checkpoints and starts at step 0 (the pipeline's test
+    re-trains a changed stage from step 0 end to end)."""
+    from raylm import config, storage
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import _start_or_resume, dataset_meta, run_storage
 
     _, card = trained("ddp")
     changed = STRATEGIES["ddp"] + ["model.overrides.num_hidden_layers=1"]
     with pytest.raises(config.ConfigError, match=r"model\.overrides\.num_hidden_layers: null -> 1.*train\.resume="
                                                  r"restart"):
         train_tiny(dataset, "t-ddp", changed)
-    capfd.readouterr()
-    out, same = train_tiny(dataset, "t-ddp", STRATEGIES["ddp"])  # the same config: the finished run, as it was
-    assert same["id"] == card["id"] and out["model"] == card["id"]
-    assert "t-ddp: the run already reached train.max_steps (12): nothing to train" in capfd.readouterr().out
-    out, again = train_tiny(dataset, "t-ddp", changed + ["train.resume=restart", "train.num_workers=1",
-                                                         "train.max_steps=2", "train.eval_every=2"])
-    log = capfd.readouterr().out
-    assert "[train] t-ddp: starting over (train.resume=restart)" in log
-    assert again["id"] != card["id"] and again["version"] == card["version"] + 1
-    assert again["metrics"]["steps"] == 2
-    assert json.loads((registry.local_path(again) / "config.json").read_text())["num_hidden_layers"] == 1
+
+    def cfg(*extra: str) -> TrainConfig:
+        d = dataset["dir"]
+        return config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", STRATEGIES["ddp"] + [
+            "name=t-ddp", "data.dataset=trainset", f"data.root={dataset['root']}", f"output.storage={d / 'runs'}",
+            f"output.registry={d / 'registry'}", *extra])
+
+    same = cfg()
+    run_dir = storage.join(run_storage(same), "t-ddp")
+    assert any(n.startswith("step-") for n in storage.listdir(run_dir))  # the finished run's checkpoints
+    capsys.readouterr()
+    assert _start_or_resume(same, dataset_meta(same)) is False
+    assert "t-ddp: the run already reached train.max_steps (12): nothing to train" in capsys.readouterr().out
+    more = cfg("train.max_steps=20", "train.lr=1e-3")  # going on: more steps at another rate
+    assert _start_or_resume(more, dataset_meta(more)) is False
+    assert "t-ddp: resuming with train.lr: 0.005 -> 0.001; train.max_steps: 12 -> 20" in capsys.readouterr().out
+    fewer = cfg("train.max_steps=6")
+    with pytest.raises(config.ConfigError, match=r"train\.max_steps 6 is below the run's last checkpoint \(step 12\)"):
+        _start_or_resume(fewer, dataset_meta(fewer))
+    again = cfg(*changed[len(STRATEGIES["ddp"]):], "train.resume=restart")
+    assert _start_or_resume(again, dataset_meta(again)) is True
+    assert "[train] t-ddp: starting over (train.resume=restart)" in capsys.readouterr().out
+    assert storage.listdir(run_dir) == ["raylm_run.json"]  # no checkpoint left to resume
+    assert storage.read_json(storage.join(run_dir, "raylm_run.json"))["model.overrides.num_hidden_layers"] == 1
+    assert registry.resolve(card["id"], str(dataset["dir"] / "registry"))["id"] == card["id"]  # the model stays
 
 
 def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):

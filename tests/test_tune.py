@@ -312,7 +312,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, 
     assert len(df) == 4 and df["model"].notna().all()
     assert sorted(df["param:train.lr"]) == [1e-3, 4e-3, 8e-3, 1.6e-2]
     # the same name with another space: resuming would hand back the old search's trials as this
-    # one's, so it stops before anything starts; resume=restart runs the new search from nothing
+    # one's, so it stops before anything starts
     doc = cfg.model_dump(mode="json")
     doc["space"] = {"train.lr": {"grid": [2e-3]}}
     doc["set"] = [s.replace("max_steps=60", "max_steps=4").replace("eval_every=20", "eval_every=2") for s in doc["set"]]
@@ -322,11 +322,13 @@ def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, 
     assert refused.returncode == 2 and "space.train.lr.grid: [0.001, 0.004, 0.008, 0.016] -> [0.002]" in \
         refused.stderr and "train_config.train.max_steps: 60 -> 4" in refused.stderr, refused.stderr[-2000:]
     assert len(finished()) == 4  # untouched
-    again = subprocess.run(other + ["--set", "resume=restart"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[tune] resume-search: starting over (resume=restart)" in again.stdout
-    assert "resuming the search" not in again.stdout
-    df = pd.read_parquet(tmp_path / "tune" / "resume-search" / "results.parquet")
-    assert list(df["param:train.lr"]) == [2e-3] and len(finished()) == 1
+    # resume=restart: the old trials and runs go (the next fit starts from nothing), the models stay
+    from raylm.train.job import dataset_meta
+    from raylm.tune.job import _start_or_resume, base_train_dict, check
+
+    restart = TuneConfig.model_validate({**doc, "resume": "restart"})
+    train_cfg = check(restart, base_train_dict(restart, str(tmp_path / "other.yaml")))
+    assert _start_or_resume(restart, train_cfg, dataset_meta(train_cfg), str(tmp_path / "tune" / "resume-search"))
+    assert not trials.exists() and not (tmp_path / "tune" / "resume-search" / "runs").exists()
     for trial in first:  # the old search's models stay
         assert (models / f"resume-search-{trial}" / "v1").is_dir()

@@ -97,7 +97,9 @@ def write(rep: dict[str, Any], uri: str) -> str:
             "</head><body>",
             f"<h1>Evaluation of {html.escape(rep['model'])}</h1>",
             f"<p>{html.escape(rep['task'])} on <b>{html.escape(rep['dataset'])}</b> split "
-            f"<b>{html.escape(rep['split'])}</b>: {rep['metrics'].get('n')} documents, {rep['seconds']:.1f} s.</p>",
+            f"<b>{html.escape(rep['split'])}</b>: {rep['metrics'].get('n')} documents, {rep['seconds']:.1f} s"
+            + ({"windows": f"; texts read whole, in windows of {rep['window']} tokens",
+                "truncate": f"; texts cut at {rep['window']} tokens"}.get(rep.get("long_texts"), "")) + ".</p>",
             "<h2>Model vs baselines</h2>", _table(compare, ["model"] + keys),
         ]
         if rep.get("promotion"):

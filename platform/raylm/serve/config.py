@@ -66,6 +66,10 @@ class Compression(Strict):
 class Canary(Strict):
     model: str = Field(..., description="registry reference of the version on trial (NAME@vN, NAME@ALIAS...)")
     weight: float = Field(..., gt=0, lt=1, description="share of this model's requests it answers (0.1: one in ten)")
+    num_replicas: Optional[int] = Field(None, ge=1, description="fixed replicas of the canary; default the entry's "
+                                        "(its num_replicas, or its autoscaling)")
+    num_cpus: Optional[float] = Field(None, ge=0, description="CPUs per canary replica; default the entry's "
+                                      "num_cpus (a canary on a share of the traffic may need less)")
 
 
 class ModelDeployment(Strict):

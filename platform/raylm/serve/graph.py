@@ -98,9 +98,16 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
             options["num_replicas"] = m.num_replicas
         handles[m.name], meta[m.name] = _bind(options, m.name, card, m.model_dump(mode="json"))
         if m.canary:
-            handles[canary_key(m.name)], c_meta = _bind({**options, "name": f"model-{m.name}-canary"},
-                                                        f"{m.name}-canary", cards[canary_key(m.name)],
-                                                        m.model_dump(mode="json"))
+            c, c_options = m.canary, {**options, "name": f"model-{m.name}-canary"}
+            spec_options = m.model_dump(mode="json")
+            if c.num_replicas is not None:  # its own fixed count instead of the entry's count or autoscaling
+                c_options.pop("autoscaling_config", None)
+                c_options["num_replicas"] = c.num_replicas
+            if c.num_cpus is not None:
+                c_options["ray_actor_options"] = {**options["ray_actor_options"], "num_cpus": c.num_cpus}
+                spec_options["num_cpus"] = c.num_cpus  # (its torch threads)
+            handles[canary_key(m.name)], c_meta = _bind(c_options, f"{m.name}-canary", cards[canary_key(m.name)],
+                                                        spec_options)
             meta[m.name]["canary"] = {**c_meta, "weight": m.canary.weight}
     shared = None
     if cfg.ingress.num_replicas > 1:  # feedback may reach another replica than the one that answered
