@@ -351,6 +351,12 @@ def test_on_several_nodes_a_job_names_the_local_paths_a_node_does_not_see(raylm_
     on_s3 = config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml",
                         ["data.root=s3://b/datasets", "output.storage=s3://b/runs", "output.registry=s3://b/registry"])
     assert runtime.local_dirs(on_s3) == {}
+    # MLflow's default store is a sqlite file in RAYLM_HOME, written by whichever node runs the Train
+    # controller: it must be shared too (the suite runs with tracking off: on_s3 has nothing)
+    tracked = on_s3.model_copy(update={"tracking": on_s3.tracking.model_copy(update={"mlflow": True})})
+    assert runtime.local_dirs(tracked) == {"tracking.uri (MLflow's store)": str(runtime.cluster.home() / "mlflow")}
+    served = tracked.model_copy(update={"tracking": tracked.tracking.model_copy(update={"uri": "http://mlflow:5000"})})
+    assert runtime.local_dirs(served) == {}  # a tracking server: nothing local (it raised "unsupported storage URI")
     assert runtime.local_dirs({"sources": [{"uri": f"{tmp_path}/in/**/*.jsonl"}]}) == {"sources.0.uri": str(tmp_path / "in")}
     # a search: its own paths and the dataset its trials read (inside its train config's `set`)
     from raylm.tune.config import TuneConfig

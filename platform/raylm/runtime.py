@@ -132,7 +132,19 @@ def local_dirs(config: Any) -> dict[str, str]:
             for i, v in enumerate(value):
                 walk(v, f"{where}.{i}")
 
-    walk(config.model_dump(mode="json") if hasattr(config, "model_dump") else config, "")
+    doc = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    walk(doc, "")
+    if isinstance(doc, dict) and isinstance(doc.get("tracking"), dict):  # where the run's tracking writes
+        from raylm.tracking import TrackingConfig, resolve
+
+        t = resolve(TrackingConfig.model_validate(doc["tracking"]))
+        found.pop("tracking.uri", None)
+        if t["mlflow"] and t["uri"].startswith("sqlite:///"):  # MLflow's local store (by default in RAYLM_HOME)
+            found["tracking.uri (MLflow's store)"] = t["uri"][len("sqlite:///"):]
+        elif t["mlflow"] and ("://" not in t["uri"] or t["uri"].startswith("file://")):  # a file store
+            found["tracking.uri (MLflow's store)"] = t["uri"]
+        if t["comet"] and not t["comet"]["online"]:
+            found["tracking.comet.offline_dir"] = t["comet"]["offline_dir"]
     out: dict[str, str] = {}
     for where, uri in found.items():
         if storage.scheme_of(uri) != "file":
