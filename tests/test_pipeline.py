@@ -166,6 +166,17 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     # the endpoint was taken down while the train stage re-ran (its CPUs) and is back
     r = _complete(st["deploy"]["url"], key)
     assert r.status_code == 200, r.text
+    # force: [train] with nothing changed trains again from step 0 (resuming the finished run would
+    # hand back the model it has)
+    from raylm.serve.job import undeploy
+
+    undeploy(changed["stages"]["deploy"]["app"])  # its CPUs: this run has no deploy stage to free them
+    forced = run(config.load(PipelineConfig, f, ["train.set=[train.num_workers=1,train.max_steps=4,"
+                                                 f"output.storage={tmp_path / 'out' / 'runs'},"
+                                                 f"output.registry={reg}]", "force=[train]", "tune=null",
+                                                 "evaluate=null", "deploy=null"]), f)
+    assert not forced["stages"]["train"]["skipped"]
+    assert forced["models"]["train"] not in (changed["models"]["train"], first["models"]["train"])
 
 
 def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):

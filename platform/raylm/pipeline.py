@@ -235,9 +235,10 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
                 raise config.ConfigError("train: output.register_model is false; the pipeline's later stages "
                                          "need the registered model")
             check_paths_shared(train_cfg)
-            if train_cfg.train.resume == "auto":  # a run left by another config of this stage starts over
+            if train_cfg.train.resume == "auto":  # a run left by another config of this stage starts over;
+                # forced, any run does (resuming a finished run would hand back the model it has)
                 train_cfg = train_cfg.model_copy(update={"train": train_cfg.train.model_copy(
-                    update={"resume": "restart_if_changed"})})
+                    update={"resume": "restart" if "train" in cfg.force else "restart_if_changed"})})
             result = train(train_cfg)
             out = {"model": result["model"], "metrics": {k: v for k, v in result["metrics"].items()
                                                          if isinstance(v, (int, float))}}
@@ -263,8 +264,9 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         out = cached("tune", key, lambda o: o.get("model") is None or _model_exists(o["model"], reg))
         if out is None:
             check_paths_shared(tune_job.paths_of(tune_cfg, str(files["tune"])))
-            if tune_cfg.resume == "auto":  # a search left by another config of this stage starts over
-                tune_cfg = tune_cfg.model_copy(update={"resume": "restart_if_changed"})
+            if tune_cfg.resume == "auto":  # a search left by another config of this stage (or forced) starts over
+                tune_cfg = tune_cfg.model_copy(update={"resume": "restart" if "tune" in cfg.force else
+                                                       "restart_if_changed"})
             s = tune_job.run(tune_cfg, str(files["tune"]))
             best = s.get("best") or {}
             out = {"model": best.get("model"), "best": {k: v for k, v in best.items() if k != "trial_model"},
