@@ -149,6 +149,15 @@ def check(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, P
     return files
 
 
+def _rerun_mode(mode: str, forced: bool) -> str:
+    """How a train or tune stage that runs treats the run or search its name already has (a
+    stage's own `resume` setting other than auto is kept): one left by another config starts
+    over; forced, any does (resuming a finished run would hand back the model it already has)."""
+    if mode != "auto":
+        return mode
+    return "restart" if forced else "restart_if_changed"
+
+
 def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any]:
     from raylm.data import pipeline as data_pipeline
     from raylm.data.config import DataConfig
@@ -235,10 +244,8 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
                 raise config.ConfigError("train: output.register_model is false; the pipeline's later stages "
                                          "need the registered model")
             check_paths_shared(train_cfg)
-            if train_cfg.train.resume == "auto":  # a run left by another config of this stage starts over;
-                # forced, any run does (resuming a finished run would hand back the model it has)
-                train_cfg = train_cfg.model_copy(update={"train": train_cfg.train.model_copy(
-                    update={"resume": "restart" if "train" in cfg.force else "restart_if_changed"})})
+            train_cfg = train_cfg.model_copy(update={"train": train_cfg.train.model_copy(
+                update={"resume": _rerun_mode(train_cfg.train.resume, "train" in cfg.force)})})
             result = train(train_cfg)
             out = {"model": result["model"], "metrics": {k: v for k, v in result["metrics"].items()
                                                          if isinstance(v, (int, float))}}
@@ -264,9 +271,7 @@ def run(cfg: PipelineConfig, config_path: Optional[str] = None) -> dict[str, Any
         out = cached("tune", key, lambda o: o.get("model") is None or _model_exists(o["model"], reg))
         if out is None:
             check_paths_shared(tune_job.paths_of(tune_cfg, str(files["tune"])))
-            if tune_cfg.resume == "auto":  # a search left by another config of this stage (or forced) starts over
-                tune_cfg = tune_cfg.model_copy(update={"resume": "restart" if "tune" in cfg.force else
-                                                       "restart_if_changed"})
+            tune_cfg = tune_cfg.model_copy(update={"resume": _rerun_mode(tune_cfg.resume, "tune" in cfg.force)})
             s = tune_job.run(tune_cfg, str(files["tune"]))
             best = s.get("best") or {}
             out = {"model": best.get("model"), "best": {k: v for k, v in best.items() if k != "trial_model"},
