@@ -357,3 +357,55 @@ def test_a_classifier_trained_to_read_long_texts_in_windows_reads_them_whole(lab
     rep_cut = evaluate("reader@v1")
     assert rep_cut["long_texts"] == "truncate" and "texts cut at 16 tokens" in capsys.readouterr().out
     assert rep_whole["metrics"]["ece"] != pytest.approx(rep_cut["metrics"]["ece"], abs=1e-6)
+
+
+def test_a_classifier_trained_in_windows_learns_what_its_texts_say_after_the_first_window(ray_session, tmp_path):
+    """`model.long_texts: windows` in training. Every text here opens with the same 16 tokens and
+    only its ending tells comedy from tragedy: a classifier that reads the first window sees one
+    input for both classes (it can do no better than chance). Trained in windows, each step draws
+    a window of each text, so it learns the endings; the run's validation accuracy reads whole
+    texts, as serving does, and the evaluation job finds the same on the same split."""
+    import random
+
+    from helpers import small_config, write_jsonl
+
+    from raylm import config, registry
+    from raylm.data import pipeline
+    from raylm.data.config import DataConfig
+    from raylm.data.versions import read_split
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run as evaluate
+    from raylm.train.config import ModelConfig, TrainConfig
+    from raylm.train.job import encode_texts, run as train
+
+    rng = random.Random(11)
+    opening = "It was the best of times, it was the worst of times, it was the age of"
+    words = {"comedy": "jest feast dance wedding laughter song wine garland merry fool".split(),
+             "tragedy": "sorrow grief death tears slain grave ruin blood mourning exile".split()}
+    docs = [{"doc_id": f"p{i:03d}", "y": y, "body": opening + " " + " ".join(rng.choice(words[y]) for _ in range(24))}
+            for i, y in enumerate(["comedy", "tragedy"] * 24)]
+    root = tmp_path / "datasets"
+    m = pipeline.run(config.build(DataConfig, small_config(
+        root, [{"kind": "jsonl", "uri": str(write_jsonl(tmp_path / "docs.jsonl", docs)), "text_field": "body",
+                "label_field": "y", "id_field": "doc_id"}],
+        name="endings", split={"key": "id", "train": 0.6, "validation": 0.4, "test": 0.0})))
+    minilm = ModelConfig(task="classification", path="builtin:all-MiniLM-L6-v2").local_path()
+    first = encode_texts(read_split(m, "docs", "train", ["text", "label"]), minilm, 16, ["comedy", "tragedy"])
+    assert len(set(map(tuple, first.column("input_ids").to_pylist()))) == 1  # cut, every text is one input
+
+    reg = str(tmp_path / "registry")
+    out = train(config.build(TrainConfig, {
+        "name": "endings", "data": {"dataset": "endings", "root": str(root)},
+        "model": {"task": "classification", "path": "builtin:all-MiniLM-L6-v2", "max_length": 16,
+                  "long_texts": "windows", "max_windows": 4, "overrides": {"num_hidden_layers": 2}},
+        "train": {"num_workers": 1, "max_steps": 24, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2,
+                  "eval_every": 24, "eval_batches": 8, "checkpoint_every": 24, "log_every": 12},
+        "output": {"storage": str(tmp_path / "runs"), "registry": reg}}))
+    card = registry.resolve(out["model"], reg)
+    assert card["metrics"]["val_accuracy"] >= 0.9, card["metrics"]  # chance is 0.5
+
+    rep = evaluate(config.build(EvaluateConfig, {
+        "model": out["model"], "registry": reg, "data": {"dataset": "endings", "root": str(root), "split": "validation"},
+        "slices": {"columns": []}, "robustness": None, "baselines": {"tfidf": False}}))
+    assert rep["long_texts"] == "windows"
+    assert rep["metrics"]["accuracy"] == pytest.approx(card["metrics"]["val_accuracy"], abs=1e-9)

@@ -69,8 +69,9 @@ class ModelConfig(Strict):
         "truncate", description="classification: a text longer than max_length is cut there (truncate), or read "
         "whole as consecutive windows of max_length tokens whose class probabilities are averaged, each window "
         "weighted by its tokens (windows), "
-        "wherever the model is scored: evaluation, serving, ensembles; training and its "
-        "validation metrics read each text's first window either way")
+        "wherever the model is scored: evaluation, serving, ensembles, and the run's validation metrics; "
+        "training then draws one window of a text each time it reads the text (a window's chance is its share "
+        "of the text's tokens)")
     max_windows: int = Field(8, ge=1, le=256, description="long_texts=windows: at most this many windows a text "
                              "(the rest of a longer text is not read)")
     freeze_embeddings: bool = Field(False, description="do not train the embeddings")

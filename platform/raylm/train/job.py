@@ -129,10 +129,15 @@ def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str], keep_text: bool = False):
-    """docs rows (text, label) -> fixed-length input_ids, attention_mask and label ids (and the
-    `text`, with keep_text: for scoring a model that reads long texts in windows); rows whose
-    label the model does not know (or none) are left out (counted in the driver)."""
+def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str], keep_text: bool = False,
+                 windows: int = 1):
+    """docs rows (text, label) -> fixed-length input_ids, attention_mask (the text's first
+    `max_length` tokens) and label ids (and the `text`, with keep_text: for scoring a model that
+    reads long texts in windows); rows whose label the model does not know (or none) are left out
+    (counted in the driver). windows > 1 (`model.long_texts: windows`): also `window_ids` and
+    `window_mask`, the text's consecutive windows of `max_length` tokens (at most `windows`, each a
+    whole input: the tokenizer's own overflow, as the serving engine cuts them) end to end, from
+    which training draws one a step and validation reads them all."""
     import numpy as np
     import pyarrow as pa
 
@@ -144,17 +149,37 @@ def encode_texts(batch, tokenizer_path: str, max_length: int, labels: list[str],
         _TOKENIZERS[tokenizer_path] = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
     tok = _TOKENIZERS[tokenizer_path]
     batch = with_labels(batch, labels)
-    enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length",
-              return_tensors="np")
+    texts = batch.column("text").to_pylist()
     index = {label: i for i, label in enumerate(labels)}
     offsets = pa.array(np.arange(0, (batch.num_rows + 1) * max_length, max_length, dtype=np.int32))
 
-    def as_list(a):
-        return pa.ListArray.from_arrays(offsets, pa.array(a.astype(np.int32).ravel()))
+    def as_list(a, offs=offsets):
+        return pa.ListArray.from_arrays(offs, pa.array(np.asarray(a, dtype=np.int32).ravel()))
 
-    out = pa.table({"input_ids": as_list(enc["input_ids"]), "attention_mask": as_list(enc["attention_mask"]),
-                    "labels": pa.array([index[x] for x in batch.column("label").to_pylist()], pa.int64())})
+    if windows > 1:
+        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_overflowing_tokens=True,
+                  return_tensors="np")
+        owner = np.asarray(enc["overflow_to_sample_mapping"])
+        rank = np.arange(len(owner)) - np.searchsorted(owner, owner)  # each window's place in its text
+        keep = rank < windows
+        ids, mask, owner = enc["input_ids"][keep], enc["attention_mask"][keep], owner[keep]
+        first = np.searchsorted(owner, np.arange(batch.num_rows))  # a text's first window (texts give >= 1)
+        per_text = np.bincount(owner, minlength=batch.num_rows)
+        win_offsets = pa.array(np.concatenate([[0], np.cumsum(per_text) * max_length]).astype(np.int32))
+        extra = {"window_ids": as_list(ids, win_offsets), "window_mask": as_list(mask, win_offsets)}
+        ids, mask = ids[first], mask[first]
+    else:
+        enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+        ids, mask, extra = enc["input_ids"], enc["attention_mask"], {}
+    out = pa.table({"input_ids": as_list(ids), "attention_mask": as_list(mask),
+                    "labels": pa.array([index[x] for x in batch.column("label").to_pylist()], pa.int64()), **extra})
     return out.append_column("text", batch.column("text")) if keep_text else out
+
+
+def _train_windows(cfg: TrainConfig) -> int:
+    """The windows a text gives training and validation: `model.max_windows` for a classifier that
+    reads long texts in windows, else 1 (its first `max_length` tokens)."""
+    return cfg.model.max_windows if cfg.model.long_texts == "windows" else 1
 
 
 def _read(uri: str, *parts: str):
@@ -173,7 +198,8 @@ def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
             if split == "train" or meta["has_validation"]:
                 out[split] = _read(meta["uri"], "docs", split).select_columns(["text", "label"]).map_batches(
                     encode_texts, fn_kwargs={"tokenizer_path": meta["tokenizer_path"],
-                                             "max_length": cfg.model.max_length, "labels": meta["labels"]},
+                                             "max_length": cfg.model.max_length, "labels": meta["labels"],
+                                             "windows": _train_windows(cfg)},
                     batch_format="pyarrow", batch_size=256)
         return out
     if meta.get("mixture"):
@@ -215,7 +241,8 @@ def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] 
             if split == "train" or meta["has_validation"]:
                 out[split] = encode_texts(rows(meta["uri"], "docs", split, ["text", "label"]),
                                           meta["tokenizer_path"], cfg.model.max_length, meta["labels"],
-                                          keep_text="windows" in (cfg.model.long_texts, meta.get("long_texts")))
+                                          keep_text="windows" in (cfg.model.long_texts, meta.get("long_texts")),
+                                          windows=_train_windows(cfg))
     elif meta.get("mixture"):
         rng = np.random.default_rng(t.seed)
         parts = []

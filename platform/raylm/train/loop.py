@@ -30,21 +30,55 @@ from raylm.train import losses, models, strategies
 COLUMNS = {"causal_lm": ("input_ids",), "classification": ("input_ids", "attention_mask", "labels")}
 
 
-def _host_batch(batch: pa.Table, task: str, pin: bool) -> dict[str, torch.Tensor]:
+def _flat(col: pa.Array) -> np.ndarray:
+    return pc.list_flatten(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).to_numpy(
+        zero_copy_only=False).astype(np.int64)
+
+
+def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.Generator] = None,
+                all_windows: bool = False) -> dict[str, torch.Tensor]:
     """A pyarrow batch -> tensors: packed token blocks (the labels are the inputs: the model
-    shifts them), or tokenized texts with their attention mask and label ids."""
+    shifts them), or tokenized texts with their attention mask and label ids.
+    Texts read in windows (`window_ids` in the rows: `model.long_texts: windows`): with `draw`,
+    each text gives one of its windows, drawn with its share of the text's tokens (every part of
+    a long text is trained on over the epochs); with `all_windows`, every window, with
+    `window_row` (the row each belongs to) and `window_tokens` (its tokens, its weight in the
+    text's mean: as the serving engine reads the text)."""
+    if task == "classification" and "window_ids" in batch.column_names and (draw is not None or all_windows):
+        return _window_batch(batch, pin, draw)
     out = {}
     for name in COLUMNS[task]:
         col = batch.column(name).combine_chunks()
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-            t = torch.from_numpy(flat.reshape(len(col), -1))
+            t = torch.from_numpy(_flat(col).reshape(len(col), -1))
         else:
             t = torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.int64))
         out[name] = t.pin_memory() if pin else t
     if task == "causal_lm":
         out["labels"] = out["input_ids"]
     return out
+
+
+def _window_batch(batch: pa.Table, pin: bool, draw: Optional[np.random.Generator]) -> dict[str, torch.Tensor]:
+    width = len(batch.column("input_ids")[0])
+    ids = _flat(batch.column("window_ids")).reshape(-1, width)
+    mask = _flat(batch.column("window_mask")).reshape(-1, width)
+    per_row = (pc.list_value_length(batch.column("window_ids").combine_chunks()).to_numpy() // width).astype(np.int64)
+    row = np.repeat(np.arange(batch.num_rows), per_row)
+    tokens = mask.sum(1)
+    labels = batch.column("labels").to_numpy().astype(np.int64)
+    if draw is not None:  # one window a text, by its share of the text's tokens
+        start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+        cum = np.cumsum(tokens)
+        before = np.where(start > 0, cum[start - 1], 0)
+        target = before + draw.random(batch.num_rows) * (cum[start + per_row - 1] - before)
+        pick = np.minimum(np.searchsorted(cum, target, side="right"), start + per_row - 1)
+        out = {"input_ids": ids[pick], "attention_mask": mask[pick], "labels": labels}
+    else:
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels[row], "window_row": row,
+               "window_tokens": tokens, "text_labels": labels}
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
 def steady_warmup(wanted: int, steps: int) -> int:
@@ -77,27 +111,33 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_batches(shard, batch_size: int, task: str, device: torch.device, skip: int) -> Iterator[dict]:
+def train_batches(shard, batch_size: int, task: str, device: torch.device, skip: int,
+                  seed: tuple[int, ...] = (0,)) -> Iterator[dict]:
     """Micro-batches on `device`, forever (epoch after epoch), skipping the first `skip`
     (resume). On a GPU each batch is pinned and its copy issued one step ahead, so fetching
-    the next batch overlaps the current step instead of stalling the GPU."""
+    the next batch overlaps the current step instead of stalling the GPU. `seed` (with the
+    micro-batch's number) draws the windows of texts read in windows: a resumed run draws what
+    the uninterrupted one would have."""
     pin = device.type == "cuda"
     pending: list[tuple[dict, dict]] = []  # (host tensors kept alive, device copies)
-    for host in _host_batches(shard, batch_size, task, pin, skip):
+    for host in _host_batches(shard, batch_size, task, pin, skip, seed):
         pending.append((host, _to_device(host, device)))
         if len(pending) == 2:
             yield pending.pop(0)[1]
 
 
-def _host_batches(shard, batch_size: int, task: str, pin: bool, skip: int) -> Iterator[dict]:
+def _host_batches(shard, batch_size: int, task: str, pin: bool, skip: int, seed: tuple[int, ...]) -> Iterator[dict]:
+    number = 0
     while True:
         seen = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
             seen += 1
+            number += 1
             if skip > 0:
                 skip -= 1
                 continue
-            yield _host_batch(batch, task, pin)
+            draw = np.random.default_rng([*seed, number]) if "window_ids" in batch.column_names else None
+            yield _host_batch(batch, task, pin, draw=draw)
         if seen == 0:
             raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} rows: "
                              "lower batch_size or num_workers, or use more data")
@@ -138,11 +178,17 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
     for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=False)):
         if i >= max_batches:
             break
-        b = _to_device(_host_batch(batch, task, pin=False), device)
+        host = _host_batch(batch, task, pin=False, all_windows=True)
+        windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
+        b = _to_device(host, device)
         loss, logits = strat.evaluate(b)
+        labels = b.get("labels")
+        if windows:  # a text read in windows: its windows' probabilities, weighted by their tokens
+            logits, labels = _text_log_probs(logits, windows, device), windows["text_labels"].to(device)
+            loss = torch.nn.functional.nll_loss(logits, labels)
         losses.append(float(loss))
         if task == "classification":
-            idx = b["labels"] * num_labels + logits.argmax(-1)
+            idx = labels * num_labels + logits.argmax(-1)
             confusion += torch.bincount(idx, minlength=num_labels ** 2).view(num_labels, num_labels).to(confusion)
     loss = _all_mean(losses, device)
     if math.isnan(loss):
@@ -152,6 +198,17 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
             dist.all_reduce(confusion)
         return {"val_loss": loss, **classification_metrics(confusion.cpu().numpy())}
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+
+def _text_log_probs(logits: torch.Tensor, windows: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per text, the log of its windows' class probabilities averaged with their tokens as weights
+    (ClassifierEngine.probabilities does the same when it serves the model)."""
+    probs = torch.softmax(logits.float(), -1)
+    row, tokens = windows["window_row"].to(device), windows["window_tokens"].to(device).float()
+    n = len(windows["text_labels"])
+    total = torch.zeros(n, probs.shape[-1], device=device).index_add_(0, row, probs * tokens.unsqueeze(-1))
+    weight = torch.zeros(n, device=device).index_add_(0, row, tokens)
+    return torch.log((total / weight.clamp(min=1).unsqueeze(-1)).clamp(min=1e-12))
 
 
 @torch.no_grad()
@@ -262,7 +319,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     metrics = Metrics(cfg.name) if rank == 0 else None
     train_shard = session.shard("train")
     val_shard = session.shard("validation") if meta.get("has_validation") else None
-    batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"])
+    batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"], seed=(t.seed, rank))
     tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
 
     last_report_t = float("-inf")  # the first progress step always reports: trackers and Tune see it at once
