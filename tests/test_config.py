@@ -162,6 +162,11 @@ def test_train_config_errors_name_the_field():
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="worker_resources cannot set GPU: use train.cpus_per_worker and train.use_gpu"):
         config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.worker_resources={gpu: 1}"])
+    with pytest.raises(ConfigError, match=r"model.calibration is for classification"):
+        config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["model.calibration=temperature"])
+    with pytest.raises(ConfigError, match=r"an adapter export does not hold: use model.lora.export: merged"):
+        config.load(TrainConfig, ROOT / "jobs" / "configs" / "train_authors.yaml",
+                    ["model.calibration=temperature", "model.lora.export=adapter"])
     ok = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", ["train.worker_resources={trainer: 1}"])
     assert ok.train.worker_resource_request() == {"trainer": 1, "CPU": 1}
 

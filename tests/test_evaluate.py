@@ -103,6 +103,27 @@ def test_uniform_lm_has_perplexity_equal_to_its_vocabulary(train_dataset, tmp_pa
     assert html.exists() and "bits_per_byte" in html.read_text() and ev["report"].endswith("report.html")
 
 
+def test_temperature_scaling_finds_how_overconfident_a_model_is():
+    """Labels drawn from softmax(z): a model answering with 2.5 z is overconfident by a temperature
+    of ~2.5, one answering z / 2 underconfident by ~0.5; the fit finds both, brings the ECE down
+    and keeps every prediction. Texts read in windows are pooled as the serving engine pools them:
+    two identical windows a text give the same fit as one."""
+    from raylm.train.calibration import fit_temperature, pooled_probs
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 3)) * 1.5
+    y = np.array([rng.choice(3, p=p) for p in pooled_probs(z, None, None, len(z), 1.0)])
+    over, under = fit_temperature(2.5 * z, y), fit_temperature(z / 2, y)
+    assert over["temperature"] == pytest.approx(2.5, rel=0.1) and under["temperature"] == pytest.approx(0.5, rel=0.1)
+    for fit in (over, under):
+        assert fit["val_ece"][1] < 0.04 < fit["val_ece"][0] and fit["val_nll"][1] < fit["val_nll"][0]
+        assert fit["val_accuracy"][0] == fit["val_accuracy"][1]
+    windows = fit_temperature(np.repeat(2.5 * z, 2, axis=0), y, np.repeat(np.arange(len(z)), 2), np.ones(2 * len(z)))
+    assert windows["temperature"] == pytest.approx(over["temperature"], rel=1e-6)
+    calibrated = fit_temperature(z, y)
+    assert calibrated["temperature"] == pytest.approx(1.0, abs=0.1)
+
+
 @pytest.fixture(scope="module")
 def labeled(ray_session, tmp_path_factory):
     """40 documents labelled comedy / tragedy (the `y` field)."""
@@ -364,7 +385,9 @@ def test_a_classifier_trained_in_windows_learns_what_its_texts_say_after_the_fir
     only its ending tells comedy from tragedy: a classifier that reads the first window sees one
     input for both classes (it can do no better than chance). Trained in windows, each step draws
     a window of each text, so it learns the endings; the run's validation accuracy reads whole
-    texts, as serving does, and the evaluation job finds the same on the same split."""
+    texts, as serving does, and the evaluation job finds the same on the same split.
+    `model.calibration: temperature`: the exported model answers with the temperature fitted on the
+    validation split, so the evaluation job's ECE there is the one the card promises."""
     import random
 
     from helpers import small_config, write_jsonl
@@ -397,15 +420,23 @@ def test_a_classifier_trained_in_windows_learns_what_its_texts_say_after_the_fir
     out = train(config.build(TrainConfig, {
         "name": "endings", "data": {"dataset": "endings", "root": str(root)},
         "model": {"task": "classification", "path": "builtin:all-MiniLM-L6-v2", "max_length": 16,
-                  "long_texts": "windows", "max_windows": 4, "overrides": {"num_hidden_layers": 2}},
-        "train": {"num_workers": 1, "max_steps": 24, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2,
-                  "eval_every": 24, "eval_batches": 8, "checkpoint_every": 24, "log_every": 12},
+                  "long_texts": "windows", "max_windows": 4, "overrides": {"num_hidden_layers": 2},
+                  "calibration": "temperature"},
+        "train": {"num_workers": 2, "max_steps": 24, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2,
+                  "eval_every": 24, "eval_batches": 8, "checkpoint_every": 24, "log_every": 12, "seed": 1},
         "output": {"storage": str(tmp_path / "runs"), "registry": reg}}))
     card = registry.resolve(out["model"], reg)
     assert card["metrics"]["val_accuracy"] >= 0.9, card["metrics"]  # chance is 0.5
+    cal, n_val = card["calibration"], m["splits"]["validation"]["documents"]
+    # a fit that moves T (seed 1: the 2-worker run with seed 0 came out calibrated already, T 0.997),
+    # fitted on both ranks' validation texts
+    assert cal["texts"] == n_val and cal["temperature"] != pytest.approx(1.0, abs=0.01), cal
+    assert cal["val_nll"][1] < cal["val_nll"][0] and cal["val_ece"][1] < cal["val_ece"][0], cal
 
     rep = evaluate(config.build(EvaluateConfig, {
         "model": out["model"], "registry": reg, "data": {"dataset": "endings", "root": str(root), "split": "validation"},
         "slices": {"columns": []}, "robustness": None, "baselines": {"tfidf": False}}))
-    assert rep["long_texts"] == "windows"
+    assert rep["long_texts"] == "windows" and rep["metrics"]["n"] == n_val
     assert rep["metrics"]["accuracy"] == pytest.approx(card["metrics"]["val_accuracy"], abs=1e-9)
+    assert rep["metrics"]["accuracy"] == pytest.approx(cal["val_accuracy"][1], abs=1e-9)
+    assert rep["metrics"]["ece"] == pytest.approx(cal["val_ece"][1], abs=1e-4)  # the export is calibrated

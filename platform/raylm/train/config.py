@@ -74,6 +74,11 @@ class ModelConfig(Strict):
         "of the text's tokens)")
     max_windows: int = Field(8, ge=1, le=256, description="long_texts=windows: at most this many windows a text "
                              "(the rest of a longer text is not read)")
+    calibration: Literal["none", "temperature"] = Field(
+        "none", description="classification: after training, fit a temperature T on the validation split (its "
+        "negative log-likelihood) and divide the exported head's weight and bias by it, so the model's class "
+        "probabilities are calibrated wherever it is loaded; the card records T and the validation NLL and ECE "
+        "before and after")
     freeze_embeddings: bool = Field(False, description="do not train the embeddings")
     freeze_layers: int = Field(0, ge=0, description="do not train the first N transformer blocks")
     lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters (peft) instead of all weights")
@@ -89,6 +94,11 @@ class ModelConfig(Strict):
             raise ValueError(f"model.path is required for classification (a pretrained encoder, e.g. {BUILTIN_MINILM})")
         if self.long_texts == "windows" and self.task != "classification":
             raise ValueError("model.long_texts=windows is for classification (a causal LM is scored in windows already)")
+        if self.calibration != "none" and self.task != "classification":
+            raise ValueError("model.calibration is for classification (class probabilities)")
+        if self.calibration != "none" and self.lora and self.lora.export == "adapter":
+            raise ValueError("model.calibration scales the exported classification head, which an adapter export "
+                             "does not hold: use model.lora.export: merged")
         if self.lora and self.lora.export == "adapter" and not self.path:
             raise ValueError("model.lora.export=adapter needs model.path (an adapter alone is useless without "
                              "its base); use export: merged for a randomly initialized model")

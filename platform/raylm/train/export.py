@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -50,8 +50,10 @@ def _no_deepspeed_probe():
         acc.is_deepspeed_available = probe
 
 
-def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str) -> str:
-    """Writes the model and its tokenizer to `out_dir`; returns the export format."""
+def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str,
+                temperature: float = 1.0) -> str:
+    """Writes the model and its tokenizer to `out_dir`; returns the export format. temperature:
+    a classifier's head is divided by it (`model.calibration`: calibration.py)."""
     model = models.build(cfg.model.model_copy(update={"activation_checkpointing": False, "compile": False}),
                          meta["vocab_size"], meta["seq_len"], meta["eos_id"], meta.get("pad_id"), meta.get("labels"))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -68,6 +70,10 @@ def save_hf_dir(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, to
         else:
             model.peft_config["default"].base_model_name_or_path = str(cfg.model.local_path())
             fmt = "lora-adapter"
+    if temperature != 1.0:
+        from raylm.train.calibration import scale_head
+
+        scale_head(model, len(meta["labels"]), temperature)
     models._base(model).config.use_cache = True
     with _no_deepspeed_probe():
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -113,8 +119,10 @@ def check_export(out_dir: str, task: str, fmt: str, probe: dict[str, torch.Tenso
 
 def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict[str, torch.Tensor],
                         state: dict[str, Any], last: dict[str, Any], n_params: int,
-                        probe: dict[str, torch.Tensor], probe_logits: torch.Tensor) -> dict[str, Any]:
+                        probe: dict[str, torch.Tensor], probe_logits: torch.Tensor,
+                        calibration: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     task = cfg.model.task
+    temperature = calibration["temperature"] if calibration else 1.0
     metric_keys = ("loss", "val_loss", "val_ppl", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
     card = {
         "task": task,
@@ -142,7 +150,11 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
         card["mixture"] = meta["mixture"]
     if cfg.distill:
         card["teacher"] = cfg.distill.teacher
+    if calibration:
+        card["calibration"] = calibration
     with tempfile.TemporaryDirectory() as d:
-        card["format"] = save_hf_dir(cfg, meta, state_dict, d)
-        card["export_check"] = check_export(d, task, card["format"], probe, probe_logits, cfg.train.precision)
+        card["format"] = save_hf_dir(cfg, meta, state_dict, d, temperature)
+        # the trained model's logits over T: what the calibrated export must answer
+        card["export_check"] = check_export(d, task, card["format"], probe, probe_logits / temperature,
+                                            cfg.train.precision)
         return registry.register(d, cfg.name, card, root=cfg.output.registry)

@@ -170,7 +170,10 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_labels: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, keep: Optional[list] = None) -> dict[str, float]:
+    """Validation loss (and perplexity, or classification metrics) over `max_batches` batches of
+    every rank's shard. keep: a list that gets each batch's logits, labels (per text) and, for
+    texts read in windows, the windows' rows and tokens (what calibration fits on)."""
     if shard is None:
         return {}
     losses = []
@@ -182,11 +185,14 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
         windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
         b = _to_device(host, device)
         loss, logits = strat.evaluate(b)
-        labels = b.get("labels")
+        strat_logits, labels = logits, b.get("labels")
         if windows:  # a text read in windows: its windows' probabilities, weighted by their tokens
             logits, labels = _text_log_probs(logits, windows, device), windows["text_labels"].to(device)
             loss = torch.nn.functional.nll_loss(logits, labels)
         losses.append(float(loss))
+        if keep is not None and task == "classification":  # labels: the texts' (windows: one a text)
+            keep.append({"logits": strat_logits.float().cpu(), "labels": labels.cpu(),
+                         **{k: v for k, v in windows.items() if k != "text_labels"}})
         if task == "classification":
             idx = labels * num_labels + logits.argmax(-1)
             confusion += torch.bincount(idx, minlength=num_labels ** 2).view(num_labels, num_labels).to(confusion)
@@ -269,6 +275,32 @@ class Metrics:
             self.tokens.inc(new_tokens, tags=self.tags)
 
 
+def _calibrate(val_outputs: list, rank: int, device: torch.device) -> Optional[dict[str, Any]]:
+    """`model.calibration: temperature`: T fitted on the last evaluation's outputs of every rank
+    (a collective), or None (with a line saying why) when there were none."""
+    from raylm.train import calibration
+
+    if dist.is_initialized():  # every rank must join the gather, whatever it holds
+        seen = torch.tensor([float(len(val_outputs))], device=device)  # (nccl reduces device tensors)
+        dist.all_reduce(seen)
+        empty = seen.item() == 0
+    else:
+        empty = not val_outputs
+    if empty:
+        if rank == 0:
+            print("[train] model.calibration: no validation outputs to fit a temperature on (no validation split, "
+                  "or no evaluation in this job): exported uncalibrated", flush=True)
+        return None
+    data = calibration.gather(val_outputs)
+    fit = calibration.fit_temperature(data["logits"], data["labels"], data.get("rows"), data.get("tokens"))
+    if rank == 0:
+        print(f"[train] calibrated: temperature {fit['temperature']:.3f} on {fit['texts']} validation texts: "
+              f"NLL {fit['val_nll'][0]:.4f} -> {fit['val_nll'][1]:.4f}, ECE {fit['val_ece'][0]:.4f} -> "
+              f"{fit['val_ece'][1]:.4f}, accuracy {fit['val_accuracy'][0]:.4f} -> {fit['val_accuracy'][1]:.4f}",
+              flush=True)
+    return fit
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -301,6 +333,8 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         print(f"[train] trainable parameters: {n_trainable:,}" + (f"; distilling from {teacher}" if teacher
                                                                  else ""), flush=True)
     higher_is_better = t.early_stopping_metric != "val_loss"
+    calibrate = cfg.model.calibration == "temperature" and meta.get("has_validation")
+    val_outputs: list = []
 
     state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens": 0, "best_val_loss": None, "best": None,
                              "evals_without_improvement": 0, "registered": None, "resumed_from_step": None,
@@ -352,8 +386,11 @@ def train_loop(config: dict[str, Any], session=None) -> None:
 
         evaluated = {}
         if step % t.eval_every == 0 or step == t.max_steps:
+            kept = [] if calibrate else None  # the latest evaluation's outputs: what calibration fits on
             evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, task, len(meta.get("labels") or []),
-                                 device)
+                                 device, keep=kept)
+            if kept is not None:
+                val_outputs = kept
             if evaluated:
                 if state["best_val_loss"] is None or evaluated["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = evaluated["val_loss"]
@@ -424,6 +461,9 @@ def train_loop(config: dict[str, Any], session=None) -> None:
 
     # Export: one consolidated Hugging Face directory, whatever the strategy.
     export = cfg.output.register_model and state["registered"] is None
+    calibration = None
+    if export and cfg.model.calibration == "temperature":
+        calibration = _calibrate(val_outputs, rank, device)
     if export:
         probe_in = probe_batch(task, meta, device)
         probe_logits = probe(strat, probe_in)  # the trained model's own answer, to check the export against
@@ -432,7 +472,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         from raylm.train.export import export_and_register
 
         card = export_and_register(cfg, meta, full, state, last, n_params,
-                                   {k: v.cpu() for k, v in probe_in.items()}, probe_logits)
+                                   {k: v.cpu() for k, v in probe_in.items()}, probe_logits, calibration)
         state["registered"] = card["id"]
         print(f"[train] registered {card['id']} at {card['uri']}", flush=True)
     if dist.is_initialized():
