@@ -437,6 +437,8 @@ def test_a_classifier_trained_in_windows_learns_what_its_texts_say_after_the_fir
         "model": out["model"], "registry": reg, "data": {"dataset": "endings", "root": str(root), "split": "validation"},
         "slices": {"columns": []}, "robustness": None, "baselines": {"tfidf": False}}))
     assert rep["long_texts"] == "windows" and rep["metrics"]["n"] == n_val
+    assert rep["temperature"] == cal["temperature"]  # the report says the model was calibrated, and by what
+    assert f"calibrated in training (temperature {cal['temperature']:.3f})" in open(rep["report"], encoding="utf-8").read()
     assert rep["metrics"]["accuracy"] == pytest.approx(card["metrics"]["val_accuracy"], abs=1e-9)
     assert rep["metrics"]["accuracy"] == pytest.approx(cal["val_accuracy"][1], abs=1e-9)
     assert rep["metrics"]["ece"] == pytest.approx(cal["val_ece"][1], abs=1e-4)  # the export is calibrated

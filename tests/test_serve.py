@@ -338,6 +338,24 @@ def test_a_served_version_is_neither_deleted_nor_pruned(served):
     assert r.returncode == 1 and f"lm@v1 is being served (app {APP!r} as 'lm'" in r.stderr, r.stderr[-2000:]
     assert registry.resolve("lm@v1", reg)["id"] == "lm@v1"  # still there
 
+    # an app shaped like raylm's (an `ingress` deployment) that cannot say what it serves: nothing is
+    # deleted, since it might serve the version
+    from ray import serve
+
+    @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})
+    class Silent:
+        async def __call__(self, request):
+            return "not raylm"
+
+    serve.run(Silent.bind(), name="silent", route_prefix="/silent")
+    try:
+        r = run_cli("models", "prune", "lm", "--keep", "1", "--registry", reg)
+        assert r.returncode == 1 and "Serve app(s) 'silent' (" in r.stderr and "did not say what they serve" in \
+            r.stderr and "not deleting anything it might serve" in r.stderr, r.stderr[-2000:]
+        assert registry.resolve("lm@v1", reg)["id"] == "lm@v1"
+    finally:
+        serve.delete("silent")
+
 
 @pytest.mark.parametrize("case", [
     ("bad json", "/v1/completions", b"{nope", "gen", 400, "invalid_json"),

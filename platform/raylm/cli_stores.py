@@ -162,11 +162,19 @@ def cmd_models_alias(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Unchecked(ValueError):
+    """What the cluster serves could not be told: delete / prune must not go on."""
+
+
 def _served() -> dict[str, list[str]]:
     """What the cluster's Serve apps serve (model URI -> where); {} with a note when no cluster."""
-    from raylm.serve.job import served_versions
+    from raylm.serve.job import ServedUnknown, served_versions
 
-    found = served_versions()
+    try:
+        found = served_versions()
+    except ServedUnknown as e:
+        raise _Unchecked(f"{e}: not deleting anything it might serve (retry when it answers, or --force "
+                         "for one version)") from None
     if found is None:
         print("note: no cluster to ask (no `raylm up` here, no RAY_ADDRESS): not checked whether Serve serves it",
               file=sys.stderr)

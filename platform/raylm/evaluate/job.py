@@ -217,6 +217,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         long_texts = trained.get("long_texts") or "truncate"
         reads = (f"; texts read in windows of {ev.window} tokens (at most {trained.get('max_windows') or 8}), "
                  "averaged" if long_texts == "windows" else f"; texts cut at {ev.window} tokens")
+        temperature = (card.get("calibration") or {}).get("temperature")
+        if temperature is not None:  # model.calibration: the head the export holds is already divided by it
+            reads += f"; calibrated in training (temperature {temperature:.3f})"
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
           f"{cfg.compute.actors} replica(s){reads}" + (f"; {ev.left_out} without a known label left out"
                                                         if ev.left_out else ""), flush=True)
@@ -228,7 +231,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                            "compare_metrics": compare,
                            "metrics": ev.metrics_of(frame)}
     if ev.task == "classification":
-        rep["labels"], rep["long_texts"] = ev.labels, long_texts
+        rep["labels"], rep["long_texts"], rep["temperature"] = ev.labels, long_texts, temperature
     print(f"[evaluate] {_shown(rep['metrics'], rep['compare_metrics'])}", flush=True)
 
     slice_metric = cfg.slices.metric or headline

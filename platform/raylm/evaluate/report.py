@@ -99,7 +99,9 @@ def write(rep: dict[str, Any], uri: str) -> str:
             f"<p>{html.escape(rep['task'])} on <b>{html.escape(rep['dataset'])}</b> split "
             f"<b>{html.escape(rep['split'])}</b>: {rep['metrics'].get('n')} documents, {rep['seconds']:.1f} s"
             + ({"windows": f"; texts read whole, in windows of {rep['window']} tokens",
-                "truncate": f"; texts cut at {rep['window']} tokens"}.get(rep.get("long_texts"), "")) + ".</p>",
+                "truncate": f"; texts cut at {rep['window']} tokens"}.get(rep.get("long_texts"), ""))
+            + (f"; probabilities calibrated in training (temperature {rep['temperature']:.3f})"
+               if rep.get("temperature") is not None else "") + ".</p>",
             "<h2>Model vs baselines</h2>", _table(compare, ["model"] + keys),
         ]
         if rep.get("promotion"):

@@ -81,10 +81,18 @@ def _running_http_options() -> dict[str, Any]:
         return {}
 
 
-def served_versions() -> Optional[dict[str, list[str]]]:
+class ServedUnknown(RuntimeError):
+    """A raylm app on the cluster did not say what it serves."""
+
+
+def served_versions(timeout_s: float = 30.0) -> Optional[dict[str, list[str]]]:
     """Model directories (URIs) the raylm apps on the cluster serve -> where, e.g. `app 'raylm'
-    as 'authors'`; None when there is no cluster to ask (no `raylm up`, no RAY_ADDRESS)."""
+    as 'authors'`; None when there is no cluster to ask (no `raylm up`, no RAY_ADDRESS). Every app
+    is asked at once (one `timeout_s` for all); a raylm app (its `ingress` deployment) that does
+    not answer raises ServedUnknown, naming it: what it serves cannot be told, so nothing it might
+    serve may be deleted. Apps that are not raylm's have nothing to say and are passed over."""
     import logging
+    import time
 
     from raylm import cluster
     from raylm.runtime import init_ray
@@ -96,14 +104,29 @@ def served_versions() -> Optional[dict[str, list[str]]]:
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    out: dict[str, list[str]] = {}
-    for app in serve.status().applications:
+    asked = {}
+    for name, app in serve.status().applications.items():
+        if "ingress" not in app.deployments:  # not a raylm app: nothing to ask
+            continue
         try:
-            rows = serve.get_app_handle(app).served.remote().result(timeout_s=30)
-        except Exception:  # noqa: BLE001 - not a raylm app (no `served`), or not running
+            asked[name] = serve.get_app_handle(name).served.remote()
+        except Exception as e:  # noqa: BLE001 - e.g. an app being deleted
+            asked[name] = e
+    out: dict[str, list[str]] = {}
+    silent: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    for name, call in asked.items():
+        try:
+            if isinstance(call, Exception):
+                raise call
+            rows = call.result(timeout_s=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - not running, wedged, or an app of the same shape that is not raylm's
+            silent.append(f"{name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
             continue
         for r in rows:
-            out.setdefault(storage.normalize(r["uri"]), []).append(f"app {app!r} as {r['model']!r}")
+            out.setdefault(storage.normalize(r["uri"]), []).append(f"app {name!r} as {r['model']!r}")
+    if silent:
+        raise ServedUnknown(f"Serve app(s) {', '.join(silent)} did not say what they serve within {timeout_s:.0f} s")
     return out
 
 
