@@ -350,6 +350,18 @@ def trained_max_length(model_dir: str | Path) -> Optional[int]:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def pool_windows(per_window: torch.Tensor, row: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, C) class probabilities of n texts from their windows' (W, C) probabilities: window w
+    belongs to text `row[w]` and weighs by the `tokens[w]` it read (a text's short last window
+    counts for its few tokens). How a model trained with `model.long_texts: windows` reads a text
+    wherever it is scored: serving, evaluation, ensembles, the run's validation, calibration."""
+    tokens = tokens.to(per_window.dtype)
+    total = torch.zeros(n, per_window.shape[-1], dtype=per_window.dtype, device=per_window.device)
+    total.index_add_(0, row, per_window * tokens.unsqueeze(-1))
+    weight = torch.zeros(n, dtype=per_window.dtype, device=per_window.device).index_add_(0, row, tokens)
+    return total / weight.clamp(min=1).unsqueeze(-1)
+
+
 class ClassifierEngine:
     """A sequence classifier. A text longer than the model reads is cut at `max_len` tokens, or,
     for a model trained with `model.long_texts: windows` (its card says), read whole: cut into
@@ -408,11 +420,8 @@ class ClassifierEngine:
             probs.append(self._forward(self.tok.pad(part, return_tensors="pt")))
         per_window = torch.cat(probs) if probs else torch.zeros(0, len(self.labels))
         index = torch.tensor([owner[j] for j in keep], dtype=torch.long)
-        # each window weighs by the tokens it read: a text's short last window counts for its few tokens
         tokens = torch.tensor([float(sum(enc["attention_mask"][j])) for j in keep])
-        total = torch.zeros(len(texts), per_window.shape[-1]).index_add_(0, index, per_window * tokens.unsqueeze(-1))
-        weight = torch.zeros(len(texts)).index_add_(0, index, tokens)
-        return total / weight.clamp(min=1).unsqueeze(-1)
+        return pool_windows(per_window, index, tokens, len(texts))
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         out = []

@@ -23,16 +23,13 @@ T_RANGE = (0.05, 20.0)
 def pooled_probs(logits: np.ndarray, rows: Optional[np.ndarray], tokens: Optional[np.ndarray], n: int,
                  temperature: float) -> np.ndarray:
     """(n, C) class probabilities of n texts from their windows' logits (one window a text when
-    `rows` is None), each window's softmax(logits / T) weighted by its tokens."""
-    z = logits / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    if rows is None:
-        return p
-    w = tokens.astype(np.float64)
-    total = np.zeros((n, p.shape[-1]))
-    np.add.at(total, rows, p * w[:, None])
-    return total / np.maximum(np.bincount(rows, weights=w, minlength=n), 1)[:, None]
+    `rows` is None): each window's softmax(logits / T), pooled as serving pools them."""
+    from raylm.serve.engine import pool_windows
+
+    p = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)) / temperature, -1)
+    if rows is not None:
+        p = pool_windows(p, torch.from_numpy(np.asarray(rows, dtype=np.int64)), torch.from_numpy(np.asarray(tokens)), n)
+    return p.numpy()
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:

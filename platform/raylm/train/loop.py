@@ -207,14 +207,12 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
 
 
 def _text_log_probs(logits: torch.Tensor, windows: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per text, the log of its windows' class probabilities averaged with their tokens as weights
-    (ClassifierEngine.probabilities does the same when it serves the model)."""
-    probs = torch.softmax(logits.float(), -1)
-    row, tokens = windows["window_row"].to(device), windows["window_tokens"].to(device).float()
-    n = len(windows["text_labels"])
-    total = torch.zeros(n, probs.shape[-1], device=device).index_add_(0, row, probs * tokens.unsqueeze(-1))
-    weight = torch.zeros(n, device=device).index_add_(0, row, tokens)
-    return torch.log((total / weight.clamp(min=1).unsqueeze(-1)).clamp(min=1e-12))
+    """Per text, the log of its windows' class probabilities pooled as serving pools them."""
+    from raylm.serve.engine import pool_windows
+
+    probs = pool_windows(torch.softmax(logits.float(), -1), windows["window_row"].to(device),
+                         windows["window_tokens"].to(device), len(windows["text_labels"]))
+    return torch.log(probs.clamp(min=1e-12))
 
 
 @torch.no_grad()
