@@ -166,6 +166,11 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
     # rank, nor transformers' bars
     assert "Reporting training result" not in again.stdout and "Writing model shards" not in again.stdout
     assert "checkpoint saved at step" in again.stdout and "Checkpoint successfully created" not in again.stdout
+    # nor the stream's progress bars (Ray's tqdm from the split coordinator), nor Ray Train's advice
+    # on a resumed run to name a new RunConfig (raylm said it resumes)
+    assert "row/s" not in again.stdout and "Running Dataset" not in again.stdout, again.stdout[-3000:]
+    assert "A run snapshot was found" not in again.stdout and "exclude_resources" not in again.stdout
+    assert "Progress bars disabled" not in again.stdout
     # MLflow saw both jobs as one run: the losses before the stop and after the resume, the model card
     from mlflow import MlflowClient
 

@@ -81,6 +81,8 @@ def init_ray(job: bool = True, config: Any = None) -> None:
     import raylm
 
     runtime_env: dict = {"py_modules": [str(Path(raylm.__file__).parent)]}
+    if WORKER_SETUP_HOOK_ENV not in os.environ:  # (a job submitted with a hook of its own keeps it)
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     env_vars = quiet_hf_progress_bars()
     if env_vars:
         runtime_env["env_vars"] = env_vars
@@ -348,6 +350,32 @@ class RayDataProgressFilter(logging.Filter):
             self._blocks_seen.discard(dataset)
             return dataset not in self._blocks_shown
         return False
+
+
+# The job's `worker_process_setup_hook`: run by every worker process the job starts, before its
+# task or actor (Ray's env var that carries it to workers; a job submitted with its own keeps it).
+WORKER_SETUP_HOOK = "raylm.runtime.quiet_worker"
+WORKER_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def quiet_worker() -> None:
+    """In each of a job's worker processes (tasks, actors, Ray Train's controller and workers,
+    Ray Data's split coordinators, Serve replicas): the driver's quieting of Ray Data's progress
+    (`quiet_ray_data_progress`), and three lines Ray writes from workers that say nothing to a
+    raylm user:
+    - "Progress bars disabled. To enable, set ...": a training stream's split coordinator, whose
+      progress raylm turns off (train/job.py: the loop's own progress line says how far it is);
+    - Ray Train's controller on every resumed run: "A run snapshot was found ... If you meant to
+      start a brand new training job ..., configure a new, unique `RunConfig(name)`" (raylm
+      says itself that it resumes, and `train.resume: restart` starts over);
+    - a RayDeprecationWarning Ray Data's own code raises in Ray Train's dataset manager
+      (`ExecutionOptions.exclude_resources`)."""
+    import warnings
+
+    quiet_ray_data_progress()
+    _drop("ray.data._internal.progress", "Progress bars disabled")
+    _drop("ray.train.v2._internal.execution.checkpoint.checkpoint_manager", "A run snapshot was found")
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
 RAY_DATA_PROGRESS_LOGGERS = ("ray.data._internal.progress.logging_progress",

@@ -324,7 +324,15 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
             raise config.ConfigError(
                 f"the training workers take every CPU ({t.num_workers} x {t.cpus_per_worker}) and leave none to "
                 "stream the dataset: lower train.cpus_per_worker or train.num_workers")
-        datasets = _datasets(cfg, meta)
+        # The loop's progress line says how far training is: the stream's own progress (drawn as
+        # terminal bars that Ray's tqdm sends from the split coordinator to the job's log, ~15
+        # lines a second) is off for these datasets (the context is copied into each of them)
+        ctx = ray.data.DataContext.get_current()
+        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+        try:
+            datasets = _datasets(cfg, meta)
+        finally:
+            ctx.enable_progress_bars = bars
         if t.shuffle:  # seeded; validation too, so `eval_batches` is a fair sample
             datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
                         for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
