@@ -61,7 +61,8 @@ def test_raylm_submit_runs_prepare_data_and_lists_the_dataset(raylm_cluster):
     assert "dataset version: tiny@v" in logs.stdout
     # the log holds raylm's step lines, not Ray Data's lines for each of its ~15 short executions
     assert "[data] step read " in logs.stdout and "[data] tokenizing " in logs.stdout
-    for ray_data_line in ("Running Dataset", "Starting execution of Dataset", "execution finished in", "Total Progress"):
+    for ray_data_line in ("Running Dataset", "Starting execution of Dataset", "execution finished in", "Total Progress",
+                          "Progress will be logged"):
         assert ray_data_line not in logs.stdout, logs.stdout[-3000:]
     status = run_cli("status")
     assert status.returncode == 0 and job_id in status.stdout and "SUCCEEDED" in status.stdout

@@ -389,9 +389,11 @@ def quiet_ray_data_progress() -> None:
       written once, whenever an execution starts while every CPU is busy at that instant (the
       demo's data stage got it while its own earlier tasks still ran, and went on). Work that
       really waits gets `waiting.ResourceWatch`'s line instead, which names who holds the CPUs.
-    - "Truncating long operator name to 100 characters": about the progress lines' names."""
+    - "Truncating long operator name to 100 characters": about the progress lines' names;
+    - "Progress will be logged because stdout is a non-interactive terminal": every job's log."""
     _drop("ray.data.dataset", "does not have any available CPUs")
     _drop("ray.data._internal.progress.utils", "Truncating long operator name")
+    _drop("ray.data._internal.progress", "Progress will be logged because stdout is a non-interactive terminal")
     if any(isinstance(f, RayDataProgressFilter) for f in logging.getLogger(RAY_DATA_PROGRESS_LOGGERS[0]).filters):
         return
     flt = RayDataProgressFilter()
