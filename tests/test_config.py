@@ -88,6 +88,16 @@ def test_semantic_checks():
     # a config written for the former tokenizer actor pool says what replaced it
     with pytest.raises(ConfigError, match="tokenize.min_actors and tokenize.max_actors are gone.*tokenize.concurrency"):
         config.load(DataConfig, SHAKESPEARE, ["tokenize.max_actors=2"])
+    # robustness strengths of one op: only an op the evaluation runs, each in (0, 1]
+    from raylm.evaluate.config import EvaluateConfig
+
+    authors = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "evaluate_authors.yaml"
+    ok = config.load(EvaluateConfig, authors, ["robustness.op_strengths={crop: [0.8, 0.95]}"])
+    assert ok.robustness.strengths_of("crop") == [0.8, 0.95] and ok.robustness.strengths_of("typo") == [0.1, 0.3]
+    with pytest.raises(ConfigError, match="op_strengths names crop, not in robustness.ops"):
+        config.load(EvaluateConfig, authors, ["robustness.ops=[typo]"])
+    with pytest.raises(ConfigError, match=r"op_strengths.crop must be a list of strengths in \(0, 1\]"):
+        config.load(EvaluateConfig, authors, ["robustness.ops=[crop]", "robustness.op_strengths={crop: [1.5]}"])
 
 
 @pytest.mark.parametrize("item,expected", [

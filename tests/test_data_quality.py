@@ -4,7 +4,9 @@ the whole pipeline on a planted corpus on a real Ray cluster, with exact counts.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import random
 import re
@@ -17,7 +19,7 @@ import pytest
 from helpers import WORDS, small_config, write_jsonl
 from raylm import config
 from raylm.data import pipeline
-from raylm.data.augment import perturb, rng_for, synonyms
+from raylm.data.augment import augment_table, perturb, rng_for, synonyms
 from raylm.data.boilerplate import strip_text
 from raylm.data.config import (AugmentStep, BoilerplateStep, DataConfig, FixUnicodeStep, LanguageStep,
                                PiiStep, QualityStep)
@@ -203,6 +205,32 @@ def test_augmentation_adds_marked_copies_of_train_rows_only():
     assert out.column("_stat0_added").to_pylist() == [0, 0, 0, 1]
     again = run_step(t, AugmentStep(name="augment", ratio=1.0, ops=["swap", "typo"]), 0, "augment")
     assert again.column("text").to_pylist() == out.column("text").to_pylist()  # deterministic
+    # a dataset labelled by another column (`label: author`, as the authors dataset is) has no
+    # `label` until it is written: the step reads that column (as the pipeline binds it), and
+    # copies the rows whose author is known
+    by_author = table([HAMLET, HAMLET], author=["shakespeare", None])
+    crop = AugmentStep(name="augment", ratio=1.0, ops=["crop"], strength=0.9)
+    assert run_step(by_author, crop, 0, "augment").num_rows == 2  # `label` is empty: nothing to copy
+    out = run_step(by_author, crop, 0, "augment", fn=functools.partial(augment_table, label_field="author"))
+    assert out.num_rows == 3 and out.slice(2).to_pylist()[0]["author"] == "shakespeare"
+    assert len(out.column("text")[2].as_py().split()) == math.ceil(0.1 * len(HAMLET.split()))
+
+
+def test_a_crop_is_one_run_of_the_texts_own_words_at_its_length():
+    """crop at strength s keeps ceil((1 - s) x n) consecutive words of the n, with the whitespace
+    between them (line breaks too), from a start that differs from row to row."""
+    text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\nAnd all the clouds"
+    words = text.split()
+    starts = set()
+    for key in "abcdefgh":
+        out = perturb(text, "crop", 0.75, rng_for(key, 0))
+        assert len(out.split()) == 5 and out in text and out == out.strip(), out  # ceil(0.25 x 19)
+        starts.add(out.split()[0])
+    assert len(starts) > 2
+    assert perturb(text, "crop", 0.5, rng_for("a", 0)).count("\n") >= 1  # 9 consecutive words span a line end
+    assert len(perturb(text, "crop", 1.0, rng_for("a", 0)).split()) == 1  # never empty
+    assert perturb(text, "crop", 0.01, rng_for("a", 0)) == text.strip() and len(words) == 19
+    assert perturb("", "crop", 0.9, rng_for("a", 0)) == ""
 
 
 @pytest.mark.parametrize("op", ["swap", "insert", "delete", "typo", "synonym"])

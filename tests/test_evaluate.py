@@ -187,7 +187,8 @@ def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path)
     cfg_file.write_text(json.dumps({
         "model": "const", "registry": reg, "data": {"dataset": "plays", "root": labeled["root"], "split": "test"},
         "slices": {"columns": ["label"], "max_gap": 0.5, "min_size": 1},
-        "robustness": {"ops": ["delete"], "strengths": [0.5]}, "compute": {"batch_size": 4}}))
+        "robustness": {"ops": ["delete", "crop"], "strengths": [0.5], "op_strengths": {"crop": [0.9]}},
+        "compute": {"batch_size": 4}}))
     import subprocess
     import sys
 
@@ -208,12 +209,16 @@ def test_constant_classifier_gets_exactly_the_metrics_it_must(labeled, tmp_path)
     s = rep["slices"]["label"]
     assert s["gap"] == pytest.approx(1.0) and s["flagged"] and s["best"] == "tragedy"
     assert rep["robustness"]["ops"]["delete"][0]["metrics"]["accuracy"] == pytest.approx(mm["accuracy"])
+    # crop at its own strength only (op_strengths): a tenth of each document's words
+    assert [p["strength"] for p in rep["robustness"]["ops"]["crop"]] == [0.9]
+    assert rep["robustness"]["ops"]["crop"][0]["metrics"]["accuracy"] == pytest.approx(mm["accuracy"])
     assert rep["baselines"]["const@v1"]["metrics"]["accuracy"] == pytest.approx(1 - n_trag / len(truth))
     assert "tfidf + logistic regression" in rep["baselines"]
     # the job's log: the headline metrics at 4 decimals, the robustness change, each baseline
     log = r.stdout
     assert f"[evaluate] accuracy {mm['accuracy']:.4f}, f1_macro {mm['f1_macro']:.4f}" in log, log[-3000:]
     assert "[evaluate] robustness delete@0.5: accuracy " in log and "(+0.0000 from clean)" in log
+    assert "[evaluate] robustness crop@0.9: accuracy " in log and "crop@0.5" not in log
     assert f"[evaluate] baseline const@v1: accuracy {1 - n_trag / len(truth):.4f}" in log
     shown = run_cli("models", "show", "const@v2", "--registry", reg)
     assert shown.returncode == 0 and '"flagged_slices": [\n' in shown.stdout and '"label"' in shown.stdout

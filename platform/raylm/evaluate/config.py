@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylm.config import Strict
 from raylm.data.config import _check_uri
@@ -39,9 +39,12 @@ class Slices(Strict):
 
 
 class Robustness(Strict):
-    ops: list[Literal["swap", "insert", "delete", "typo"]] = Field(
+    ops: list[Literal["swap", "insert", "delete", "typo", "crop"]] = Field(
         default_factory=lambda: ["typo", "delete", "swap"], description="perturbations (the data augment ops)")
     strengths: list[float] = Field(default_factory=lambda: [0.05, 0.15], description="fraction of words touched")
+    op_strengths: dict[Literal["swap", "insert", "delete", "typo", "crop"], list[float]] = Field(
+        default_factory=dict, description="strengths for one op in place of `strengths`, e.g. {crop: [0.9, 0.95]}: "
+        "a crop at 0.9 keeps a tenth of each text's words")
     seed: int = 0
 
     @field_validator("strengths")
@@ -50,6 +53,24 @@ class Robustness(Strict):
         if any(not 0 < s <= 1 for s in v):
             raise ValueError("robustness.strengths must be in (0, 1]")
         return v
+
+    @field_validator("op_strengths")
+    @classmethod
+    def _op_strengths(cls, v: dict) -> dict:
+        for op, strengths in v.items():
+            if not strengths or any(not 0 < s <= 1 for s in strengths):
+                raise ValueError(f"robustness.op_strengths.{op} must be a list of strengths in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _op_strengths_name_ops(self) -> "Robustness":
+        extra = sorted(set(self.op_strengths) - set(self.ops))
+        if extra:
+            raise ValueError(f"robustness.op_strengths names {', '.join(extra)}, not in robustness.ops {self.ops}")
+        return self
+
+    def strengths_of(self, op: str) -> list[float]:
+        return self.op_strengths.get(op, self.strengths)
 
 
 class Baselines(Strict):

@@ -252,7 +252,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         r = cfg.robustness
         rep["robustness"] = {"seed": r.seed, "ops": {}}
         for op in r.ops:
-            for strength in r.strengths:
+            for strength in r.strengths_of(op):
                 noisy = ev.ds.map_batches(infer.perturb_batch, fn_kwargs={"op": op, "strength": strength,
                                                                           "seed": r.seed}, batch_format="pyarrow")
                 mm = ev.metrics_of(ev.score(model_dir, noisy))
