@@ -105,6 +105,13 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     more = cfg("train.max_steps=20", "train.lr=1e-3")  # going on: more steps at another rate
     assert _start_or_resume(more, dataset_meta(more)) is False
     assert "t-ddp: resuming with train.lr: 0.005 -> 0.001; train.max_steps: 12 -> 20" in capsys.readouterr().out
+    # a run saved with no record of its config (before raylm kept one, or by something else):
+    # resumed unchecked, and the job says so
+    os.remove(os.path.join(run_dir, "raylm_run.json"))
+    assert _start_or_resume(same, dataset_meta(same)) is False
+    out = capsys.readouterr().out
+    assert "holds saved state but no record of the config it was started with (raylm_run.json): resuming it " \
+           "as this config, unchecked; train.resume=restart starts it over" in out, out
     fewer = cfg("train.max_steps=6")
     with pytest.raises(config.ConfigError, match=r"train\.max_steps 6 is below the run's last checkpoint \(step 12\)"):
         _start_or_resume(fewer, dataset_meta(fewer))

@@ -42,7 +42,8 @@ def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, h
     changes: list[str] = []
     stops = list(blocking) if has_state else []
     record_uri = storage.join(run_uri, RUN_FILE)
-    if has_state and storage.exists(record_uri):
+    unrecorded = has_state and not storage.exists(record_uri)
+    if has_state and not unrecorded:
         before = storage.read_json(record_uri)
         for k in sorted(set(before) | set(now)):
             if before.get(k) != now.get(k):
@@ -60,6 +61,9 @@ def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, h
         print(f"[{what}] {name}: starting over ({why}); its state at {run_uri} is removed", flush=True)
     elif changes:
         print(f"[{what}] {name}: resuming with {'; '.join(changes)}", flush=True)
+    elif unrecorded:  # (state written before raylm kept the record, or by something else)
+        print(f"[{what}] {name}: {run_uri} holds saved state but no record of the config it was started with "
+              f"({RUN_FILE}): resuming it as this config, unchecked; {setting}=restart starts it over", flush=True)
     return restart
 
 
