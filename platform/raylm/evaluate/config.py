@@ -38,11 +38,14 @@ class Slices(Strict):
     min_size: int = Field(5, ge=1, description="groups with fewer documents are listed but not compared")
 
 
+RobustnessOp = Literal["swap", "insert", "delete", "typo", "crop"]  # the data augment ops (data/augment.py)
+
+
 class Robustness(Strict):
-    ops: list[Literal["swap", "insert", "delete", "typo", "crop"]] = Field(
+    ops: list[RobustnessOp] = Field(
         default_factory=lambda: ["typo", "delete", "swap"], description="perturbations (the data augment ops)")
     strengths: list[float] = Field(default_factory=lambda: [0.05, 0.15], description="fraction of words touched")
-    op_strengths: dict[Literal["swap", "insert", "delete", "typo", "crop"], list[float]] = Field(
+    op_strengths: dict[RobustnessOp, list[float]] = Field(
         default_factory=dict, description="strengths for one op in place of `strengths`, e.g. {crop: [0.9, 0.95]}: "
         "a crop at 0.9 keeps a tenth of each text's words")
     seed: int = 0
