@@ -441,6 +441,52 @@ def test_haproxys_admin_socket_is_only_this_users(served, ray_session):
     assert requests.get(served["base"] + "/healthz", timeout=30).status_code == 200
 
 
+def test_haproxy_listens_only_where_the_app_does(served, ray_session):
+    """The app binds 127.0.0.1 (the default `http.host`); so do HAProxy's stats page and
+    Prometheus exporter (Ray's template binds them to every interface; raylm-haproxy rebinds
+    them), and both still answer there."""
+    import psutil
+
+    from raylm import cluster
+    from raylm.cluster import haproxy_available
+
+    if not haproxy_available():
+        pytest.skip("no HAProxy binary here: Serve runs its own proxy")
+    listening: dict[int, set[str]] = {}
+    for p in cluster._session_procs(ray_session.session_id):
+        if p.name() == "haproxy":
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    listening.setdefault(c.laddr.port, set()).add(c.laddr.ip)
+    assert served["port"] in listening, listening
+    assert len(listening) >= 3 and all(ips == {"127.0.0.1"} for ips in listening.values()), listening
+
+    def page(port: int, path: str) -> str:
+        try:
+            r = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+        except requests.RequestException:
+            return ""
+        return r.text if r.status_code == 200 else ""
+
+    others = [p for p in listening if p != served["port"]]
+    assert any("Statistics Report" in page(p, "/stats") for p in others), others
+    assert any("haproxy_process_" in page(p, "/metrics") for p in others), others
+
+
+def test_haproxy_config_is_rebound_only_for_an_app_on_one_interface():
+    """An app opened to every interface (`http.host: 0.0.0.0`, as on KubeRay) keeps Ray's config
+    as it is; one on a single address gets its stats page and exporter there too."""
+    from raylm.serve.haproxy_bind import rebind
+
+    cfg = ("frontend prometheus\n    bind :9101\n    mode http\nfrontend http_frontend\n    bind {host}:8000\n"
+           "    mode http\nlisten stats\n  bind *:8404\n  stats enable\n")
+    assert rebind(cfg.format(host="*")) is None  # Serve writes `*` for 0.0.0.0 and ::
+    assert rebind(cfg.format(host="10.1.2.3")) == (
+        "frontend prometheus\n    bind 10.1.2.3:9101\n    mode http\nfrontend http_frontend\n    bind 10.1.2.3:8000\n"
+        "    mode http\nlisten stats\n  bind 10.1.2.3:8404\n  stats enable\n")
+    assert rebind("global\n    maxconn 100\n") is None  # not Serve's config: started as it is
+
+
 def test_rate_limit_per_key(served):
     body = {"model": "lm", "prompt": "x", "max_tokens": 1}
     codes = [_post(served, "/v1/completions", body, key="slow") for _ in range(5)]
