@@ -236,6 +236,30 @@ def _val_blocks(dataset: dict, n: int = 8) -> torch.Tensor:
     return torch.tensor(read_split(dataset["manifest"], "packed", "validation").column("input_ids").to_pylist()[:n])
 
 
+def test_throughput_leaves_out_evaluation_and_checkpoints():
+    """The progress line's tokens/s (and samples/s, MFU, raylm_train_tokens_per_second) count
+    the training's own time: 2 s of steps, then a 5 s checkpoint, then 2 s of steps and a 3 s
+    evaluation give 2 s windows, not 2 s and 10 s. (Before, the window after each checkpoint read
+    ~100x slower for the tiny test model.)"""
+    from raylm.train.loop import Window
+
+    now = [100.0]
+    w = Window(clock=lambda: now[0])
+    now[0] += 2
+    assert w.seconds() == 2
+    w.reset()
+    with w.pause():  # the checkpoint after a progress line counts against the next window
+        now[0] += 5
+    now[0] += 2
+    with w.pause():
+        now[0] += 3
+    assert w.seconds() == 2
+    with pytest.raises(RuntimeError), w.pause():  # a failed checkpoint is left out too
+        now[0] += 1
+        raise RuntimeError("storage went away")
+    assert w.seconds() == 2
+
+
 def test_distilled_gpt2_student_sharded_with_fsdp_moves_toward_its_teacher(trained, dataset):
     """A GPT-2 student (tied embeddings), sharded over 2 workers with FSDP2, distilled (alpha=1:
     teacher only) from the trained Llama: its next-token distribution is closer to the

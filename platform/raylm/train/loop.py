@@ -11,11 +11,12 @@ and registers it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -257,7 +258,7 @@ class Metrics:
         self.g = {name: Gauge(f"raylm_train_{name}", description=desc, tag_keys=tags) for name, desc in {
             "loss": "training loss (mean over the last log interval)",
             "val_loss": "validation loss",
-            "tokens_per_second": "training tokens per second, all workers",
+            "tokens_per_second": "training tokens per second, all workers (time in evaluation and checkpoints left out)",
             "samples_per_second": "training sequences per second, all workers",
             "mfu": "model FLOPs utilization estimate (0-1), GPU only",
             "learning_rate": "current learning rate",
@@ -297,6 +298,30 @@ def _calibrate(val_outputs: list, rank: int, device: torch.device) -> Optional[d
               f"{fit['val_ece'][1]:.4f}, accuracy {fit['val_accuracy'][0]:.4f} -> {fit['val_accuracy'][1]:.4f}",
               flush=True)
     return fit
+
+
+class Window:
+    """The training time since the last progress line: evaluation and checkpoints (run inside
+    `pause()`) are left out, so tokens/s, samples/s and MFU are the training's own and do not dip
+    after every checkpoint (a tiny model's window after one read ~100x slower)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.start, self.paused = clock(), 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        t = self.clock()
+        try:
+            yield
+        finally:
+            self.paused += self.clock() - t
+
+    def seconds(self) -> float:
+        return max(self.clock() - self.start - self.paused, 1e-9)
+
+    def reset(self) -> None:
+        self.start, self.paused = self.clock(), 0.0
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -363,7 +388,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
             session.report({**extra, "step": state["step"]}, d, name)
         last_report_t = time.time()
 
-    start_step, t0, window_loss, window_t = state["step"], time.time(), [], time.time()
+    start_step, t0, window_loss, window = state["step"], time.time(), [], Window()
     last: dict[str, Any] = dict(state.get("last") or {})  # a run resumed at its end still reports them
     warm_steps = steady_warmup(t.steady_warmup_steps, t.max_steps - start_step)
     steady_t0 = None
@@ -385,8 +410,9 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         evaluated = {}
         if step % t.eval_every == 0 or step == t.max_steps:
             kept = [] if calibrate else None  # the latest evaluation's outputs: what calibration fits on
-            evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, task, len(meta.get("labels") or []),
-                                 device, keep=kept)
+            with window.pause():
+                evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, task,
+                                     len(meta.get("labels") or []), device, keep=kept)
             if kept is not None:
                 val_outputs = kept
             if evaluated:
@@ -402,9 +428,8 @@ def train_loop(config: dict[str, Any], session=None) -> None:
                     state["evals_without_improvement"] >= t.early_stopping_patience
 
         if step % t.log_every == 0 or evaluated or step == t.max_steps:
-            elapsed = time.time() - window_t
             steps_in_window = max(1, len(window_loss) // t.grad_accum)
-            tok_s = steps_in_window * tokens_per_step / max(elapsed, 1e-9)
+            tok_s = steps_in_window * tokens_per_step / window.seconds()
             # Ray takes one metrics-only report per poll: the ranks agree (in the loss's all-reduce)
             # to send one when any of them has waited a poll interval since the last
             mean_loss, report_due = _all_mean_any(torch.stack(window_loss).float().tolist(),
@@ -429,14 +454,16 @@ def train_loop(config: dict[str, Any], session=None) -> None:
                         f" acc {evaluated['val_accuracy']:.3f} macro_f1 {evaluated['val_macro_f1']:.3f}")
                 print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
-            window_loss, window_t = [], time.time()
+            window_loss = []
+            window.reset()
             state["last"] = {k: v for k, v in last.items() if isinstance(v, (int, float))}
             if step % t.checkpoint_every != 0 and step != t.max_steps and (report_due or evaluated):
                 session.report({k: v for k, v in last.items() if v is not None} | {"step": step})
                 last_report_t = time.time()  # (the last step reports with the model; checkpoints always)
 
         if step % t.checkpoint_every == 0 and step != t.max_steps:  # the last step's checkpoint is the final one
-            checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
+            with window.pause():
+                checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
             if rank == 0:
                 print(f"[train] checkpoint saved at step {step}", flush=True)
 
