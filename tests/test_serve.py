@@ -487,6 +487,22 @@ def test_haproxy_config_is_rebound_only_for_an_app_on_one_interface():
     assert rebind("global\n    maxconn 100\n") is None  # not Serve's config: started as it is
 
 
+def test_a_loopback_app_on_several_machines_is_warned_about():
+    """HAProxy on one machine cannot reach an ingress replica listening on loopback on another:
+    the deploy job says so (Ray writes it only to the Serve controller's log); one machine (the
+    nodes of the test cluster share one address), an open host or Serve's own proxy: nothing."""
+    from raylm.serve.job import loopback_across_machines
+
+    two = ["10.0.0.5", "10.0.0.6"]
+    for host in ("127.0.0.1", "localhost", "::1"):
+        said = loopback_across_machines(host, two, haproxy=True)
+        assert said and f"http.host is {host} on a cluster of 2 machines" in said and "http.host=0.0.0.0" in said
+    assert loopback_across_machines("127.0.0.1", ["10.0.0.5", "10.0.0.5"], haproxy=True) is None
+    assert loopback_across_machines("0.0.0.0", two, haproxy=True) is None
+    assert loopback_across_machines("10.0.0.5", two, haproxy=True) is None
+    assert loopback_across_machines("127.0.0.1", two, haproxy=False) is None
+
+
 def test_rate_limit_per_key(served):
     body = {"model": "lm", "prompt": "x", "max_tokens": 1}
     codes = [_post(served, "/v1/completions", body, key="slow") for _ in range(5)]

@@ -9,7 +9,9 @@ prints the endpoint and a curl line. The app keeps running after the job ends.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -28,6 +30,26 @@ def _validation_blocks(card: dict[str, Any], n: int) -> list[list[int]]:
     fs, path = storage.arrow_fs(storage.join(m["uri"], "packed", split))
     table = pads.dataset(path, filesystem=fs, format="parquet").head(n, columns=["input_ids"])
     return table.column("input_ids").to_pylist()
+
+
+def loopback_across_machines(host: str, node_ips: Sequence[str], haproxy: bool) -> Optional[str]:
+    """Why an app on a loopback `http.host` fails on a cluster of several machines in Serve's
+    HAProxy mode (raylm's default): each machine's HAProxy sends requests to the ingress replicas
+    of the others at their own address, where a replica listening on loopback refuses them. (Ray
+    says so only in the Serve controller's log.) None when this does not apply."""
+    machines = len(set(node_ips))
+    if not haproxy or machines < 2:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: its address is the user's business
+        return None
+    if not loopback:
+        return None
+    return (f"http.host is {host} on a cluster of {machines} machines: in Serve's HAProxy mode the HAProxy of "
+            f"each machine forwards requests to ingress replicas on the others at their own address, which a "
+            f"replica listening on {host} refuses, so requests routed there fail. Set http.host=0.0.0.0 and keep "
+            f"the port behind a firewall or a Kubernetes Service, or serve from one machine.")
 
 
 def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
@@ -193,6 +215,10 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
               f"http options apply only when Serve starts (`serve shutdown` first to change them)", flush=True)
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={k: actual[k] for k in ("host", "port")
                                                                          if k in actual})})
+    spread = loopback_across_machines(cfg.http.host, [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]],
+                                      os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")
+    if spread:
+        print(f"[deploy] warning: {spread}", flush=True)
     print(f"[deploy] deploying {cfg.name!r}: " + ", ".join(f"{m.name}={cards[m.name]['id']}" for m in cfg.models),
           flush=True)
     t0 = time.time()
