@@ -52,10 +52,15 @@ def _register_lm(dataset: dict, registry_root: str, name: str, seed: int) -> dic
         return registry.register(d, name, card, root=registry_root)
 
 
+# A label is whatever the training data's label column held: markup in one must reach a browser
+# (the playground) as text, never as HTML
+CLS_LABELS = ["milton", "<b>shakespeare</b>"]
+
+
 def _register_classifier(registry_root: str) -> dict:
     """MiniLM with a 2-way head, trained (its card says) on texts cut at 16 tokens, as a train
     job's card records it (`model.max_length`)."""
-    return register_minilm_classifier(registry_root, "author-cls", ["milton", "shakespeare"],
+    return register_minilm_classifier(registry_root, "author-cls", CLS_LABELS,
                                       {"base": "all-MiniLM-L6-v2", "config": {"model": {"max_length": 16}}})[0]
 
 
@@ -316,8 +321,8 @@ def test_classify_returns_the_models_probabilities(served):
         whole = torch.softmax(model(**tok(texts[2:], return_tensors="pt")).logits, -1)[0]
     assert len(tok(texts[2])["input_ids"]) > 16 and not torch.allclose(whole, probs[2], atol=1e-4)
     for row, ref in zip(data, probs.tolist()):
-        assert [row["probabilities"]["milton"], row["probabilities"]["shakespeare"]] == pytest.approx(ref, abs=1e-5)
-        assert row["label"] == ("milton" if ref[0] > ref[1] else "shakespeare")
+        assert [row["probabilities"][label] for label in CLS_LABELS] == pytest.approx(ref, abs=1e-5)
+        assert row["label"] == CLS_LABELS[0 if ref[0] > ref[1] else 1]
     assert _post(served, "/v1/classify", {"model": "author", "texts": "one"}, key="cls").json()["data"][0]["index"] == 0
 
 
@@ -947,9 +952,12 @@ def test_playground_in_headless_chromium(served, tmp_path):
         Select(driver.find_element(By.ID, "model")).select_by_value("author")
         driver.find_element(By.ID, "run").click()
         wait.until(lambda d: out.get_attribute("data-done") == "1")
-        assert out.text in ("milton", "shakespeare")
+        assert out.text in CLS_LABELS
         probs = [float(e.text) for e in driver.find_elements(By.CSS_SELECTOR, "#probs .prob")]
         assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
+        # the label with markup is shown as its text: the page made no element of it
+        shown = {e.text for e in driver.find_elements(By.CSS_SELECTOR, "#probs .label")}
+        assert shown == set(CLS_LABELS) and not driver.find_elements(By.CSS_SELECTOR, "#probs b"), shown
         assert driver.find_element(By.ID, "version").text == "answered by author-cls@v1"
         driver.save_screenshot(str(tmp_path / "playground.png"))
         assert driver.find_element(By.ID, "error").text == ""
