@@ -961,6 +961,14 @@ def test_playground_in_headless_chromium(served, tmp_path):
         assert driver.find_element(By.ID, "version").text == "answered by author-cls@v1"
         driver.save_screenshot(str(tmp_path / "playground.png"))
         assert driver.find_element(By.ID, "error").text == ""
+        # defence in depth: under the page's Content-Security-Policy only its own script runs, so
+        # markup that did get into the page (here put there by the test) runs no handler
+        driver.execute_script("document.getElementById('probs').insertAdjacentHTML('beforeend', "
+                              "'<img src=\"x\" onerror=\"document.title=&quot;pwned&quot;\">')")
+        time.sleep(0.5)
+        assert driver.title == "raylm playground"
+        csp = requests.get(served["base"] + "/", timeout=30).headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in csp and "connect-src 'self'" in csp and "script-src 'sha256-" in csp
     finally:
         driver.quit()
 

@@ -20,7 +20,6 @@ import math
 import random
 import time
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -32,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.serve.config import DeployConfig
 from raylm.serve.metrics import metrics
+from raylm.serve.playground import playground_page
 from raylm.serve.recent import RecentResponses
 from raylm.serve.streams import cancel as _cancel
 from raylm.serve.streams import merge as _merge
@@ -39,7 +39,6 @@ from raylm.serve.protocol import (ApiError, ChatRequest, ClassifyRequest, Comple
                                   body_schema, error_body, error_response, sse, validation_message)
 
 log = logging.getLogger("ray.serve")
-PLAYGROUND = Path(__file__).with_name("playground.html")
 ROUTES = {"/", "/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/feedback"}
 
 
@@ -263,7 +262,8 @@ class Ingress:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
-        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+        page, headers = playground_page()
+        return HTMLResponse(page, headers=headers)
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
