@@ -255,3 +255,31 @@ def test_up_gives_rays_daemons_raylms_settings(raylm_cluster):
     env = daemons["raylet"].environ()
     ports = [int(env[k]) for k in SERVE_PORT_VARS]
     assert len(set(ports)) == 4 and not set(ports) & {8404, 9101, 8500, 9500}, ports
+
+
+def test_raylms_own_log_lines_from_several_processes_are_not_merged():
+    """Ray's driver merges lines of different processes that differ only in numbers (three
+    trials' progress became one line "[repeated 3x across cluster]", counted up to 5 s later, after
+    the job's summary). With Ray's deduplication on, as in a user's job: raylm's lines from three
+    processes all come out at once; Ray's own repeated warning is still merged."""
+    code = """
+import json
+import ray
+from ray._private.ray_logging import stdout_deduplicator as d
+from raylm.runtime import keep_own_lines
+keep_own_lines()
+out = []
+for pid in (11, 12, 13):
+    batch = {"ip": "10.0.0.1", "pid": pid, "job": "01", "is_err": False, "actor_name": None, "task_name": None,
+             "lines": [f"[train] step 20/40 loss 0.{pid} tok/s 9{pid}", f"Warning: {pid} blocks were spilled"]}
+    for b in d.deduplicate(batch):
+        out += b["lines"]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DEDUP_LOGS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [ln for ln in lines if ln.startswith("[train]")] == [f"[train] step 20/40 loss 0.{p} tok/s 9{p}"
+                                                                for p in (11, 12, 13)]
+    assert sum(ln.startswith("Warning:") for ln in lines) == 1, lines  # Ray's merging of the rest stays

@@ -87,6 +87,7 @@ def init_ray(job: bool = True, config: Any = None) -> None:
     if env_vars:
         runtime_env["env_vars"] = env_vars
     quiet_ray_packaging()
+    keep_own_lines()
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     quiet_ray_data_progress()
     from raylm import waiting
@@ -274,6 +275,30 @@ def quiet_ray_packaging() -> None:
     Ray's other warnings about what it packs stay."""
     _drop("ray._private.runtime_env.packaging", "Ignoring upload to cluster for these files")
     _drop("ray._private.runtime_env.working_dir", "is now ignored by default when packaging")
+
+
+# raylm's own log lines ("[train] step 20/40 ...", "[tune] trial ... ended", ...), which Ray's
+# driver would merge across processes
+OWN_LINES = r"^\[(raylm|data|train|tune|ensemble|evaluate|deploy|pipeline|tracking)\] "
+DEDUP_ALLOW_ENV = "RAY_DEDUP_LOGS_ALLOW_REGEX"
+
+
+def keep_own_lines() -> None:
+    """Ray's driver merges log lines of different processes that differ only in numbers into one,
+    with "[repeated 3x across cluster] (Ray deduplicates logs by default...)", and prints the
+    count up to 5 s later: a search's or an ensemble's trials showed one trial's progress, and the
+    counts came after the job's summary. raylm's own lines pass through whole and at once; Ray's
+    other lines (the same warning from every worker) are still merged. A RAY_DEDUP_LOGS_ALLOW_REGEX
+    of the user's wins. Ray reads it when it is imported: set here and, if Ray was imported
+    already, on its two deduplicators."""
+    if DEDUP_ALLOW_ENV in os.environ:
+        return
+    os.environ[DEDUP_ALLOW_ENV] = OWN_LINES
+    logging_mod = sys.modules.get("ray._private.ray_logging")
+    for name in ("stdout_deduplicator", "stderr_deduplicator"):
+        dedup = getattr(logging_mod, name, None)
+        if dedup is not None and hasattr(dedup, "allow_re"):  # (Ray's own default pattern is kept beside)
+            dedup.allow_re = re.compile(OWN_LINES + (f"|{dedup.allow_re.pattern}" if dedup.allow_re else ""))
 
 
 def quiet_hf_progress_bars() -> dict:
