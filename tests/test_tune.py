@@ -304,6 +304,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(train_dataset, 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search resume-search" in second.stdout
+    # the loop's lines say which trial they come from (a search's trials share one job's log)
+    assert re.search(r"\[train\] trial \w+_\d{5}: step \d+/60 loss ", second.stdout), second.stdout[-3000:]
     assert len(finished()) == 4
     models = tmp_path / "tune" / "resume-search" / "models"
     for trial in first:  # not run again: a second run would have registered its model as v2

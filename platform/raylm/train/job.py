@@ -296,9 +296,10 @@ def _trainer_class(torch_trainer: type) -> type:
 
 
 def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[str, Any]] = None,
-                  callbacks: Optional[list] = None):
+                  callbacks: Optional[list] = None, log_label: Optional[str] = None):
     """The TorchTrainer of a run: the dataset version's splits (or `tables`, pyarrow tables
-    already prepared: a Tune trial's fold or sample), checkpoints under `output.storage`."""
+    already prepared: a Tune trial's fold or sample), checkpoints under `output.storage`.
+    `log_label` goes on the loop's lines ("[train] trial 1a2b_00003: step ...")."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -338,7 +339,8 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
                         for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
     elif materialize:  # read here, shuffled (seeded: the same order every run)
         tables = read_tables(cfg, meta)
-    loop_config: dict[str, Any] = {"train_config": cfg.model_dump(mode="json"), "dataset": meta}
+    loop_config: dict[str, Any] = {"train_config": cfg.model_dump(mode="json"), "dataset": meta,
+                                   **({"log_label": log_label} if log_label else {})}
     if tables is not None:
         loop_config["shards"] = rank_shards(tables, t.num_workers)
     runs_uri = run_storage(cfg)

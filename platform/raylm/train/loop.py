@@ -274,7 +274,7 @@ class Metrics:
             self.tokens.inc(new_tokens, tags=self.tags)
 
 
-def _calibrate(val_outputs: list, rank: int, device: torch.device) -> Optional[dict[str, Any]]:
+def _calibrate(val_outputs: list, rank: int, device: torch.device, tag: str = "[train] ") -> Optional[dict[str, Any]]:
     """`model.calibration: temperature`: T fitted on the last evaluation's outputs of every rank
     (a collective), or None (with a line saying why) when there were none."""
     from raylm.train import calibration
@@ -287,13 +287,13 @@ def _calibrate(val_outputs: list, rank: int, device: torch.device) -> Optional[d
         empty = not val_outputs
     if empty:
         if rank == 0:
-            print("[train] model.calibration: no validation outputs to fit a temperature on (no validation split, "
+            print(f"{tag}model.calibration: no validation outputs to fit a temperature on (no validation split, "
                   "or no evaluation in this job): exported uncalibrated", flush=True)
         return None
     data = calibration.gather(val_outputs)
     fit = calibration.fit_temperature(data["logits"], data["labels"], data.get("rows"), data.get("tokens"))
     if rank == 0:
-        print(f"[train] calibrated: temperature {fit['temperature']:.3f} on {fit['texts']} validation texts: "
+        print(f"{tag}calibrated: temperature {fit['temperature']:.3f} on {fit['texts']} validation texts: "
               f"NLL {fit['val_nll'][0]:.4f} -> {fit['val_nll'][1]:.4f}, ECE {fit['val_ece'][0]:.4f} -> "
               f"{fit['val_ece'][1]:.4f}, accuracy {fit['val_accuracy'][0]:.4f} -> {fit['val_accuracy'][1]:.4f}",
               flush=True)
@@ -339,6 +339,8 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     t = cfg.train
     session = session or TrainSession(config.get("shards"), config.get("run_uri"))
     rank, world, device = session.rank, session.world, session.device
+    # a search's or an ensemble's trials run side by side: their lines say which trial they are
+    tag = f"[train] {config['log_label']}: " if config.get("log_label") else "[train] "
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     np.random.seed(t.seed)
     seq_len = meta["seq_len"]
@@ -353,7 +355,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     loss_fn, teacher = losses.make_loss(cfg, meta, device)
     strat = strategies.setup(model, t, device, loss_fn)
     if rank == 0 and (n_trainable < models.num_params(model, exclude_embeddings=False) or teacher):
-        print(f"[train] trainable parameters: {n_trainable:,}" + (f"; distilling from {teacher}" if teacher
+        print(f"{tag}trainable parameters: {n_trainable:,}" + (f"; distilling from {teacher}" if teacher
                                                                  else ""), flush=True)
     higher_is_better = t.early_stopping_metric != "val_loss"
     calibrate = cfg.model.calibration == "temperature" and meta.get("has_validation")
@@ -371,7 +373,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         if state["step"] < t.max_steps:
             state["registered"] = None  # more steps to train: the result is a new model version
         if rank == 0:
-            print(f"[train] resumed from the checkpoint at step {state['step']}", flush=True)
+            print(f"{tag}resumed from the checkpoint at step {state['step']}", flush=True)
 
     metrics = Metrics(cfg.name) if rank == 0 else None
     train_shard = session.shard("train")
@@ -452,7 +454,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
                     val = f" val_loss {evaluated['val_loss']:.4f}" + (
                         f" ppl {evaluated['val_ppl']:.1f}" if "val_ppl" in evaluated else
                         f" acc {evaluated['val_accuracy']:.3f} macro_f1 {evaluated['val_macro_f1']:.3f}")
-                print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
+                print(f"{tag}step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)
             window_loss = []
             window.reset()
@@ -465,7 +467,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
             with window.pause():
                 checkpoint({k: v for k, v in last.items() if v is not None}, f"step-{step:08d}")
             if rank == 0:
-                print(f"[train] checkpoint saved at step {step}", flush=True)
+                print(f"{tag}checkpoint saved at step {step}", flush=True)
 
     if steady_t0 is not None and state["step"] - start_step > warm_steps:
         if device.type == "cuda":
@@ -481,14 +483,14 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     last["params_trainable"] = n_trainable
 
     if stop_early and rank == 0:
-        print(f"[train] early stop at step {state['step']}: no better {t.early_stopping_metric} in "
+        print(f"{tag}early stop at step {state['step']}: no better {t.early_stopping_metric} in "
               f"{t.early_stopping_patience} evaluations", flush=True)
 
     # Export: one consolidated Hugging Face directory, whatever the strategy.
     export = cfg.output.register_model and state["registered"] is None
     calibration = None
     if export and cfg.model.calibration == "temperature":
-        calibration = _calibrate(val_outputs, rank, device)
+        calibration = _calibrate(val_outputs, rank, device, tag)
     if export:
         probe_in = probe_batch(task, meta, device)
         probe_logits = probe(strat, probe_in)  # the trained model's own answer, to check the export against
@@ -499,7 +501,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
         card = export_and_register(cfg, meta, full, state, last, n_params,
                                    {k: v.cpu() for k, v in probe_in.items()}, probe_logits, calibration)
         state["registered"] = card["id"]
-        print(f"[train] registered {card['id']} at {card['uri']}", flush=True)
+        print(f"{tag}registered {card['id']} at {card['uri']}", flush=True)
     if dist.is_initialized():
         holder = [state["registered"]]
         dist.broadcast_object_list(holder, src=0)

@@ -145,7 +145,8 @@ def _train(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any
     tables = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in tables.items()}
     tables = select_rows(tables, spec.get("rows"), cfg.train.seed if cfg.train.shuffle else None)
     meta = dict(meta, has_validation="validation" in tables and tables["validation"].num_rows > 0)
-    loop_config = {"train_config": cfg.model_dump(mode="json"), "dataset": meta}
+    label = f"trial {trial_id}"  # on the loop's lines: trials run side by side in one job's log
+    loop_config = {"train_config": cfg.model_dump(mode="json"), "dataset": meta, "log_label": label}
     if runs_in_process(cfg):
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
         device = torch.device("cuda") if cfg.train.use_gpu else torch.device("cpu")
@@ -156,7 +157,7 @@ def _train(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any
     from raylm.train.job import build_trainer
 
     build_trainer(cfg, meta, tables={k: t for k, t in tables.items() if t.num_rows},
-                  callbacks=[TuneReportCallback()]).fit()
+                  callbacks=[TuneReportCallback()], log_label=label).fit()
 
 
 def describe(config_: dict[str, Any]) -> str:
