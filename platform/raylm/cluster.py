@@ -208,9 +208,10 @@ def one_machine_defaults(haproxy_dir: Optional[Path] = None) -> dict[str, str]:
             env.update({k: str(haproxy_dir / name) if name else str(haproxy_dir) for k, name in HAPROXY_PATH_VARS.items()})
         # HAProxy's stats page and Prometheus exporter on the app's interface, not every one
         # (raylm.serve.haproxy_bind; Ray's template has no setting for their host)
-        wrapper = Path(sys.executable).parent / "raylm-haproxy"
-        if os.access(wrapper, os.X_OK):
-            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
+        wrapper = Path(sys.executable).parent / "raylm-haproxy"  # (a `pip install --user`: on PATH)
+        wrapper = str(wrapper) if os.access(wrapper, os.X_OK) else shutil.which("raylm-haproxy")
+        if wrapper:
+            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
     for k in SERVE_PORT_VARS:
         env[k] = str(free_port())
