@@ -66,6 +66,7 @@ def test_raylm_submit_runs_prepare_data_and_lists_the_dataset(raylm_cluster):
         assert ray_data_line not in logs.stdout, logs.stdout[-3000:]
     status = run_cli("status")
     assert status.returncode == 0 and job_id in status.stdout and "SUCCEEDED" in status.stdout
+    assert "Autoscaler status" in status.stdout and "/2.0 CPU" in status.stdout  # nodes and resources (the dashboard's)
     result = json.loads(logs.stdout.split("RAYLM_RESULT ", 1)[1].splitlines()[0])
     assert result["dataset"].startswith("tiny@v")
     manifest = json.loads((Path(result["uri"]) / "manifest.json").read_text())
