@@ -14,8 +14,9 @@ never change a result: where it saves, how often it logs). On a re-run, `mode` d
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from raylm import config, storage, tracking
 
@@ -70,3 +71,59 @@ def decide(what: str, name: str, run_uri: str, now: dict[str, Any], mode: str, h
 def record(run_uri: str, now: dict[str, Any]) -> None:
     """Keep `now` as the config the run goes on with (the next re-run compares with it)."""
     storage.write_json(storage.join(run_uri, RUN_FILE), now)
+
+
+# --- one job at a time per run -------------------------------------------------------------------
+# The same config submitted twice (a retry, a second terminal) put two jobs on one run directory:
+# the second resumed from checkpoints the first was still writing, or removed them on a restart.
+# A job claims its run in the GCS's key-value store before it looks at the run's state; the claim
+# names the job and goes when the job's `exclusive` block ends. A claim whose job is dead (its
+# driver killed) is taken over.
+
+CLAIMS = "raylm"  # the GCS key-value namespace
+
+
+def _job_alive(job_id: str) -> bool:
+    from ray._private import state
+
+    return any(j["JobID"] == job_id and not j["IsDead"] for j in state.jobs())
+
+
+def _name_of(job_id: str) -> str:
+    """The job's submission id (what `raylm stop` takes), or its driver's job id."""
+    try:
+        from ray.util.state import list_jobs
+
+        for j in list_jobs(raise_on_missing_output=False, timeout=10):
+            if j.job_id == job_id and j.submission_id:
+                return j.submission_id
+    except Exception:  # noqa: BLE001 - the name only makes the message better
+        pass
+    return f"driver {job_id} (not a submitted job)"
+
+
+@contextlib.contextmanager
+def exclusive(what: str, name: str, run_uri: str) -> Iterator[None]:
+    """Hold the run at `run_uri` for this job while the block runs; ConfigError when a running job
+    holds it. Outside Ray (nothing shares the run) it holds nothing."""
+    import ray
+
+    if not ray.is_initialized():
+        yield
+        return
+    from ray.experimental import internal_kv as kv
+
+    key, me = f"run:{run_uri}", ray.get_runtime_context().get_job_id()
+    if kv._internal_kv_put(key, me, overwrite=False, namespace=CLAIMS):  # (True: someone's claim is there)
+        holder = (kv._internal_kv_get(key, namespace=CLAIMS) or b"").decode()
+        if holder and holder != me and _job_alive(holder):
+            who = _name_of(holder)
+            stop = f"`raylm stop {who}` stops it, " if not who.startswith("driver ") else ""
+            raise config.ConfigError(f"{what} {name}: job {who} is running it now (on {run_uri}); {stop}or give this "
+                                     "run another name")
+        kv._internal_kv_put(key, me, overwrite=True, namespace=CLAIMS)  # a dead job's (or our own) claim
+    try:
+        yield
+    finally:
+        if (kv._internal_kv_get(key, namespace=CLAIMS) or b"").decode() == me:
+            kv._internal_kv_del(key, namespace=CLAIMS)

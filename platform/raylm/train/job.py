@@ -435,6 +435,13 @@ def _start_or_resume(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
 
 
 def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train the run `cfg.name` (resume it, start it over or refuse, `_start_or_resume`), one job at
+    a time: a second job on the same run stops before it looks at the run's checkpoints."""
+    with reruns.exclusive("train", cfg.name, storage.join(run_storage(cfg), cfg.name)):
+        return _run(cfg, meta)
+
+
+def _run(cfg: TrainConfig, meta: Optional[dict[str, Any]]) -> dict[str, Any]:
     meta = meta or dataset_meta(cfg)
     check_teacher(cfg, meta)
     restarted = _start_or_resume(cfg, meta)

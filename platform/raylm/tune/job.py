@@ -316,6 +316,13 @@ def best_row(cfg: TuneConfig, rows: list[dict[str, Any]]) -> Optional[dict[str, 
 
 
 def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
+    """Run the search `cfg.name` (resume it, start it over or refuse, `_start_or_resume`), one job
+    at a time: a second job on the same search stops before it looks at the trials."""
+    with reruns.exclusive("tune", cfg.name, storage.join(cfg.output.storage or default_storage(), cfg.name)):
+        return _run(cfg, config_path)
+
+
+def _run(cfg: TuneConfig, config_path: Optional[str]) -> dict[str, Any]:
     import ray
 
     from raylm.train.job import check_teacher, dataset_meta
