@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from raylm import config, registry, storage, tracking
+from raylm import config, registry, reruns, storage, tracking
 from raylm.train.config import TrainConfig
 from raylm.tune import ensemble as ens
 from raylm.tune import trial as trial_mod
@@ -137,6 +137,13 @@ def _test_table(m: dict[str, Any], meta: dict[str, Any]):
 
 
 def run(cfg: EnsembleConfig, config_path: Optional[str] = None) -> dict[str, Any]:
+    """Build the ensemble `cfg.name`, one job at a time (its members' trials share one directory)."""
+    with reruns.exclusive("ensemble", cfg.name,
+                          storage.join(cfg.output.storage or default_storage(), "ensembles", cfg.name)):
+        return _run(cfg, config_path)
+
+
+def _run(cfg: EnsembleConfig, config_path: Optional[str]) -> dict[str, Any]:
     import ray
 
     from raylm.data import versions
