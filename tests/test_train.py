@@ -146,12 +146,17 @@ def test_stopped_job_resumes_from_its_last_checkpoint(raylm_cluster, tmp_path):
         saved = [int(s) for s in re.findall(r"checkpoint saved at step (\d+)", client.get_job_logs(job_id))]
         time.sleep(1)
     assert saved, client.get_job_logs(job_id)[-3000:]
-    # the same config submitted again while it trains: the second job stops before it touches the
-    # run (it would resume from checkpoints the first is writing), naming the job that has it
-    twice = run_cli(*args, "--set", "train.max_steps=100000")
-    said = twice.stdout + twice.stderr
-    assert twice.returncode != 0 and f"train resume-me: job {job_id} is running it now" in said, said[-3000:]
-    assert f"`raylm stop {job_id}` stops it" in said
+    # the same config run by a second driver (this one; a second submission runs the same code)
+    # while it trains: it stops before it touches the run (it would resume from checkpoints the
+    # first is writing), naming the job that has it and how to stop it
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run as run_training
+
+    same = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml",
+                       [v for k, v in zip(args, args[1:]) if k == "--set"] + ["train.max_steps=100000"])
+    with pytest.raises(config.ConfigError, match=rf"train resume-me: job {job_id} is running it now .*"
+                                                 rf"`raylm stop {job_id}` stops it"):
+        run_training(same)
     stop = run_cli("stop", job_id, timeout=120)
     ended = re.search(rf"job {job_id}: (STOPPED|FAILED)", stop.stdout)  # (a driver killed mid-write may FAIL)
     assert stop.returncode == 0 and ended, stop
