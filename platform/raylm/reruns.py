@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from raylm import config, storage, tracking
 
@@ -89,17 +89,15 @@ def _job_alive(job_id: str) -> bool:
     return any(j["JobID"] == job_id and not j["IsDead"] for j in state.jobs())
 
 
-def _name_of(job_id: str) -> str:
-    """The job's submission id (what `raylm stop` takes), or its driver's job id."""
-    try:
-        from ray.util.state import list_jobs
+def _name_of(job_id: str) -> tuple[str, Optional[str]]:
+    """How the job is named ('job <submission id>', or its driver's id) and its submission id."""
+    from raylm import waiting
 
-        for j in list_jobs(raise_on_missing_output=False, timeout=10):
-            if j.job_id == job_id and j.submission_id:
-                return j.submission_id
+    try:
+        submission = waiting.submission_ids()
     except Exception:  # noqa: BLE001 - the name only makes the message better
-        pass
-    return f"driver {job_id} (not a submitted job)"
+        submission = {}
+    return waiting.job_label(job_id, submission), submission.get(job_id)
 
 
 @contextlib.contextmanager
@@ -117,9 +115,9 @@ def exclusive(what: str, name: str, run_uri: str) -> Iterator[None]:
     if kv._internal_kv_put(key, me, overwrite=False, namespace=CLAIMS):  # (True: someone's claim is there)
         holder = (kv._internal_kv_get(key, namespace=CLAIMS) or b"").decode()
         if holder and holder != me and _job_alive(holder):
-            who = _name_of(holder)
-            stop = f"`raylm stop {who}` stops it, " if not who.startswith("driver ") else ""
-            raise config.ConfigError(f"{what} {name}: job {who} is running it now (on {run_uri}); {stop}or give this "
+            who, sub = _name_of(holder)
+            stop = f"`raylm stop {sub}` stops it, " if sub else ""
+            raise config.ConfigError(f"{what} {name}: {who} is running it now (on {run_uri}); {stop}or give this "
                                      "run another name")
         kv._internal_kv_put(key, me, overwrite=True, namespace=CLAIMS)  # a dead job's (or our own) claim
     try:

@@ -48,6 +48,20 @@ def _shape(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(_wanted(resources).items())) + "}"
 
 
+
+def submission_ids() -> dict[str, str]:
+    """Each job's submission id (what `raylm stop` takes), by its driver's job id."""
+    from ray.util.state import list_jobs
+
+    return {j.job_id: j.submission_id for j in list_jobs(raise_on_missing_output=False, timeout=10)
+            if j.job_id and j.submission_id}
+
+
+def job_label(job_id: str, submission: dict[str, str]) -> str:
+    """'job <submission id>', or 'driver <job id> (not a submitted job)'."""
+    sub = submission.get(job_id)
+    return f"job {sub}" if sub else f"driver {job_id} (not a submitted job)"
+
 class ResourceWatch(threading.Thread):
     asker = "this job"  # who the notice says asks
     goes_on = "the job goes on"
@@ -161,20 +175,18 @@ class ResourceWatch(threading.Thread):
 
     def holders(self, names: list[str]) -> list[str]:
         """Who holds the resources named: each Serve app, each other job (largest first)."""
-        from ray.util.state import list_actors, list_jobs, list_placement_groups, list_tasks
+        from ray.util.state import list_actors, list_placement_groups, list_tasks
 
         kw: dict[str, Any] = {"detail": True, "limit": 1000, "raise_on_missing_output": False, "timeout": 10}
         held: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        submission = {j.job_id: j.submission_id for j in list_jobs(raise_on_missing_output=False, timeout=10)
-                      if j.job_id}
+        submission = submission_ids()
 
         def add(who: str, res: dict[str, float]) -> None:
             for k in names:
                 held[who][k] += (res or {}).get(k, 0)
 
         def job_name(job_id: str) -> str:
-            sub = submission.get(job_id)
-            return f"job {sub}" if sub else f"driver {job_id} (not a submitted job)"
+            return job_label(job_id, submission)
 
         for a in list_actors(filters=[("state", "=", "ALIVE")], **kw):
             if a.job_id == self.job_id or a.placement_group_id:
