@@ -303,7 +303,7 @@ def _calibrate(val_outputs: list, rank: int, device: torch.device, tag: str = "[
 class Window:
     """The training time since the last progress line: evaluation and checkpoints (run inside
     `pause()`) are left out, so tokens/s, samples/s and MFU are the training's own and do not dip
-    after every checkpoint (a tiny model's window after one read ~100x slower)."""
+    after every checkpoint (a tiny model's window after one read ~10x low: ~1,100 against ~14,000)."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
