@@ -167,3 +167,27 @@ def register_minilm_classifier(registry_root: str, name: str, labels: list[str],
         AutoTokenizer.from_pretrained(base).save_pretrained(d)
         return [registry.register(d, name, {"task": "classification", "labels": list(labels), **c},
                                   root=registry_root) for c in cards]
+
+
+def register_random_lm(dataset: dict, registry_root: str, name: str, seed: int) -> dict:
+    """A tiny Llama on the dataset's tokenizer (random init: serving does not care how good it
+    is), registered the way the train job registers models."""
+    import tempfile
+
+    import torch
+
+    from raylm import registry, storage
+    from raylm.train import models
+    from raylm.train.config import ModelConfig
+
+    m = dataset["manifest"]
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as d:
+        storage.download_dir(storage.join(m["uri"], m["tokenizer"]["path"]), d)
+        model = models.build(ModelConfig(arch="llama", preset="tiny"), m["tokenizer"]["vocab_size"], 256,
+                             m["tokenizer"]["eos_id"], None)
+        model.config.use_cache = True
+        model.save_pretrained(d)
+        card = {"task": "causal_lm", "dataset": m["id"], "base": "llama-tiny (random init)",
+                "config": {"data": {"root": dataset["root"]}}}
+        return registry.register(d, name, card, root=registry_root)

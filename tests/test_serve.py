@@ -25,31 +25,10 @@ import requests
 import schemathesis
 import torch
 from conftest import ROOT, run_cli
-from helpers import free_port, hold_free_cpus, issued, job_end, register_minilm_classifier, submit_with_wait_notice
+from helpers import (free_port, hold_free_cpus, issued, job_end, register_minilm_classifier, register_random_lm,
+                     submit_with_wait_notice)
 
 APP = "t-serve"
-
-
-def _register_lm(dataset: dict, registry_root: str, name: str, seed: int) -> dict:
-    """A tiny Llama on the dataset's tokenizer (random init: serving does not care how good it
-    is), registered the way the train job registers models."""
-    import tempfile
-
-    from raylm import registry, storage
-    from raylm.train import models
-    from raylm.train.config import ModelConfig
-
-    m = dataset["manifest"]
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as d:
-        storage.download_dir(storage.join(m["uri"], m["tokenizer"]["path"]), d)
-        model = models.build(ModelConfig(arch="llama", preset="tiny"), m["tokenizer"]["vocab_size"], 256,
-                             m["tokenizer"]["eos_id"], None)
-        model.config.use_cache = True
-        model.save_pretrained(d)
-        card = {"task": "causal_lm", "dataset": m["id"], "base": "llama-tiny (random init)",
-                "config": {"data": {"root": dataset["root"]}}}
-        return registry.register(d, name, card, root=registry_root)
 
 
 # A label is whatever the training data's label column held: markup in one must reach a browser
@@ -90,8 +69,8 @@ def served(ray_session, train_dataset, tmp_path_factory, soak):
 
     d = tmp_path_factory.mktemp("serve")
     reg = str(d / "registry")
-    lm = _register_lm(train_dataset, reg, "lm", seed=1)
-    lm2 = _register_lm(train_dataset, reg, "lm", seed=2)  # v2: the rolling-update target
+    lm = register_random_lm(train_dataset, reg, "lm", seed=1)
+    lm2 = register_random_lm(train_dataset, reg, "lm", seed=2)  # v2: the rolling-update target
     cls = _register_classifier(reg)
     kf = str(d / "keys.json")
     k = {"gen": issued(keys.add("gen", ["generate", "feedback"], kf)), "cls": issued(keys.add("cls", ["classify"], kf)),
@@ -558,6 +537,18 @@ def test_feedback_lands_where_the_data_job_reads_it(served):
     assert [r["prompt"] for r in set_aside if r["response_id"] == bad["id"]] == ["the queen"]
     with pytest.raises(ValueError, match="text files have no fields"):
         FileSource(kind="text", uri=src.uri, where={"rating": [1]})
+    # a rated chat answer keeps its whole conversation: a chat source reads it for fine-tuning
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the king?"}]
+    ch = _post(served, "/v1/chat/completions", {"model": "lm", "messages": asked, "max_tokens": 4}).json()
+    assert _post(served, "/v1/feedback", {"response_id": ch["id"], "rating": 1}).status_code == 200
+    chats = FileSource(kind="jsonl", uri=src.uri, format="chat", id_field="id", where={"rating": [1]})
+    records = [rec for f in storage.glob_files(src.uri) for rec in parse_file(chats, "feedback", f,
+                                                                               storage.read_bytes(f))]
+    answer = ch["choices"][0]["message"]["content"]
+    assert [r["text"] for r in records if r["_error"] is None] == [
+        f"<|system|>\nBe brief.\n<|user|>\nthe king?\n<|assistant|>\n{answer}"]
+    # feedback on plain completions has no conversation: set aside, counted, with its reason
+    assert sorted(r["_error"] for r in records if r["_error"]) == ["excluded_by_where", "missing_messages_field"]
 
 
 def test_two_ingress_replicas_share_recent_responses_and_one_rate_limit(served):

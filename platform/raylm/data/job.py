@@ -13,7 +13,8 @@ def summary(m: dict) -> str:
     lines = [f"dataset version: {m['id']}" + ("  (reused: already built)" if m.get("reused") else ""),
              f"written to:      {m['uri']}"]
     for split, s in m["splits"].items():
-        lines.append(f"  {split:<10} {s['documents']:>6} documents  {s['tokens']:>10} tokens  {s['blocks']:>7} blocks")
+        lines.append(f"  {split:<10} {s['documents']:>6} documents  {s['tokens']:>10} tokens  {s['blocks']:>7} blocks"
+                     + (f"  {s['trained_tokens']:>8} answer tokens" if "trained_tokens" in s else ""))
     c = m["counts"]
     lines.append(f"records read {c['records_read']}" + (f", augmented {c['augmented']}" if c.get("augmented") else "")
                  + f", quarantined {c['quarantined']}, dropped "

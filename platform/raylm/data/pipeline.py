@@ -38,8 +38,8 @@ from raylm.data.config import DataConfig
 from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
-    SPLITS, assign_split, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch, tokenizer_key, train_bpe,
-    whole_documents,
+    SPLITS, assign_split, check_conversations, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch,
+    tokenize_chat_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
 )
 
 PIPELINE_VERSION = 4  # bump when a step's output changes for the same config (4: augment reads `label`'s column)
@@ -54,12 +54,46 @@ def default_root() -> str:
     return str(home() / "datasets")
 
 
+# fields added to a source's config after versions were built: left out of the version id at their defaults
+_LATER_SOURCE_FIELDS = {"format": "text", "messages_field": "messages", "prompt_field": None, "response_field": None,
+                        "system_prompt": None}
+
+
+def chat_spec(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
+    """A chat dataset's template and the special tokens it is rendered with (those of the tokenizer
+    the dataset will have: a pretrained one's, or the BPE's from the config). A template that does
+    not render is a config error, before anything runs."""
+    from raylm import chat
+    from raylm.config import ConfigError
+
+    tcfg = cfg.tokenizer
+    if tcfg.kind == "pretrained":
+        tok = load_pretrained(tcfg.path)
+        template, special = chat.template_of(tcfg.chat_template, tok.chat_template), dict(tok.special_tokens_map)
+    else:
+        template = chat.template_of(tcfg.chat_template, None)
+        special = {"bos_token": tcfg.eos_token, "eos_token": tcfg.eos_token, "pad_token": tcfg.pad_token}
+    try:
+        chat.segments([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                      chat.renderer(template, special))
+    except chat.ConversationError as e:
+        raise ConfigError(f"tokenizer.chat_template: {e}") from None
+    return template, special
+
+
 def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
     """Content hash of the inputs and of everything in the config that shapes the output."""
     conf = cfg.model_dump(mode="json", exclude={"output": True, "tokenize": True, "report": True})
     for s in conf["sources"]:
         s.pop("cache_dir", None)
+        for k, default in _LATER_SOURCE_FIELDS.items():  # versions built before these fields keep their ids
+            if k in s and s[k] == default:
+                s.pop(k)
+    if conf["tokenizer"].get("chat_template") is None:
+        conf["tokenizer"].pop("chat_template", None)
     payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
+    if cfg.chat:  # the template conversations are rendered with, wherever it comes from (a default too)
+        payload["chat_template"] = chat_spec(cfg)[0]
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return "v" + digest[:12]
 
@@ -218,6 +252,10 @@ def _step_rows(cfg: DataConfig, keys: list[str], tally: Counter, plans: dict[str
     empty = dropped.get("filter_empty", {})
     rows.append({"step": "filter_empty", "rows_in": rows[-1]["rows_out"], "dropped": empty,
                  "rows_out": rows[-1]["rows_out"] - sum(empty.values())})
+    if cfg.chat:  # conversations the steps left unreadable, or the template cannot render
+        bad = quarantined.get("chat", {})
+        rows.append({"step": "chat", "rows_in": rows[-1]["rows_out"], "quarantined": bad,
+                     "rows_out": rows[-1]["rows_out"] - sum(bad.values())})
     return rows
 
 
@@ -259,6 +297,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same rows in the same order
 
+    chat = chat_spec(cfg) if cfg.chat else None  # (template, special tokens) of a dataset of conversations
+
     # 1. read, parse, clean, split -------------------------------------------------------------
     log(f"building {cfg.name}@{version} from {len(cfg.sources)} source(s)")
     datasets = [sources.read(s) for s in cfg.sources]
@@ -281,6 +321,9 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         ds = ds.map_batches(run_step, fn_kwargs={"cfg": step, "index": i, "key": key, "fn": fn},
                             batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
+    if chat:
+        ds = ds.map_batches(check_conversations, fn_kwargs={"template": chat[0], "special_tokens": chat[1]},
+                            batch_format="pyarrow", batch_size=None)
     ds = ds.materialize()
     tally = _tally(ds, _tally_docs)
     step_rows = _step_rows(cfg, keys, tally, plans)
@@ -324,6 +367,12 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         hf_tok = load_pretrained(tcfg.path)
         backend = hf_tok.backend_tokenizer
     eos_token, eos_id = eos_of(hf_tok)
+    if chat:
+        got = {k: hf_tok.special_tokens_map.get(k) for k in chat[1]}
+        if got != chat[1]:
+            raise RuntimeError(f"the tokenizer's special tokens {got} are not the ones conversations were checked "
+                               f"with ({chat[1]})")
+        hf_tok.chat_template = chat[0]  # saved with the tokenizer: models trained on this dataset are served with it
     save_hf(hf_tok, storage.join(work, "tokenizer"))
 
     # 3. tokenize in Ray Data tasks ---------------------------------------------------------------
@@ -334,8 +383,11 @@ def run(cfg: DataConfig) -> dict[str, Any]:
             "packed whole (training and serving cut to their model's length)")
     log(f"tokenizing {n_kept} documents, {tc.concurrency} task(s) at once")
     tokenizer_json = backend.to_str()
+    tok_kwargs: dict[str, Any] = {"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)}
+    if chat:
+        tok_kwargs.update(template=chat[0], special_tokens=chat[1])
     tokenized = kept.map_batches(
-        tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json, "key": tokenizer_key(tokenizer_json)},
+        tokenize_chat_batch if chat else tokenize_batch, fn_kwargs=tok_kwargs,
         batch_size=tc.batch_size, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tc.concurrency),
         num_cpus=tc.num_cpus,
     ).materialize()
@@ -352,16 +404,30 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         n_blocks = 0
         if n_docs:
             docs.write_parquet(storage.arrow_fs(storage.join(work, "docs", split))[1], filesystem=fs)
-            blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len, "eos_id": eos_id},
+            blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len, "eos_id": None if chat else eos_id},
                                       batch_format="pyarrow", batch_size=None).materialize()
-            n_blocks = blocks.count()
+            if chat:  # blocks with no answer token in them are left out (counted)
+                n_all = blocks.count()
+                blocks = blocks.map_batches(with_answers, batch_format="pyarrow", batch_size=None).materialize()
+                n_blocks = blocks.count()
+                chat_counts = {"blocks_without_answer": n_all - n_blocks,
+                               "trained_tokens": int(blocks.sum("trained_tokens") or 0) if n_blocks else 0}
+            else:
+                n_blocks = blocks.count()
             if n_blocks:
                 blocks.write_parquet(storage.arrow_fs(storage.join(work, "packed", split))[1], filesystem=fs)
         packed_tokens = n_blocks * cfg.pack.seq_len
+        tokens_in = n_tokens if chat else n_tokens + n_docs  # + the EOS after each document
         splits[split] = {"documents": n_docs, "tokens": n_tokens, "blocks": n_blocks, "packed_tokens": packed_tokens}
-        pack_rows.append({"split": split, "tokens_in": n_tokens + n_docs, "tokens_out": packed_tokens,
-                          "tokens_dropped_tail": n_tokens + n_docs - packed_tokens})
-        log(f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}")
+        pack_rows.append({"split": split, "tokens_in": tokens_in, "tokens_out": packed_tokens,
+                          "tokens_dropped_tail": tokens_in - packed_tokens})
+        line = f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}"
+        if chat:
+            splits[split].update(chat_counts if n_docs else {"blocks_without_answer": 0, "trained_tokens": 0})
+            pack_rows[-1]["blocks_without_answer"] = splits[split]["blocks_without_answer"]
+            line += (f" ({splits[split]['trained_tokens']} answer tokens trained on; "
+                     f"{splits[split]['blocks_without_answer']} blocks without one left out)")
+        log(line)
 
     # 5. manifest, then publish -------------------------------------------------------------------
     step_rows.append({"step": "tokenize", "rows_in": n_kept, "rows_out": n_kept,
@@ -394,6 +460,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                   "report": "report/index.html" if cfg.report else None},
         "quarantine": {"uri": quarantine_uri if n_quarantined else None, "count": n_quarantined},
         "label": cfg.label,
+        "format": "chat" if chat else "text",
+        "chat_template": chat[0] if chat else None,
         "seconds": round(time.time() - t0, 1),
     }
     if cfg.report:

@@ -172,6 +172,8 @@ def _as_str(v: Any) -> str | None:
 def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         return _bad(source, where, "not_an_object", json.dumps(obj)[:RAW_KEEP])
+    if src.format == "chat":
+        return _chat_row(src, source, where, obj)
     text = obj.get(src.text_field)
     if text is None:
         return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
@@ -188,6 +190,35 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
         author=_as_str(obj.get(src.author_field)) if src.author_field else None,
         genre=_as_str(obj.get(src.genre_field)) if src.genre_field else None,
     )
+
+
+def _chat_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, Any]:
+    """A conversation record: its messages as `text` with role lines (raylm.chat)."""
+    from raylm import chat
+
+    for field, keep in src.where.items():
+        if obj.get(field) not in keep:
+            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
+    if src.prompt_field:
+        prompt, response = obj.get(src.prompt_field), obj.get(src.response_field)
+        if prompt is None or response is None:
+            return _bad(source, where, "missing_prompt_or_response", json.dumps(obj, default=str))
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            return _bad(source, where, "prompt_or_response_not_a_string", json.dumps(obj, default=str))
+        messages: Any = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        messages = obj.get(src.messages_field)
+        if messages is None:
+            return _bad(source, where, "missing_messages_field", json.dumps(obj, default=str))
+    try:
+        messages = chat.check(messages)
+    except chat.ConversationError as e:
+        return _bad(source, where, e.reason, json.dumps(obj, default=str))
+    if src.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": src.system_prompt})
+    rid = _as_str(obj.get(src.id_field)) if src.id_field else None
+    return _row(id=rid or where, source=source, work=rid or where, text=chat.to_text(messages),
+                label=_as_str(obj.get(src.label_field)) if src.label_field else None)
 
 
 _DECOMPRESSORS: dict[str, Callable[[], Any]] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -136,6 +136,17 @@ def tokenizer_key(tokenizer_json: str) -> str:
     return hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
 
 
+def _tokenizer(tokenizer_json: str, key: str):
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        from tokenizers import Tokenizer
+
+        if len(_TOKENIZERS) >= 4:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        tok = _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    return tok
+
+
 def tokenize_batch(batch: pa.Table, tokenizer_json: str, key: str) -> pa.Table:
     """Ray Data task: adds `input_ids` and `num_tokens` to a batch of documents. The tokenizer is
     built once per worker process (cached by `key`, `tokenizer_key(tokenizer_json)`).
@@ -144,32 +155,104 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, key: str) -> pa.Table:
     again, which for an actor means restarting it with its constructor arguments, and Ray frees
     those once the pool has ended (Ray issue 53727). The data job's node-loss test lost the
     whole job to it: the node went down after tokenization, and the next step needed its blocks."""
-    tok = _TOKENIZERS.get(key)
-    if tok is None:
-        from tokenizers import Tokenizer
-
-        if len(_TOKENIZERS) >= 4:
-            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
-        tok = _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    tok = _tokenizer(tokenizer_json, key)
     ids = encode_column(tok, batch.column("text").to_pylist())
     batch = batch.append_column("input_ids", ids)
     return batch.append_column("num_tokens", pc.cast(pc.list_value_length(ids), pa.int64()))
 
 
-def pack(batch: pa.Table, seq_len: int, eos_id: int) -> pa.Table:
+MASK_TYPE = pa.list_(pa.int8())
+_CHAT: dict[str, Any] = {}  # chat renderers built in this worker process, by template and special tokens
+
+
+def _chat_renderer(template: str, special_tokens: dict[str, Any]):
+    from raylm import chat
+
+    key = tokenizer_key(template + "\x00" + repr(sorted(special_tokens.items())))
+    if key not in _CHAT:
+        if len(_CHAT) >= 4:
+            _CHAT.pop(next(iter(_CHAT)))
+        _CHAT[key] = chat.renderer(template, special_tokens)
+    return _CHAT[key]
+
+
+def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any]) -> pa.Table:
+    """Ray Data task, chat datasets, after the data steps: a live record whose `text` no longer
+    reads as a conversation, or that the chat template cannot render, is quarantined (step
+    `chat`, the reason in `_error`) rather than tokenized wrong."""
+    from raylm import chat
+    from raylm.data.steps import live
+
+    render = _chat_renderer(template, special_tokens)
+    alive = live(batch).to_pylist()
+    errors, raws, steps = batch.column("_error").to_pylist(), batch.column("_raw").to_pylist(), \
+        batch.column("_step").to_pylist()
+    for i, text in enumerate(batch.column("text").to_pylist()):
+        if not alive[i]:
+            continue
+        try:
+            chat.segments(chat.parse(text), render)
+        except chat.ConversationError as e:
+            errors[i], raws[i], steps[i] = e.reason, (text or "")[:1000], "chat"
+    for name, values in (("_error", errors), ("_raw", raws), ("_step", steps)):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return batch
+
+
+def tokenize_chat_batch(batch: pa.Table, tokenizer_json: str, key: str, template: str,
+                        special_tokens: dict[str, Any]) -> pa.Table:
+    """Ray Data task, chat datasets: adds `input_ids`, `loss_mask` (1 on the answers' tokens:
+    raylm.chat.encode), `num_tokens` and `num_trained_tokens`."""
+    from raylm import chat
+
+    tok = _tokenizer(tokenizer_json, key)
+    render = _chat_renderer(template, special_tokens)
+
+    def encode_text(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    ids, masks = zip(*(chat.encode(chat.parse(t), render, encode_text) for t in batch.column("text").to_pylist())) \
+        if batch.num_rows else ((), ())
+    batch = batch.append_column("input_ids", pa.array(list(ids), TOKENS_TYPE))
+    batch = batch.append_column("loss_mask", pa.array(list(masks), MASK_TYPE))
+    batch = batch.append_column("num_tokens", pa.array([len(x) for x in ids], pa.int64()))
+    return batch.append_column("num_trained_tokens", pa.array([sum(m) for m in masks], pa.int64()))
+
+
+def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:
     """Documents -> fixed blocks of `seq_len` tokens, EOS after every document. The tail of a
-    batch that does not fill a block is dropped (counted in the manifest)."""
+    batch that does not fill a block is dropped (counted in the manifest).
+
+    Conversations (`loss_mask` in the batch; `eos_id` None: the chat template ends each answer)
+    are packed with their loss masks, one after another, and each block gets `trained_tokens`
+    (the pipeline leaves out blocks with none: a loss over no tokens is undefined)."""
     ids = batch.column("input_ids").combine_chunks()
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int32)
-    n_docs = len(lengths)
-    doc_index = np.arange(n_docs)
-    cum = np.concatenate([[0], np.cumsum(lengths)])
-    stream = np.empty(len(flat) + n_docs, dtype=np.int32)
-    # Document i's tokens move right by i (the EOS tokens before it); its EOS follows them.
-    stream[np.arange(len(flat)) + np.repeat(doc_index, lengths)] = flat
-    stream[cum[1:] + doc_index] = eos_id
+    masked = "loss_mask" in batch.column_names
+    if eos_id is None:
+        stream = flat
+    else:
+        n_docs = len(lengths)
+        doc_index = np.arange(n_docs)
+        cum = np.concatenate([[0], np.cumsum(lengths)])
+        stream = np.empty(len(flat) + n_docs, dtype=np.int32)
+        # Document i's tokens move right by i (the EOS tokens before it); its EOS follows them.
+        stream[np.arange(len(flat)) + np.repeat(doc_index, lengths)] = flat
+        stream[cum[1:] + doc_index] = eos_id
     n_blocks = len(stream) // seq_len
-    blocks = stream[: n_blocks * seq_len]
-    offsets = np.arange(0, n_blocks * seq_len + 1, seq_len, dtype=np.int32)
-    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(blocks, pa.int32()))})
+    offsets = pa.array(np.arange(0, n_blocks * seq_len + 1, seq_len, dtype=np.int32))
+    out = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(stream[: n_blocks * seq_len], pa.int32()))}
+    if masked:
+        if eos_id is not None:
+            raise ValueError("conversations are packed without EOS between them (their template ends each answer)")
+        mask = pc.list_flatten(batch.column("loss_mask").combine_chunks()).to_numpy(
+            zero_copy_only=False).astype(np.int8)[: n_blocks * seq_len]
+        out["loss_mask"] = pa.ListArray.from_arrays(offsets, pa.array(mask, pa.int8()))
+        out["trained_tokens"] = pa.array(mask.reshape(n_blocks, seq_len).sum(1, dtype=np.int64), pa.int64())
+    return pa.table(out)
+
+
+def with_answers(blocks: pa.Table) -> pa.Table:
+    """Packed conversation blocks that hold at least one trained token."""
+    return blocks.filter(pc.greater(blocks.column("trained_tokens"), 0))

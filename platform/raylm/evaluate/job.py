@@ -81,11 +81,17 @@ class Evaluation:
                                 batch_size=None)  # (a row-by-row `filter` calls Python per row)
         self.ds = ds.materialize()
         self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs
+        # conversations: each model renders them with its chat template and is scored on the answers
+        self.chat = self.task == "causal_lm" and self.m.get("format") == "chat"
 
     def score(self, model_dir: str, ds=None, window: Optional[int] = None):
         """A pandas frame of the documents with the model's outputs (`window`: another model's own)."""
-        return infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, window or self.window,
-                                   self.cfg, local=self.local).to_pandas()
+        frame = infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, window or self.window,
+                                    self.cfg, local=self.local, chat=self.chat).to_pandas()
+        if self.chat and not frame["scored"].all():
+            print(f"[evaluate] {int((~frame['scored']).sum())} conversation(s) left unscored: the chat template of "
+                  f"{model_dir} cannot render them", flush=True)
+        return frame
 
     def score_other(self, other: dict[str, Any]):
         """Another registry model on the same documents, cut as that model was trained (a baseline)."""
@@ -121,7 +127,10 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
         else:
             y = np.array([ev.labels.index(x) for x in frame["label"]])
             out[name] = {"metrics": metrics.classification(probs, y, ev.labels, cfg.calibration_bins)}
-    if ev.task == "causal_lm" and cfg.baselines.ngram:
+    if ev.chat and cfg.baselines.ngram:
+        print("[evaluate] n-gram baseline skipped: it scores whole texts, and a chat dataset is scored on its "
+              "answers", flush=True)
+    elif ev.task == "causal_lm" and cfg.baselines.ngram:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(registry.local_path(ev.card)), local_files_only=True)
@@ -220,6 +229,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         temperature = (card.get("calibration") or {}).get("temperature")
         if temperature is not None:  # model.calibration: the head the export holds is already divided by it
             reads += f"; calibrated in training (temperature {temperature:.3f})"
+    if ev.chat:
+        reads = "; conversations rendered with the model's chat template, answers scored"
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
           f"{cfg.compute.actors} replica(s){reads}" + (f"; {ev.left_out} without a known label left out"
                                                         if ev.left_out else ""), flush=True)
@@ -254,7 +265,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         for op in r.ops:
             for strength in r.strengths_of(op):
                 noisy = ev.ds.map_batches(infer.perturb_batch, fn_kwargs={"op": op, "strength": strength,
-                                                                          "seed": r.seed}, batch_format="pyarrow")
+                                                                          "seed": r.seed, "chat": ev.chat},
+                                          batch_format="pyarrow")
                 mm = ev.metrics_of(ev.score(model_dir, noisy))
                 for k in ("per_class", "reliability", "confusion"):
                     mm.pop(k, None)

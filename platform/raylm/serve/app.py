@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylm.serve.config import DeployConfig
 from raylm.serve.metrics import metrics
 from raylm.serve.playground import playground_page
-from raylm.serve.recent import RecentResponses
+from raylm.serve.recent import RecentResponses, chat_record
 from raylm.serve.streams import cancel as _cancel
 from raylm.serve.streams import merge as _merge
 from raylm.serve.protocol import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, FeedbackRequest, Stop,
@@ -284,6 +284,7 @@ class Ingress:
         m = self.models[name]
         return {"id": name, "object": "model", "created": m.get("created", self.created), "owned_by": "raylm",
                 "task": m["task"], "registry_id": m["registry_id"], **({"labels": m["labels"]} if m.get("labels") else {}),
+                **({"chat": True} if m.get("chat") else {}),  # fine-tuned on conversations: ask on chat routes
                 **({"canary": {"registry_id": m["canary"]["registry_id"], "weight": m["canary"]["weight"]}}
                    if m.get("canary") else {})}
 
@@ -465,15 +466,13 @@ class Ingress:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": m["registry_id"]}
-        prompt = messages[-1]["content"]
         if req.stream:
             started = await self._start(m, [payload])
             request.state.streaming = True
             return StreamingResponse(self._stream_chat(started, {**head, "object": "chat.completion.chunk"}, req,
-                                                       prompt), media_type="text/event-stream")
+                                                       messages), media_type="text/event-stream")
         started, (o,) = await self._generate(request, m, [payload], req.model)
-        self.recent.remember(rid, {"model": req.model, "version": m["registry_id"], "prompt": prompt,
-                                   "completion": o["text"]})
+        self.recent.remember(rid, chat_record(req.model, m["registry_id"], messages, o["text"]))
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
                                      "logprobs": self._chat_logprobs(o) if req.logprobs else None,
                                      "finish_reason": o["finish_reason"] or "length"}],
@@ -486,7 +485,8 @@ class Ingress:
                                               for k, v in (top or {}).items()]}
                             for t, lp, top in zip(o["token_texts"], o["logprobs"], o["top_logprobs"])]}
 
-    async def _stream_chat(self, started: list, head: dict, req: ChatRequest, prompt: str) -> AsyncIterator[str]:
+    async def _stream_chat(self, started: list, head: dict, req: ChatRequest, messages: list[dict]
+                           ) -> AsyncIterator[str]:
         t0 = time.perf_counter()
         n, text, first = 0, [], True
         try:
@@ -519,8 +519,8 @@ class Ingress:
             metrics()["tokens"].inc(n or 0, tags={"model": req.model})
             metrics()["latency"].observe(time.perf_counter() - t0, tags={"route": "/v1/chat/completions",
                                                                          "model": req.model})
-            self.recent.remember(head["id"], {"model": req.model, "version": head["system_fingerprint"],
-                                              "prompt": prompt, "completion": "".join(text)})
+            self.recent.remember(head["id"], chat_record(req.model, head["system_fingerprint"], messages,
+                                                          "".join(text)))
 
     @app.post("/v1/classify", openapi_extra=body_schema(ClassifyRequest))
     async def classify(self, request: Request) -> dict:
@@ -580,6 +580,7 @@ class Ingress:
                   "comment": req.comment, "model": (seen or {}).get("model") or req.model,
                   "model_version": (seen or {}).get("version"),
                   "prompt": (seen or {}).get("prompt"), "completion": (seen or {}).get("completion"),
+                  "messages": (seen or {}).get("messages"),
                   "response_known": seen is not None, "key": who.name, "created": now.isoformat(timespec="seconds")}
         record["text"] = (record["prompt"] or "") + (record["completion"] or "")
         uri = storage.join(self.cfg.feedback_uri, f"date={now:%Y-%m-%d}",

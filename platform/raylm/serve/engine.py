@@ -19,11 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# Used when neither the deploy config nor the tokenizer has a chat template.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+from raylm.chat import DEFAULT_CHAT_TEMPLATE  # neither the deploy config nor the tokenizer has one
 
 
 class RequestError(ValueError):

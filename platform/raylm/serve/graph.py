@@ -70,7 +70,7 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) ->
     if card["task"] == "classification":
         labels = card.get("labels") or (card.get("config") or {}).get("labels")
     return handle, {"task": card["task"], "registry_id": card["id"], "uri": card["uri"], "labels": labels,
-                    "ensemble": ensemble,
+                    "ensemble": ensemble, "chat": card.get("data_format") == "chat",
                     "created": int(dt.datetime.fromisoformat(card["created"]).timestamp())
                     if card.get("created") else None}
 

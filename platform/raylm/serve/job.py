@@ -52,6 +52,20 @@ def loopback_across_machines(host: str, node_ips: Sequence[str], haproxy: bool) 
             f"the port behind a firewall or a Kubernetes Service, or serve from one machine.")
 
 
+def template_overrides(models: Sequence[Any], cards: dict[str, dict[str, Any]]) -> list[str]:
+    """Warnings for models fine-tuned on conversations (`data_format: chat` on the card) that the
+    deploy config serves with a chat template of its own: the model learned its answers after
+    prompts rendered with its tokenizer's template, and another one feeds it prompts it never saw."""
+    out = []
+    for m in models:
+        card = cards.get(m.name) or {}
+        if m.chat_template and card.get("data_format") == "chat":
+            out.append(f"models.{m.name}.chat_template: {card.get('id', m.name)} was fine-tuned on conversations "
+                       "rendered with the chat template its tokenizer carries; serving it with another template "
+                       "gives it prompts it was not trained on (leave chat_template out to use the model's own)")
+    return out
+
+
 def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
     """Validation loss (and CPU latency per block) of the model as trained vs compressed."""
     import torch
@@ -219,6 +233,8 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
                                       os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")
     if spread:
         print(f"[deploy] warning: {spread}", flush=True)
+    for warning in template_overrides(cfg.models, cards):
+        print(f"[deploy] warning: {warning}", flush=True)
     print(f"[deploy] deploying {cfg.name!r}: " + ", ".join(f"{m.name}={cards[m.name]['id']}" for m in cfg.models),
           flush=True)
     t0 = time.time()
@@ -234,7 +250,12 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     lm = next((m.name for m in cfg.models if cards[m.name]["task"] == "causal_lm"), None)
     print(f"[deploy] {cfg.name!r} is RUNNING after {time.time() - t0:.0f} s at {base}/  "
           f"(playground: {base}/, OpenAPI: {base}/docs)", flush=True)
-    if lm:
+    if lm and cards[lm].get("data_format") == "chat":  # fine-tuned on conversations: ask it a question
+        print(f"""[deploy] try it:
+    curl {base}/v1/chat/completions -H "Authorization: Bearer $RAYLM_API_KEY" \\
+         -H 'Content-Type: application/json' \\
+         -d '{{"model": "{lm}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'""", flush=True)
+    elif lm:
         print(f"""[deploy] try it:
     curl {base}/v1/completions -H "Authorization: Bearer $RAYLM_API_KEY" \\
          -H 'Content-Type: application/json' -d '{{"model": "{lm}", "prompt": "To be", "max_tokens": 32}}'""",

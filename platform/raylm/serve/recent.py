@@ -82,3 +82,11 @@ class RecentResponses:
             if seen is not None:
                 return seen
         return None
+
+
+def chat_record(model: str, version: str, messages: list[dict], answer: str) -> dict[str, Any]:
+    """What feedback on a chat answer stores: the last user message and the answer, and the whole
+    conversation with it (a chat data source's `messages_field: messages`: supervised fine-tuning
+    on the answers users rated good)."""
+    return {"model": model, "version": version, "prompt": messages[-1]["content"], "completion": answer,
+            "messages": [*messages, {"role": "assistant", "content": answer}]}

@@ -146,6 +146,8 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
     if task == "classification":
         card["labels"] = meta["labels"]
         card["label_counts"] = meta["label_counts"]
+    if task == "causal_lm":  # chat: supervised fine-tuning, trained on conversations' answers only
+        card["data_format"] = meta.get("format", "text")
     if meta.get("mixture"):
         card["mixture"] = meta["mixture"]
     if cfg.distill:

@@ -18,11 +18,15 @@ def default_runs() -> str:
 
 
 def _tokenizer_digest(m: dict[str, Any]) -> str:
-    """What makes two tokenizers the same: the model (vocabulary, merges) and the added tokens of
-    `tokenizer.json`, not how the file happens to be formatted; every file's bytes otherwise."""
+    return tokenizer_digest(storage.join(m["uri"], m["tokenizer"]["path"]))
+
+
+def tokenizer_digest(base: str) -> str:
+    """What makes two tokenizers (directories) the same: the model (vocabulary, merges) and the
+    added tokens of `tokenizer.json`, not how the file happens to be formatted (nor the chat
+    template beside it); every file's bytes otherwise."""
     import hashlib
 
-    base = storage.join(m["uri"], m["tokenizer"]["path"])
     names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in storage.listdir(base))
     if "tokenizer.json" in names:
         doc = json.loads(storage.read_bytes(storage.join(base, "tokenizer.json")))
@@ -74,6 +78,8 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
         "has_validation": any(x["splits"]["validation"]["blocks"] for x in found),
         "train_blocks": sum(x["splits"]["train"]["blocks"] for x in found),
         "validation_blocks": sum(x["splits"]["validation"]["blocks"] for x in found),
+        # conversations (a loss mask: only answers trained on) in any of the datasets
+        "format": "chat" if any(x.get("format") == "chat" for x in found) else "text",
     }
     if len(found) > 1:
         digest = _tokenizer_digest(m)
@@ -84,6 +90,13 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
             if _tokenizer_digest(x) != digest:
                 raise config.ConfigError(f"data.mixture: {x['id']} and {m['id']} have different tokenizers; build "
                                          "them with the same tokenizer (tokenizer.kind: pretrained, one path)")
+        templates = {x.get("chat_template") for x in found if x.get("format") == "chat"}
+        if len(templates) > 1:
+            raise config.ConfigError("data.mixture: its chat datasets render conversations with different chat "
+                                     "templates; build them with one tokenizer.chat_template")
+        if meta["format"] == "chat":  # the exported tokenizer carries the conversations' template (serving uses it)
+            first = next(x for x in found if x.get("format") == "chat")
+            meta["tokenizer_uri"] = storage.join(first["uri"], first["tokenizer"]["path"])
         total = sum(x["splits"]["train"]["blocks"] for x in found)
         wsum = sum(w for _, w in refs)
         meta["mixture"] = [{"dataset": x["id"], "uri": x["uri"], "weight": w / wsum,
@@ -189,6 +202,26 @@ def _read(uri: str, *parts: str):
     return ray.data.read_parquet(path, filesystem=fs)
 
 
+def with_loss_mask(blocks):
+    """Packed blocks with a `loss_mask` (and nothing else but `input_ids`): a chat dataset's own,
+    or every token trained on (1s) for a text dataset's blocks, so the two mix in one batch."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "loss_mask" not in blocks.column_names:
+        ids = blocks.column("input_ids").combine_chunks()
+        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(ids).to_numpy(zero_copy_only=False))])
+        ones = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.ones(offsets[-1], np.int8)))
+        blocks = blocks.append_column("loss_mask", ones)
+    return blocks.select(["input_ids", "loss_mask"])
+
+
+def _read_blocks(uri: str, split: str, masked: bool):
+    ds = _read(uri, "packed", split)
+    return ds.map_batches(with_loss_mask, batch_format="pyarrow", batch_size=None) if masked else ds
+
+
 def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """The train (and validation) Ray Datasets: packed blocks, a weighted mixture of packed
     blocks, or tokenized labeled texts."""
@@ -204,15 +237,16 @@ def _datasets(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
         return out
     if meta.get("mixture"):
         parts = []
+        masked = meta.get("format") == "chat"
         for x in meta["mixture"]:
-            ds, want = _read(x["uri"], "packed", "train"), x["blocks_per_epoch"]
+            ds, want = _read_blocks(x["uri"], "train", masked), x["blocks_per_epoch"]
             repeats = -(-want // x["available_blocks"])  # upsampling repeats a small dataset
             if repeats > 1:
                 ds = ds.union(*[ds] * (repeats - 1))
             parts.append(ds.limit(want))
         out = {"train": parts[0].union(*parts[1:]).random_shuffle(seed=cfg.train.seed)}  # always: interleave
         if meta["validation_uris"]:
-            vals = [_read(u, "packed", "validation") for u in meta["validation_uris"]]
+            vals = [_read_blocks(u, "validation", masked) for u in meta["validation_uris"]]
             out["validation"] = vals[0].union(*vals[1:]) if len(vals) > 1 else vals[0]
         return out
     out = {"train": _read(meta["uri"], "packed", "train")}
@@ -246,14 +280,17 @@ def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] 
     elif meta.get("mixture"):
         rng = np.random.default_rng(t.seed)
         parts = []
+        masked = meta.get("format") == "chat"
         for x in meta["mixture"]:
             table, want = rows(x["uri"], "packed", "train"), x["blocks_per_epoch"]
+            table = with_loss_mask(table) if masked else table
             repeats = -(-want // max(1, table.num_rows))  # upsampling repeats a small dataset
             parts.append(pa.concat_tables([table] * repeats).slice(0, want))
         train = pa.concat_tables(parts)
         out["train"] = train.take(rng.permutation(train.num_rows))  # always: interleave
         if meta["validation_uris"]:
-            out["validation"] = pa.concat_tables([rows(u, "packed", "validation") for u in meta["validation_uris"]])
+            vals = [rows(u, "packed", "validation") for u in meta["validation_uris"]]
+            out["validation"] = pa.concat_tables([with_loss_mask(v) for v in vals] if masked else vals)
     else:
         out["train"] = rows(meta["uri"], "packed", "train")
         if meta["has_validation"]:
@@ -364,6 +401,30 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     )
 
 
+def check_base_model(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """A causal LM loaded from `model.path` must read the dataset's tokens as it was trained to:
+    its vocabulary holds every id of the dataset's tokenizer, and the tokenizer it was saved with
+    (if any) is the dataset's. Fine-tuning a registered model on a new dataset (conversations, say)
+    means building that dataset with the model's tokenizer (`tokenizer.kind: pretrained`,
+    `tokenizer.path`: the model's directory)."""
+    if cfg.model.task != "causal_lm" or not cfg.model.path:
+        return
+    path = cfg.model.local_path()
+    fix = f"build the dataset with tokenizer.kind: pretrained and tokenizer.path: {path}"
+    try:
+        conf = json.loads(storage.read_text(storage.join(path, "config.json")))
+    except (FileNotFoundError, OSError, ValueError):
+        raise config.ConfigError(f"model.path: no readable config.json in {path}") from None
+    if int(conf.get("vocab_size") or 0) < meta["vocab_size"]:
+        raise config.ConfigError(f"model.path: {path} has a vocabulary of {conf.get('vocab_size')}, the dataset's "
+                                 f"tokenizer {meta['vocab_size']} tokens; {fix}")
+    if storage.exists(storage.join(path, "tokenizer.json")):
+        dataset_tok = meta["tokenizer_uri"]
+        if tokenizer_digest(path) != tokenizer_digest(dataset_tok):
+            raise config.ConfigError(f"model.path: {path} was trained with another tokenizer than the dataset's "
+                                     f"({dataset_tok}): its token ids mean other words; {fix}")
+
+
 def check_teacher(cfg: TrainConfig, meta: dict[str, Any]) -> None:
     """A distillation teacher that cannot work with this student fails here, before any worker
     starts: it must exist, do the same task, and share the vocabulary or the labels."""
@@ -443,6 +504,7 @@ def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, An
 
 def _run(cfg: TrainConfig, meta: Optional[dict[str, Any]]) -> dict[str, Any]:
     meta = meta or dataset_meta(cfg)
+    check_base_model(cfg, meta)
     check_teacher(cfg, meta)
     restarted = _start_or_resume(cfg, meta)
     # one MLflow run per run name: a resumed run continues it
@@ -471,6 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = config.job_argparser("Train a model on a dataset version (raylm train job).").parse_args(argv)
     cfg = config.load(TrainConfig, args.config, args.overrides)
     meta = dataset_meta(cfg)  # a missing dataset or an unfit teacher fails here, before Ray starts
+    check_base_model(cfg, meta)
     check_teacher(cfg, meta)
     from raylm.runtime import init_ray
 

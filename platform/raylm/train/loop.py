@@ -39,7 +39,8 @@ def _flat(col: pa.Array) -> np.ndarray:
 def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.Generator] = None,
                 all_windows: bool = False) -> dict[str, torch.Tensor]:
     """A pyarrow batch -> tensors: packed token blocks (the labels are the inputs: the model
-    shifts them), or tokenized texts with their attention mask and label ids.
+    shifts them; -100, which its loss ignores, where a conversation's `loss_mask` is 0), or
+    tokenized texts with their attention mask and label ids.
     Texts read in windows (`window_ids` in the rows: `model.long_texts: windows`): with `draw`,
     each text gives one of its windows, drawn with its share of the text's tokens (every part of
     a long text is trained on over the epochs); with `all_windows`, every window, with
@@ -57,6 +58,10 @@ def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.
         out[name] = t.pin_memory() if pin else t
     if task == "causal_lm":
         out["labels"] = out["input_ids"]
+        if "loss_mask" in batch.column_names:  # conversations: only the answers' tokens are trained on
+            mask = torch.from_numpy(_flat(batch.column("loss_mask")).reshape(batch.num_rows, -1))
+            labels = out["input_ids"].masked_fill(mask == 0, -100)  # ignored by the model's loss
+            out["labels"] = labels.pin_memory() if pin else labels
     return out
 
 

@@ -66,6 +66,9 @@ def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device) -> t
         student, targets = _logits_and_targets(model(**inputs).logits.float(), batch, task)
         with torch.no_grad():
             teacher_logits, _ = _logits_and_targets(teacher(**inputs).logits.float(), batch, task)
+        if task == "causal_lm" and bool((targets == -100).any()):  # conversations: the answers' positions only
+            keep = targets != -100
+            student, teacher_logits, targets = student[keep], teacher_logits[keep], targets[keep]
         kl = F.kl_div(F.log_softmax(student / temp, -1), F.log_softmax(teacher_logits / temp, -1),
                       log_target=True, reduction="batchmean") * temp ** 2
         ce = F.cross_entropy(student, targets, weight=weight)

@@ -325,12 +325,13 @@ def run(cfg: TuneConfig, config_path: Optional[str] = None) -> dict[str, Any]:
 def _run(cfg: TuneConfig, config_path: Optional[str]) -> dict[str, Any]:
     import ray
 
-    from raylm.train.job import check_teacher, dataset_meta
+    from raylm.train.job import check_base_model, check_teacher, dataset_meta
     from raylm.tune import report
 
     base = base_train_dict(cfg, config_path)
     train_cfg = check(cfg, base)
     meta = dataset_meta(train_cfg)
+    check_base_model(train_cfg, meta)
     check_teacher(train_cfg, meta)
     if not meta["has_validation"] and not cfg.cv:
         raise config.ConfigError(f"the search needs {cfg.metric} from a validation split; {meta['dataset_id']} "

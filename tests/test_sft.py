@@ -1,0 +1,276 @@
+"""Supervised fine-tuning on conversations: the data job checks, renders (with the chat template
+serving uses) and masks them; training learns only the answers; the served engine answers with
+the template the model was trained on; evaluation scores the answers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from raylm import config
+from raylm.config import ConfigError
+from raylm.data.config import DataConfig
+
+# a question whose one-word answer depends on one word of it: learnable by a tiny model in seconds
+PLACES = {"ship": "Sea", "storm": "Sea", "wave": "Sea", "harbour": "Sea",
+          "castle": "Land", "forest": "Land", "field": "Land", "crown": "Land"}
+
+
+def _conversations(d: Path, n: int = 400) -> dict:
+    """Two chat sources of the same questions: rated answers in the shape `/v1/feedback` stores
+    (prompt, completion, rating; the ones rated bad are set aside by `where`) and OpenAI-style
+    message lists with a system message; plus records that are no conversation."""
+    rng = random.Random(0)
+    feedback, convs = [], []
+    for i in range(n):
+        w = rng.choice(sorted(PLACES))
+        q, a = f"Where is the {w}?", PLACES[w] + "."
+        if i % 2:
+            feedback.append({"id": f"fb{i}", "prompt": q, "completion": a, "rating": 1})
+        else:
+            convs.append({"id": f"c{i}", "messages": [{"role": "system", "content": "Answer in one word."},
+                                                      {"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a}]})
+    feedback += [{"id": "disliked", "prompt": "Where is the ship?", "completion": "Land.", "rating": -1},
+                 {"id": "no-answer", "prompt": "Where is the sea?", "rating": 1},
+                 {"id": "not-text", "prompt": "Where?", "completion": 3, "rating": 1}]
+    convs += [{"id": "unanswered", "messages": [{"role": "user", "content": "Hello?"}]},
+              {"id": "robot", "messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "x"}]},
+              {"id": "marker", "messages": [{"role": "user", "content": "a\n<|assistant|>\nb"},
+                                            {"role": "assistant", "content": "c"}]},
+              {"id": "multi", "messages": [{"role": "user", "content": "Where is the crown?"},
+                                           {"role": "assistant", "content": "Land."},
+                                           {"role": "user", "content": "And the wave?"},
+                                           {"role": "assistant", "content": "Sea."}]},
+              {"id": "no-list", "messages": "just a string"}]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in feedback))
+    (d / "convs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in convs))
+    return {"feedback": feedback, "convs": convs}
+
+
+def chat_config(d: Path, tokenizer_path: str) -> dict:
+    return {
+        "name": "chatset",
+        "sources": [
+            {"kind": "jsonl", "uri": str(d / "feedback.jsonl"), "format": "chat", "prompt_field": "prompt",
+             "response_field": "completion", "id_field": "id", "where": {"rating": [1]}},
+            {"kind": "jsonl", "uri": str(d / "convs.jsonl"), "format": "chat", "id_field": "id"},
+        ],
+        "steps": [{"name": "normalize"}, {"name": "pii"}],
+        "split": {"key": "id", "train": 0.8, "validation": 0.1, "test": 0.1},
+        "tokenizer": {"kind": "pretrained", "path": tokenizer_path},  # the base model's: fine-tuning reads its ids
+        "pack": {"seq_len": 64},
+        "tokenize": {"concurrency": 1, "batch_size": 64},
+        "output": {"root": str(d / "datasets")},
+    }
+
+
+@pytest.fixture(scope="module")
+def chatset(ray_session, train_dataset, tmp_path_factory):
+    """Conversations tokenized with a base model's tokenizer (a random-init tiny Llama registered
+    on the training tests' dataset, standing in for a pretrained LM)."""
+    from helpers import register_random_lm
+    from raylm import registry
+    from raylm.data import pipeline
+
+    d = tmp_path_factory.mktemp("sft")
+    records = _conversations(d)
+    base = register_random_lm(train_dataset, str(d / "registry"), "base", seed=0)
+    m = pipeline.run(config.build(DataConfig, chat_config(d, str(registry.local_path(base)))))
+    return {"manifest": m, "dir": d, "records": records, "base": str(registry.local_path(base))}
+
+
+@pytest.fixture(scope="module")
+def sft_model(chatset):
+    from raylm import registry
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run
+
+    d = chatset["dir"]
+    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", [
+        "name=sft", "data.dataset=chatset", f"model.path={chatset['base']}", f"data.root={d / 'datasets'}", f"output.storage={d / 'runs'}",
+        f"output.registry={d / 'registry'}", "train.num_workers=1", "train.batch_size=8", "train.max_steps=100",
+        "train.lr=5e-3", "train.warmup_steps=10", "train.log_every=10", "train.eval_every=40",
+        "train.checkpoint_every=100"])
+    out = run(cfg)
+    return registry.resolve(out["model"], str(d / "registry"))
+
+
+def test_a_dataset_is_conversations_or_documents_and_chat_refuses_steps_that_cut_role_lines(tmp_path):
+    chat = {"kind": "jsonl", "uri": str(tmp_path), "format": "chat"}
+    text = {"kind": "jsonl", "uri": str(tmp_path)}
+
+    def build(**kw):
+        return config.build(DataConfig, {"name": "x", **kw})
+
+    with pytest.raises(ConfigError, match="either conversations"):
+        build(sources=[chat, text])
+    with pytest.raises(ConfigError, match="boilerplate, augment would cut or perturb"):
+        build(sources=[chat], steps=[{"name": "boilerplate"}, {"name": "augment"}])
+    with pytest.raises(ConfigError, match="prompt_field and response_field together"):
+        build(sources=[{**chat, "prompt_field": "q"}])
+    with pytest.raises(ConfigError, match="only for format chat"):
+        build(sources=[{**text, "response_field": "a"}])
+    with pytest.raises(ConfigError, match="tokenizer.chat_template is for chat datasets"):
+        build(sources=[text], tokenizer={"chat_template": "{{ messages }}"})
+    assert build(sources=[chat]).chat and not build(sources=[text]).chat
+
+
+def test_a_template_that_does_not_render_is_a_config_error_before_anything_runs(tmp_path):
+    from raylm.data import pipeline
+
+    cfg = config.build(DataConfig, {"name": "x", "sources": [{"kind": "jsonl", "uri": str(tmp_path), "format": "chat"}],
+                                    "tokenizer": {"chat_template": "{% for m in messages %}{{ m.content }"}})
+    with pytest.raises(ConfigError, match="tokenizer.chat_template: template_error"):
+        pipeline.chat_spec(cfg)
+
+
+def test_conversations_are_checked_and_only_their_answers_are_trained_on(chatset):
+    from transformers import AutoTokenizer
+
+    from raylm.train.job import with_loss_mask
+    from raylm.train.loop import _host_batch
+
+    m, records = chatset["manifest"], chatset["records"]
+    read = next(s for s in m["steps"] if s["step"] == "read")
+    assert read["quarantined"] == {"excluded_by_where": 1, "missing_prompt_or_response": 1,
+                                   "prompt_or_response_not_a_string": 1, "no_final_answer": 1, "unknown_role": 1,
+                                   "marker_in_content": 1, "messages_not_a_list": 1}
+    assert m["format"] == "chat" and m["counts"]["documents"] == len(records["feedback"]) - 3 + len(records["convs"]) - 4
+    assert any(s["step"] == "chat" for s in m["steps"])
+
+    # the dataset's tokenizer carries the template; serving renders and encodes a prompt to the same ids
+    tok = AutoTokenizer.from_pretrained(str(Path(m["uri"]) / "tokenizer"))
+    assert tok.chat_template == m["chat_template"]
+    docs = pa.concat_tables(pq.read_table(Path(m["uri"]) / "docs" / s) for s in ("train", "validation", "test")
+                            if m["splits"][s]["documents"])
+    by_id = {r["id"]: r for r in docs.to_pylist()}
+    multi = by_id["multi"]
+    trained = [t for t, k in zip(multi["input_ids"], multi["loss_mask"]) if k]
+    assert tok.decode(trained) == "Land.<|endoftext|>\nSea.<|endoftext|>\n"  # both answers, each to its end
+    messages = [{"role": "user", "content": "Where is the crown?"}]
+    served_prompt = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)  # what LMEngine.render_chat + encode give
+    assert multi["input_ids"][:len(served_prompt)] == served_prompt and not any(multi["loss_mask"][:len(served_prompt)])
+    for r in docs.to_pylist():  # every conversation: the trained tokens are its answers, nothing else
+        answers = [line for line in r["text"].split("<|assistant|>\n")[1:]]
+        got = tok.decode([t for t, k in zip(r["input_ids"], r["loss_mask"]) if k])
+        assert got == "".join(f"{a.split(chr(10) + '<|')[0]}<|endoftext|>\n" for a in answers), (r["text"], got)
+        assert r["num_trained_tokens"] == sum(r["loss_mask"])
+
+    # packed blocks keep the masks; blocks without an answer token are left out; the loss ignores the rest
+    blocks = pq.read_table(Path(m["uri"]) / "packed" / "train")
+    assert blocks.num_rows == m["splits"]["train"]["blocks"] and min(blocks.column("trained_tokens").to_pylist()) > 0
+    assert 0 < m["splits"]["train"]["trained_tokens"] < m["splits"]["train"]["packed_tokens"]
+    batch = _host_batch(blocks.slice(0, 4), "causal_lm", pin=False)
+    mask = pa.array(blocks.column("loss_mask").to_pylist()[:4]).to_pylist()
+    for row, row_mask in zip(batch["labels"].tolist(), mask):
+        assert [x != -100 for x in row] == [bool(k) for k in row_mask]
+    # a text dataset's blocks mixed in: every token trained on
+    text = pa.table({"input_ids": pa.array([[1, 2, 3], [4, 5, 6]], pa.list_(pa.int32()))})
+    assert with_loss_mask(text).column("loss_mask").to_pylist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_the_fine_tuned_model_answers_with_the_template_it_was_trained_with(sft_model):
+    from raylm import registry
+    from raylm.serve.engine import GenRequest, LMEngine
+
+    curve = [loss for _, loss in sft_model["loss_curve"]]
+    assert sft_model["data_format"] == "chat" and curve[-1] < curve[0] / 10, curve
+    engine = LMEngine(registry.local_path(sft_model))  # the serving engine, as a deployment loads it
+    reqs, asked = [], []
+    for w in PLACES:
+        asked.append([{"role": "system", "content": "Answer in one word."},
+                      {"role": "user", "content": f"Where is the {w}?"}])
+        reqs.append(GenRequest(prompt_ids=engine.encode(engine.render_chat(asked[-1])), max_tokens=8, temperature=0))
+    text, reason = [""] * len(reqs), [None] * len(reqs)
+
+    def emit(events: dict[int, dict]) -> None:  # per decoding step: each row's new text, and why it ended
+        for i, e in events.items():
+            text[i] += e["text"]
+            reason[i] = e["finish_reason"] or reason[i]
+
+    engine.generate(reqs, emit)
+    answers = {w: (text[i], reason[i]) for i, w in enumerate(PLACES)}
+    # every answer right, and the model stops itself at the end of its answer (EOS), as trained
+    assert answers == {w: (f"{a}.", "stop") for w, a in PLACES.items()}
+    # an answer stored as the conversation's next message (what /v1/feedback keeps) renders back to
+    # exactly what the model saw and said: rated answers train on the model's own text
+    full = engine.tok.apply_chat_template(asked[0] + [{"role": "assistant", "content": text[0]}],
+                                          chat_template=engine.chat_template, tokenize=False)
+    assert full.startswith(engine.render_chat(asked[0]) + text[0] + engine.tok.eos_token)
+
+
+def test_a_base_model_with_another_tokenizer_is_refused_before_training(chatset):
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import check_base_model, dataset_meta
+
+    d = chatset["dir"]
+    cfg = config.build(TrainConfig, {"name": "x", "data": {"dataset": "chatset", "root": str(d / "datasets")},
+                                     "model": {"path": chatset["base"]}})
+    meta = dataset_meta(cfg)
+    check_base_model(cfg, meta)  # the dataset was tokenized with the base model's tokenizer
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "builtin:all-MiniLM-L6-v2"})})
+    with pytest.raises(ConfigError, match="was trained with another tokenizer than the dataset's"):
+        check_base_model(other, meta)
+    with pytest.raises(ConfigError, match=rf"has a vocabulary of \d+, the dataset's tokenizer {meta['vocab_size'] + 1000} "):
+        check_base_model(cfg, {**meta, "vocab_size": meta["vocab_size"] + 1000})
+
+
+def test_evaluation_scores_a_chat_models_answers_only(chatset, sft_model):
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run
+
+    m, d = chatset["manifest"], chatset["dir"]
+    cfg = config.build(EvaluateConfig, {
+        "model": sft_model["id"], "registry": str(d / "registry"),
+        "data": {"dataset": "chatset", "root": str(d / "datasets"), "split": "test"},
+        "robustness": {"ops": ["typo"], "strengths": [0.3]}, "baselines": {"ngram": 2, "previous_versions": 0}})
+    rep = run(cfg)
+    test_docs = pq.read_table(Path(m["uri"]) / "docs" / "test")
+    answers = sum(test_docs.column("num_trained_tokens").to_pylist())
+    assert rep["metrics"]["tokens"] == answers  # the answers' tokens (the first one of each has context)
+    assert rep["metrics"]["next_token_accuracy"] > 0.95 and rep["metrics"]["perplexity"] < 1.2
+    # typos go into the questions only: the same answers are scored
+    assert rep["robustness"]["ops"]["typo"][0]["metrics"]["tokens"] == answers
+    assert rep["baselines"] == {}  # the n-gram baseline scores whole texts: skipped for conversations
+
+
+def test_deploying_a_fine_tuned_model_with_another_template_is_warned_about():
+    from raylm.serve.config import DeployConfig
+    from raylm.serve.job import template_overrides
+
+    cfg = config.build(DeployConfig, {"name": "x", "models": [
+        {"name": "sft", "model": "sft@v1", "chat_template": "{{ messages }}"},
+        {"name": "base", "model": "base@v1", "chat_template": "{{ messages }}"},
+        {"name": "own", "model": "sft@v1"}]})
+    cards = {"sft": {"id": "sft@v1", "data_format": "chat"}, "base": {"id": "base@v1", "data_format": "text"},
+             "own": {"id": "sft@v1", "data_format": "chat"}}
+    (warning,) = template_overrides(cfg.models, cards)
+    assert warning.startswith("models.sft.chat_template: sft@v1 was fine-tuned on conversations")
+
+
+def test_the_shipped_fine_tuning_configs_load_and_their_conversations_read():
+    from raylm.data.sources import parse_file
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.serve.config import DeployConfig
+    from raylm.train.config import TrainConfig
+
+    configs = ROOT / "jobs" / "configs"
+    data = config.load(DataConfig, configs / "places_chat.yaml")
+    train = config.load(TrainConfig, configs / "sft_places.yaml")
+    deploy = config.load(DeployConfig, configs / "deploy_places.yaml")
+    evaluate = config.load(EvaluateConfig, configs / "evaluate_places.yaml")
+    assert data.chat and train.data.dataset == data.name and evaluate.data.dataset == data.name
+    assert deploy.models[0].model == evaluate.model == train.name and deploy.models[0].chat_template is None
+    src = data.sources[0].model_copy(update={"uri": str(ROOT / data.sources[0].uri)})
+    records = parse_file(src, "places", src.uri, (ROOT / data.sources[0].uri).read_bytes())
+    assert len(records) == 360 and not [r for r in records if r["_error"]]
+    assert sum("<|user|>" in r["text"] and r["text"].count("<|assistant|>") == 2 for r in records) == 60
