@@ -95,7 +95,8 @@ def sft_model(chatset):
 
     d = chatset["dir"]
     cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", [
-        "name=sft", "data.dataset=chatset", f"model.path={chatset['base']}", f"data.root={d / 'datasets'}", f"output.storage={d / 'runs'}",
+        "name=sft", "data.dataset=chatset", f"model.path={chatset['base']}", f"data.root={d / 'datasets'}",
+        f"output.storage={d / 'runs'}",
         f"output.registry={d / 'registry'}", "train.num_workers=1", "train.batch_size=8", "train.max_steps=100",
         "train.lr=5e-3", "train.warmup_steps=10", "train.log_every=10", "train.eval_every=40",
         "train.checkpoint_every=100"])
@@ -220,8 +221,12 @@ def test_a_base_model_with_another_tokenizer_is_refused_before_training(chatset)
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "builtin:all-MiniLM-L6-v2"})})
     with pytest.raises(ConfigError, match="was trained with another tokenizer than the dataset's"):
         check_base_model(other, meta)
-    with pytest.raises(ConfigError, match=rf"has a vocabulary of \d+, the dataset's tokenizer {meta['vocab_size'] + 1000} "):
-        check_base_model(cfg, {**meta, "vocab_size": meta["vocab_size"] + 1000})
+    with pytest.raises(ConfigError, match="holds conversations, which train a causal LM"):
+        dataset_meta(cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"task": "classification", "path": "builtin:all-MiniLM-L6-v2"})}))
+    bigger = meta["vocab_size"] + 1000
+    with pytest.raises(ConfigError, match=rf"has a vocabulary of \d+, the dataset's tokenizer {bigger} "):
+        check_base_model(cfg, {**meta, "vocab_size": bigger})
 
 
 def test_evaluation_scores_a_chat_models_answers_only(chatset, sft_model):

@@ -30,6 +30,7 @@ def cmd_datasets_list(a: argparse.Namespace) -> int:
     print(f"{'DATASET':<30} {'DOCS':>6} {'TOKENS':>11} {'QUAR.':>6}  {'CREATED':<20} SOURCES")
     for m in versions:
         srcs = ",".join(s.get("kind", "?") for s in m.get("sources", []))
+        srcs += " (chat)" if m.get("format") == "chat" else ""
         print(f"{m['id']:<30} {m['counts']['documents']:>6} {m['counts']['tokens']:>11} "
               f"{m['counts']['quarantined']:>6}  {m['created'][:19]:<20} {srcs}")
         print(f"{'':<30} {m['uri']}")

@@ -77,7 +77,8 @@ class LMScorer:
         return ids[: self.max_tokens], mask[: self.max_tokens], True
 
     @torch.no_grad()
-    def _score(self, windows: list[list[int]], targets: Optional[list[list[int]]] = None) -> list[tuple[float, int, int]]:
+    def _score(self, windows: list[list[int]], targets: Optional[list[list[int]]] = None
+               ) -> list[tuple[float, int, int]]:
         """targets: per window, 1 where the token is scored (default: every token after the first)."""
         out = []
         for i in range(0, len(windows), self.per_call):
@@ -144,8 +145,8 @@ def perturb_batch(batch: pa.Table, op: str, strength: float, seed: int, chat: bo
             messages = conv.parse(text)
         except conv.ConversationError:
             return text  # left as it is (the scorer says it could not score it)
-        return conv.to_text([m if m["role"] == "assistant" else {**m, "content": perturb(m["content"], op, strength, rng)}
-                             for m in messages])
+        return conv.to_text([m if m["role"] == "assistant" else
+                             {**m, "content": perturb(m["content"], op, strength, rng)} for m in messages])
 
     texts = [noisy(i, t) for i, t in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist())]
     return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))

@@ -116,6 +116,9 @@ def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
         raise config.ConfigError("data.mixture is for causal LM training; for classification build one dataset "
                                  "with several sources")
     m = _resolve(cfg.data.dataset, cfg.data.root, "data.dataset")
+    if m.get("format") == "chat":
+        raise config.ConfigError(f"data.dataset: {m['id']} holds conversations, which train a causal LM "
+                                 "(model.task: causal_lm), not a classifier")
     counts = {split: _label_counts(m, split) for split in ("train", "validation")}
     train = {k: v for k, v in counts["train"].items() if k != "<none>"}
     if len(train) < 2:
