@@ -166,9 +166,17 @@ def test_conversations_are_checked_and_only_their_answers_are_trained_on(chatset
         assert got == "".join(f"{a.split(chr(10) + '<|')[0]}<|endoftext|>\n" for a in answers), (r["text"], got)
         assert r["num_trained_tokens"] == sum(r["loss_mask"])
 
-    # packed blocks keep the masks; blocks without an answer token are left out; the loss ignores the rest
+    # a block per conversation (pack.conversations: pad), padded after its end with mask 0
     blocks = pq.read_table(Path(m["uri"]) / "packed" / "train")
     assert blocks.num_rows == m["splits"]["train"]["blocks"] and min(blocks.column("trained_tokens").to_pylist()) > 0
+    train_docs = pq.read_table(Path(m["uri"]) / "docs" / "train").to_pylist()
+    seq_len = m["config"]["pack"]["seq_len"]
+    longer = sum(len(doc["input_ids"]) > seq_len for doc in train_docs)
+    assert blocks.num_rows == len(train_docs) and m["splits"]["train"]["conversations_cut"] == longer
+    for doc, block in zip(train_docs, blocks.to_pylist()):
+        n = min(len(doc["input_ids"]), seq_len)  # a longer conversation is cut at the block's end
+        assert block["input_ids"][:n] == doc["input_ids"][:n] and block["loss_mask"][:n] == doc["loss_mask"][:n]
+        assert set(block["input_ids"][n:]) <= {tok.pad_token_id} and not any(block["loss_mask"][n:])
     assert 0 < m["splits"]["train"]["trained_tokens"] < m["splits"]["train"]["packed_tokens"]
     batch = _host_batch(blocks.slice(0, 4), "causal_lm", pin=False)
     mask = pa.array(blocks.column("loss_mask").to_pylist()[:4]).to_pylist()
@@ -177,6 +185,19 @@ def test_conversations_are_checked_and_only_their_answers_are_trained_on(chatset
     # a text dataset's blocks mixed in: every token trained on
     text = pa.table({"input_ids": pa.array([[1, 2, 3], [4, 5, 6]], pa.list_(pa.int32()))})
     assert with_loss_mask(text).column("loss_mask").to_pylist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_conversations_are_padded_one_a_block_or_packed_one_after_another():
+    from raylm.data.tokenize import MASK_TYPE, TOKENS_TYPE, pack, pad
+
+    convs = pa.table({"input_ids": pa.array([[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], TOKENS_TYPE),
+                      "loss_mask": pa.array([[0, 0, 1, 1], [0, 1], [0, 0, 0, 1, 1, 1]], MASK_TYPE)}).slice(1)
+    assert pad(convs, 5, pad_id=0).to_pylist() == [  # the longer one cut at seq_len
+        {"input_ids": [5, 6, 0, 0, 0], "loss_mask": [0, 1, 0, 0, 0], "trained_tokens": 1},
+        {"input_ids": [7, 8, 9, 10, 11], "loss_mask": [0, 0, 0, 1, 1], "trained_tokens": 2}]
+    assert pack(convs, 3, eos_id=None).to_pylist() == [  # no EOS between them: the template ends each answer
+        {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 0], "trained_tokens": 1},
+        {"input_ids": [8, 9, 10], "loss_mask": [0, 0, 1], "trained_tokens": 1}]
 
 
 def test_the_fine_tuned_model_answers_with_the_template_it_was_trained_with(sft_model):

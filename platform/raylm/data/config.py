@@ -299,6 +299,11 @@ class TokenizerConfig(Strict):
 
 class PackConfig(Strict):
     seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per packed block")
+    conversations: Literal["pad", "pack"] = Field(
+        "pad", description="chat datasets: pad puts one conversation in each block, padded after its end (the loss "
+        "skips the padding, which a causal model never attends to), a longer one cut at seq_len (counted); pack puts "
+        "conversations one after another with no padding (denser, but an answer cut at a block's end is trained "
+        "without its question in view, and a conversation attends to the ones before it in its block)")
 
 
 class TokenizeCompute(Strict):

@@ -39,7 +39,7 @@ from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, assign_split, check_conversations, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch,
-    tokenize_chat_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
+    pad, tokenize_chat_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
 )
 
 PIPELINE_VERSION = 4  # bump when a step's output changes for the same config (4: augment reads `label`'s column)
@@ -91,6 +91,8 @@ def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
                 s.pop(k)
     if conf["tokenizer"].get("chat_template") is None:
         conf["tokenizer"].pop("chat_template", None)
+    if not cfg.chat:  # how conversations are laid out: nothing to do with documents
+        conf["pack"].pop("conversations", None)
     payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
     if cfg.chat:  # the template conversations are rendered with, wherever it comes from (a default too)
         payload["chat_template"] = chat_spec(cfg)[0]
@@ -143,10 +145,11 @@ def _tally_docs(t: pa.Table) -> pa.Table:
     return pa.table({"tally": [json.dumps(c)]})
 
 
-def _tally_tokens(t: pa.Table) -> pa.Table:
+def _tally_tokens(t: pa.Table, seq_len: int) -> pa.Table:
     c: Counter = Counter()
     for split, n in zip(t.column("split").to_pylist(), t.column("num_tokens").to_pylist()):
         c[f"split.{split}.tokens"] += n
+        c[f"split.{split}.longer_than_a_block"] += n > seq_len
     return pa.table({"tally": [json.dumps(c)]})
 
 
@@ -367,6 +370,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         hf_tok = load_pretrained(tcfg.path)
         backend = hf_tok.backend_tokenizer
     eos_token, eos_id = eos_of(hf_tok)
+    pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos_id  # chat blocks: after the end
     if chat:
         got = {k: hf_tok.special_tokens_map.get(k) for k in chat[1]}
         if got != chat[1]:
@@ -391,7 +395,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         batch_size=tc.batch_size, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tc.concurrency),
         num_cpus=tc.num_cpus,
     ).materialize()
-    tok_tally = _tally(tokenized, _tally_tokens)
+    tok_tally = _tally(tokenized, functools.partial(_tally_tokens, seq_len=cfg.pack.seq_len))
 
     # 4. write the per-document view and the packed blocks, per split ------------------------------------
     splits: dict[str, dict[str, int]] = {}
@@ -404,29 +408,42 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         n_blocks = 0
         if n_docs:
             docs.write_parquet(storage.arrow_fs(storage.join(work, "docs", split))[1], filesystem=fs)
-            blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len, "eos_id": None if chat else eos_id},
-                                      batch_format="pyarrow", batch_size=None).materialize()
+            if chat and cfg.pack.conversations == "pad":  # a block per conversation
+                blocks = docs.map_batches(pad, fn_kwargs={"seq_len": cfg.pack.seq_len, "pad_id": pad_id},
+                                          batch_format="pyarrow", batch_size=None).materialize()
+            else:
+                blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len,
+                                                           "eos_id": None if chat else eos_id},
+                                          batch_format="pyarrow", batch_size=None).materialize()
             if chat:  # blocks with no answer token in them are left out (counted)
                 n_all = blocks.count()
                 blocks = blocks.map_batches(with_answers, batch_format="pyarrow", batch_size=None).materialize()
                 n_blocks = blocks.count()
                 chat_counts = {"blocks_without_answer": n_all - n_blocks,
-                               "trained_tokens": int(blocks.sum("trained_tokens") or 0) if n_blocks else 0}
+                               "trained_tokens": int(blocks.sum("trained_tokens") or 0) if n_blocks else 0,
+                               "conversations_cut": tok_tally.get(f"split.{split}.longer_than_a_block", 0)
+                               if cfg.pack.conversations == "pad" else 0}
             else:
                 n_blocks = blocks.count()
             if n_blocks:
                 blocks.write_parquet(storage.arrow_fs(storage.join(work, "packed", split))[1], filesystem=fs)
-        packed_tokens = n_blocks * cfg.pack.seq_len
+        packed_tokens = n_blocks * cfg.pack.seq_len  # padding included (pad: a block per conversation)
         tokens_in = n_tokens if chat else n_tokens + n_docs  # + the EOS after each document
         splits[split] = {"documents": n_docs, "tokens": n_tokens, "blocks": n_blocks, "packed_tokens": packed_tokens}
         pack_rows.append({"split": split, "tokens_in": tokens_in, "tokens_out": packed_tokens,
                           "tokens_dropped_tail": tokens_in - packed_tokens})
         line = f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}"
         if chat:
-            splits[split].update(chat_counts if n_docs else {"blocks_without_answer": 0, "trained_tokens": 0})
-            pack_rows[-1]["blocks_without_answer"] = splits[split]["blocks_without_answer"]
+            splits[split].update(chat_counts if n_docs else {"blocks_without_answer": 0, "trained_tokens": 0,
+                                                             "conversations_cut": 0})
+            pack_rows[-1].update(mode=cfg.pack.conversations, **{k: splits[split][k] for k in (
+                "blocks_without_answer", "conversations_cut")})
+            if cfg.pack.conversations == "pad":  # tokens_out is padded; what is lost is in conversations_cut
+                pack_rows[-1]["tokens_dropped_tail"] = 0
             line += (f" ({splits[split]['trained_tokens']} answer tokens trained on; "
-                     f"{splits[split]['blocks_without_answer']} blocks without one left out)")
+                     f"{splits[split]['blocks_without_answer']} blocks without one left out"
+                     + (f"; {splits[split]['conversations_cut']} conversations longer than a block cut"
+                        if cfg.pack.conversations == "pad" else "") + ")")
         log(line)
 
     # 5. manifest, then publish -------------------------------------------------------------------

@@ -253,6 +253,30 @@ def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:
     return pa.table(out)
 
 
+def pad(batch: pa.Table, seq_len: int, pad_id: int) -> pa.Table:
+    """Conversations -> one block each of `seq_len` tokens: the conversation, then `pad_id` with
+    loss mask 0 (right padding: a causal model's tokens never attend to what comes after them, so
+    the padding changes nothing they compute). A longer conversation is cut at `seq_len` (the
+    pipeline counts them); `trained_tokens` as in `pack`."""
+    ids = batch.column("input_ids").combine_chunks()
+    masks = batch.column("loss_mask").combine_chunks()
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+    starts = ids.offsets.to_numpy()[:-1] - ids.offsets[0].as_py()
+    flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    flat_mask = pc.list_flatten(masks).to_numpy(zero_copy_only=False).astype(np.int8)
+    n = len(lengths)
+    out_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
+    out_mask = np.zeros((n, seq_len), dtype=np.int8)
+    keep = np.minimum(lengths, seq_len)
+    for i in range(n):  # rows of a few hundred tokens: a Python loop over rows, numpy within
+        out_ids[i, :keep[i]] = flat[starts[i]:starts[i] + keep[i]]
+        out_mask[i, :keep[i]] = flat_mask[starts[i]:starts[i] + keep[i]]
+    offsets = pa.array(np.arange(0, n * seq_len + 1, seq_len, dtype=np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(out_ids.ravel(), pa.int32())),
+                     "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(out_mask.ravel(), pa.int8())),
+                     "trained_tokens": pa.array(out_mask.sum(1, dtype=np.int64), pa.int64())})
+
+
 def with_answers(blocks: pa.Table) -> pa.Table:
     """Packed conversation blocks that hold at least one trained token."""
     return blocks.filter(pc.greater(blocks.column("trained_tokens"), 0))
