@@ -230,6 +230,33 @@ def test_the_fine_tuned_model_answers_with_the_template_it_was_trained_with(sft_
     assert full.startswith(engine.render_chat(asked[0]) + text[0] + engine.tok.eos_token)
 
 
+def test_a_text_dataset_mixed_with_conversations_is_trained_on_every_token(chatset):
+    """A mixture of the chat dataset and a text dataset on the same tokenizer and block length:
+    the batches the training loop reads hold both, the conversations' prompts masked, the text
+    blocks' every token trained on."""
+    from helpers import documents, small_config, write_jsonl
+    from raylm.data import pipeline
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import dataset_meta, read_tables
+    from raylm.train.loop import _host_batch
+
+    d = chatset["dir"]
+    src = write_jsonl(d / "text" / "docs.jsonl", documents(20, seed=5))
+    prose = small_config(d / "datasets", [{"kind": "jsonl", "uri": str(src), "text_field": "body"}], name="prose",
+                         tokenizer={"kind": "pretrained", "path": chatset["base"]}, pack={"seq_len": 64})
+    pipeline.run(config.build(DataConfig, prose))
+    mixture = [{"dataset": "chatset", "weight": 1}, {"dataset": "prose", "weight": 1}]
+    cfg = config.build(TrainConfig, {"name": "x", "model": {"path": chatset["base"]},
+                                     "data": {"root": str(d / "datasets"), "mixture": mixture}})
+    meta = dataset_meta(cfg)
+    assert meta["format"] == "chat" and meta["tokenizer_uri"].startswith(chatset["manifest"]["uri"])
+    train = read_tables(cfg, meta)["train"]
+    labels = _host_batch(train, "causal_lm", pin=False)["labels"]
+    masked = (labels == -100).sum(1)
+    blocks = {x["dataset"].split("@")[0]: x["blocks_per_epoch"] for x in meta["mixture"]}
+    assert (masked == 0).sum() == blocks["prose"] and (masked > 0).sum() == blocks["chatset"]
+
+
 def test_a_base_model_with_another_tokenizer_is_refused_before_training(chatset):
     from raylm.train.config import TrainConfig
     from raylm.train.job import check_base_model, dataset_meta
