@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +81,9 @@ def chat_spec(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
     return template, special
 
 
-def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
-    """Content hash of the inputs and of everything in the config that shapes the output."""
+def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]], chat_template: Optional[str] = None) -> str:
+    """Content hash of the inputs and of everything in the config that shapes the output.
+    chat_template: a chat dataset's resolved template, when the caller has it (`chat_spec`)."""
     conf = cfg.model_dump(mode="json", exclude={"output": True, "tokenize": True, "report": True})
     for s in conf["sources"]:
         s.pop("cache_dir", None)
@@ -95,7 +96,7 @@ def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]]) -> str:
         conf["pack"].pop("conversations", None)
     payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
     if cfg.chat:  # the template conversations are rendered with, wherever it comes from (a default too)
-        payload["chat_template"] = chat_spec(cfg)[0]
+        payload["chat_template"] = chat_template or chat_spec(cfg)[0]
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return "v" + digest[:12]
 
@@ -280,7 +281,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     t0 = time.time()
     root = storage.normalize(cfg.output.root or default_root())
     fingerprints = [sources.fingerprint(s) for s in cfg.sources]
-    version = version_id(cfg, fingerprints)
+    chat = chat_spec(cfg) if cfg.chat else None  # (template, special tokens) of a dataset of conversations
+    version = version_id(cfg, fingerprints, chat[0] if chat else None)
     final = storage.join(root, cfg.name, version)
     existing = find_existing(root, cfg.name, version)
     if existing and not cfg.output.rebuild:
@@ -299,8 +301,6 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     fs, _ = storage.arrow_fs(root)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same rows in the same order
-
-    chat = chat_spec(cfg) if cfg.chat else None  # (template, special tokens) of a dataset of conversations
 
     # 1. read, parse, clean, split -------------------------------------------------------------
     log(f"building {cfg.name}@{version} from {len(cfg.sources)} source(s)")
