@@ -155,9 +155,9 @@ def encode(messages: list[dict[str, str]], render: Callable[[list[dict[str, str]
 
 
 def template_of(configured: Optional[str], tokenizer_template: Any) -> str:
-    """The chat template a chat dataset (and so the models trained on it) uses: the data
-    config's, else the tokenizer's own (a string; a dict of named templates gives `default`),
-    else raylm's default."""
+    """The chat template in use: the config's (a chat dataset's, a deploy config's), else the
+    tokenizer's own (a string; a dict of named templates gives `default`), else raylm's default.
+    The data job, the serving engine and evaluation all pick it so."""
     if configured:
         return configured
     if isinstance(tokenizer_template, dict):

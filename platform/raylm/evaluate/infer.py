@@ -58,9 +58,9 @@ class LMScorer:
         self.window, self.max_tokens, self.per_call = window, max_tokens, windows_per_call
         self.render = None
         if chat:
-            from raylm.chat import DEFAULT_CHAT_TEMPLATE, renderer
+            from raylm.chat import renderer, template_of
 
-            template = getattr(self.tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE  # as LMEngine picks it
+            template = template_of(None, getattr(self.tok, "chat_template", None))  # as LMEngine picks it
             self.render = renderer(template, dict(self.tok.special_tokens_map))
 
     def _encode(self, text: str) -> tuple[list[int], Optional[list[int]], bool]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from raylm.chat import DEFAULT_CHAT_TEMPLATE  # neither the deploy config nor the tokenizer has one
+from raylm.chat import template_of  # the deploy config's, else the tokenizer's, else raylm's default
 
 
 class RequestError(ValueError):
@@ -116,7 +116,7 @@ class LMEngine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context)
         self.eos_id = self.tok.eos_token_id
-        self.chat_template = chat_template or getattr(self.tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        self.chat_template = template_of(chat_template, getattr(self.tok, "chat_template", None))
 
     # --- inputs ----------------------------------------------------------------------------
 
