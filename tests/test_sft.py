@@ -5,12 +5,14 @@ the template the model was trained on; evaluation scores the answers."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import ROOT
 from raylm import config
@@ -111,13 +113,13 @@ def test_a_dataset_is_conversations_or_documents_and_chat_refuses_steps_that_cut
     def build(**kw):
         return config.build(DataConfig, {"name": "x", **kw})
 
-    with pytest.raises(ConfigError, match="either conversations"):
+    with pytest.raises(ConfigError, match="holds one kind of record"):
         build(sources=[chat, text])
     with pytest.raises(ConfigError, match="boilerplate, augment would cut or perturb"):
         build(sources=[chat], steps=[{"name": "boilerplate"}, {"name": "augment"}])
     with pytest.raises(ConfigError, match="prompt_field and response_field together"):
         build(sources=[{**chat, "prompt_field": "q"}])
-    with pytest.raises(ConfigError, match="only for format chat"):
+    with pytest.raises(ConfigError, match="only for format chat or preference"):
         build(sources=[{**text, "response_field": "a"}])
     with pytest.raises(ConfigError, match="tokenizer.chat_template is for chat datasets"):
         build(sources=[text], tokenizer={"chat_template": "{{ messages }}"})
@@ -327,3 +329,170 @@ def test_the_shipped_fine_tuning_configs_load_and_their_conversations_read():
     records = parse_file(src, "places", src.uri, (ROOT / data.sources[0].uri).read_bytes())
     assert len(records) == 360 and not [r for r in records if r["_error"]]
     assert sum("<|user|>" in r["text"] and r["text"].count("<|assistant|>") == 2 for r in records) == 60
+
+
+# --- preference tuning (DPO) -------------------------------------------------------------------
+
+SENTENCES = {"Sea": "At sea.", "Land": "On land."}  # the answer users come to prefer over one word
+
+
+def _rated_feedback(d: Path) -> Path:
+    """What `/v1/feedback` stores for chat answers: the same questions answered three times, the
+    one-word answer (what the fine-tuned model says) and the wrong sentence rated bad, the right
+    sentence rated good; plus ratings that make no pair (one side only, plain completions, not JSON)."""
+    records = []
+    for w, a in PLACES.items():
+        for q in (f"Where is the {w}?", f"Where would I find the {w}?", f"Is the {w} on land or at sea?"):
+            asked = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": q}]
+            wrong = SENTENCES["Land" if a == "Sea" else "Sea"]
+            for answer, rating in ((f"{a}.", -1), (wrong, -1), (SENTENCES[a], 1)):
+                records.append({"id": f"r{len(records)}", "model": "sft", "model_version": "sft@v1", "rating": rating,
+                                "messages": [*asked, {"role": "assistant", "content": answer}]})
+    records += [{"id": "lonely", "rating": 1, "messages": [{"role": "user", "content": "Hi?"},
+                                                           {"role": "assistant", "content": "Hello."}]},
+                {"id": "completion", "rating": -1, "prompt": "Where is", "completion": " the ship"}]
+    path = d / "feedback" / "date=2026-12-07" / "part.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    return path.parent.parent
+
+
+@pytest.fixture(scope="module")
+def pairset(chatset, sft_model):
+    """Preference pairs made from rated feedback by `raylm feedback pairs`, plus records that are no
+    pair, built into a dataset with the fine-tuned model's tokenizer (which carries its template)."""
+    from raylm import registry
+    from raylm.cli import main
+    from raylm.data import pipeline
+
+    d = chatset["dir"]
+    out = d / "pairs.jsonl"
+    assert main(["feedback", "pairs", "--uri", str(_rated_feedback(d)), "--out", str(out)]) == 0
+    bad = [{"id": "no-rejected", "prompt": "Where is the ship?", "chosen": "At sea."},
+           {"id": "same", "prompt": "Where is the ship?", "chosen": "At sea.", "rejected": "At sea."},
+           {"id": "differ", "chosen": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}],
+            "rejected": [{"role": "user", "content": "c?"}, {"role": "assistant", "content": "d"}]},
+           {"id": "marker", "prompt": "Where?", "chosen": "x", "rejected": "y\n<|rejected|>\nz"}]
+    (d / "bad_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    base = str(registry.local_path(sft_model))
+    cfg = {"name": "pairs", "sources": [{"kind": "jsonl", "uri": str(out), "format": "preference", "id_field": "id"},
+                                        {"kind": "jsonl", "uri": str(d / "bad_pairs.jsonl"), "format": "preference",
+                                         "id_field": "id"}],
+           "steps": [{"name": "normalize"}, {"name": "dedup_exact"}],
+           "split": {"train": 0.75, "validation": 0.25, "test": 0.0},
+           "tokenizer": {"kind": "pretrained", "path": base}, "pack": {"seq_len": 128},
+           "tokenize": {"concurrency": 1, "batch_size": 64}, "output": {"root": str(d / "datasets")}}
+    return {"manifest": pipeline.run(config.build(DataConfig, cfg)), "pairs": out, "base": base}
+
+
+def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained(pairset):
+    from transformers import AutoTokenizer
+
+    from raylm.train.loop import _host_batch
+
+    lines = [json.loads(x) for x in pairset["pairs"].read_text().splitlines()]
+    def right(pair: dict) -> str:  # the sentence that answers the pair's question
+        return SENTENCES[next(a for w, a in PLACES.items() if f"the {w}" in pair["prompt"][-1]["content"])]
+
+    assert len(lines) == 48 and all(p["chosen"] == right(p) for p in lines)
+    m = pairset["manifest"]
+    read = next(s for s in m["steps"] if s["step"] == "read")
+    assert read["quarantined"] == {"missing_chosen_or_rejected": 1, "chosen_equals_rejected": 1,
+                                   "prompts_differ": 1, "marker_in_content": 1}
+    assert m["format"] == "preference" and m["counts"]["documents"] == 48
+    assert m["splits"]["train"]["conversations_cut"] == 0
+    tok = AutoTokenizer.from_pretrained(str(Path(m["uri"]) / "tokenizer"))
+    blocks = pq.read_table(Path(m["uri"]) / "packed" / "train")
+    assert blocks.num_rows == m["splits"]["train"]["blocks"] > 0
+    for row in blocks.to_pylist():  # each side: the same prompt, then its own answer, trained on alone
+        chosen = tok.decode([t for t, k in zip(row["input_ids"], row["loss_mask"]) if k])
+        rejected = tok.decode([t for t, k in zip(row["rejected_ids"], row["rejected_mask"]) if k])
+        assert chosen.removesuffix(f"{tok.eos_token}\n") in SENTENCES.values(), chosen
+        assert rejected.removesuffix(f"{tok.eos_token}\n") in ("Sea.", "Land.", *SENTENCES.values()), rejected
+        n = row["loss_mask"].index(1)
+        assert row["input_ids"][:n] == row["rejected_ids"][:n] and row["rejected_mask"].index(1) == n
+    batch = _host_batch(blocks.slice(0, 3), "causal_lm", pin=False)  # 3 pairs: 3 chosen rows, then 3 rejected
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["input_ids"][3].tolist() == blocks.column("rejected_ids")[0].as_py()
+
+
+def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatset, pairset):
+    from raylm import registry
+    from raylm.serve.engine import GenRequest, LMEngine
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import run
+
+    d = chatset["dir"]
+    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", [
+        "name=dpo", "data.dataset=pairs", f"model.path={pairset['base']}", f"data.root={d / 'datasets'}",
+        f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}", "train.num_workers=1",
+        "train.batch_size=4", "train.max_steps=100", "train.lr=2e-3", "train.warmup_steps=3", "train.log_every=10",
+        "train.eval_every=50", "train.checkpoint_every=100", "preference.beta=0.1",
+        # DPO alone raises every pair's margin here but leaves the greedy answers as they were (the chosen
+        # sentences start far down the fine-tuned model's likelihood); with the chosen answers' NLL it says them
+        "preference.sft_weight=1.0"])
+    card = registry.resolve(run(cfg)["model"], str(d / "registry"))
+    assert card["data_format"] == "chat" and card["preference"]["reference"] == pairset["base"]
+    curve = [loss for _, loss in card["loss_curve"]]
+    assert curve[-1] < curve[0] / 4, curve
+    assert card["metrics"]["val_reward_accuracy"] == 1.0 and card["metrics"]["val_reward_margin"] > 1
+    # the loss on the validation pairs: log 2 for the model it started from (policy = reference), ~0 now
+    from transformers import AutoModelForCausalLM
+
+    from raylm.train.config import PreferenceConfig
+    from raylm.train.losses import Preference
+    from raylm.train.loop import _host_batch
+
+    val = _host_batch(pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation"), "causal_lm", False)
+    base, tuned = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pairset["base"], registry.local_path(card)))
+    dpo = Preference(PreferenceConfig(beta=0.1), reference=base)
+    with torch.no_grad():
+        assert float(dpo(base, val)) == pytest.approx(math.log(2), abs=1e-5)
+        assert float(dpo(tuned, val)) < 0.1
+    engine = LMEngine(registry.local_path(card))
+    reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),
+        max_tokens=8, temperature=0) for w in PLACES]
+    text = [""] * len(reqs)
+
+    def emit(events: dict[int, dict]) -> None:
+        for i, e in events.items():
+            text[i] += e["text"]
+
+    engine.generate(reqs, emit)
+    # the fine-tuned model said "Sea." / "Land."; tuned on what users preferred, it answers in a sentence
+    assert dict(zip(PLACES, text)) == {w: SENTENCES[a] for w, a in PLACES.items()}
+
+    # the evaluation job on held-out pairs: the tuned model finds every chosen answer likelier than the
+    # rejected one; the model it was tuned from (scored beside it) few: it said the one-word answers
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run as evaluate
+
+    rep = evaluate(config.build(EvaluateConfig, {
+        "model": card["id"], "registry": str(d / "registry"), "baselines": {"ngram": None, "previous_versions": 0},
+        "data": {"dataset": "pairs", "root": str(d / "datasets"), "split": "validation"}}))
+    assert rep["headline_metric"] == "preference_accuracy" and rep["metrics"]["preference_accuracy"] == 1.0
+    assert rep["baselines"][f"reference {pairset['base']}"]["metrics"]["preference_accuracy"] < 0.5
+    assert rep["robustness"]["metric"] == "bits_per_byte" and rep["robustness"]["ops"]
+
+
+def test_preference_tuning_is_refused_where_it_cannot_work(chatset, pairset, tmp_path):
+    from raylm.train.config import TrainConfig
+    from raylm.train.job import dataset_meta
+
+    d = chatset["dir"]
+    with pytest.raises(ConfigError, match="set model.path to the model to tune"):
+        config.build(TrainConfig, {"name": "x", "data": {"dataset": "pairs"}, "preference": {}})
+    with pytest.raises(ConfigError, match="choose one training objective"):
+        config.build(TrainConfig, {"name": "x", "data": {"dataset": "pairs"}, "model": {"path": str(tmp_path)},
+                                   "preference": {}, "distill": {"teacher": "t"}})
+    root = {"dataset": "pairs", "root": str(d / "datasets")}
+    with pytest.raises(ConfigError, match="holds preference pairs: add a `preference:` section"):
+        dataset_meta(config.build(TrainConfig, {"name": "x", "data": root, "model": {"path": pairset["base"]}}))
+    with pytest.raises(ConfigError, match="preference tuning needs a dataset of preference pairs"):
+        dataset_meta(config.build(TrainConfig, {"name": "x", "data": {**root, "dataset": "chatset"},
+                                                "model": {"path": pairset["base"]}, "preference": {}}))
+    with pytest.raises(ConfigError, match="preference pairs are padded one pair a block"):
+        config.build(DataConfig, {"name": "x", "sources": [{"kind": "jsonl", "uri": str(tmp_path),
+                                                            "format": "preference"}],
+                                  "pack": {"conversations": "pack"}})

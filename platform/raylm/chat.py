@@ -28,6 +28,9 @@ from typing import Any, Callable, Optional
 
 ROLES = ("system", "user", "assistant")
 MARKERS = {f"<|{r}|>": r for r in ROLES}
+# A preference pair's record: the conversation with the chosen answer last, then this line and
+# the rejected answer (`to_pair_text`, `parse_pair`).
+REJECTED = "<|rejected|>"
 
 # Serving's template when neither the deploy config nor the tokenizer has one, and the template
 # a chat dataset's tokenizer gets when its tokenizer has none: `role: content` lines, the end of
@@ -80,7 +83,7 @@ def check(messages: Any) -> list[dict[str, str]]:
         if m["role"] not in ROLES:
             raise ConversationError("unknown_role", f"role {m['role']!r} (expected one of {', '.join(ROLES)})")
         text = _content(m.get("content"))
-        if any(line in MARKERS for line in text.split("\n")):
+        if any(line in MARKERS or line == REJECTED for line in text.split("\n")):
             raise ConversationError("marker_in_content", "a line of a message is a role marker like <|user|>")
         out.append({"role": m["role"], "content": text})
     if out[-1]["role"] != "assistant":
@@ -103,6 +106,27 @@ def parse(text: str) -> list[dict[str, str]]:
         elif line.strip():
             raise ConversationError("text_before_first_role", "the text does not start with a role marker")
     return check([{"role": m["role"], "content": "\n".join(m["lines"])} for m in messages])
+
+
+def to_pair_text(messages: list[dict[str, str]], rejected: str) -> str:
+    """A preference pair as a record's `text`: the conversation ending with the chosen answer,
+    then the rejected answer after a `<|rejected|>` line."""
+    return f"{to_text(messages)}\n{REJECTED}\n{rejected}"
+
+
+def parse_pair(text: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The (chosen, rejected) conversations of a preference pair's `text`: the same messages up to
+    the last answer, which differs. ConversationError when it is no pair (no_rejected_answer) or
+    both answers are the same text after the data steps (chosen_equals_rejected: nothing to learn)."""
+    lines = (text or "").split("\n")
+    if REJECTED not in lines:
+        raise ConversationError("no_rejected_answer", f"a preference pair needs a {REJECTED} line")
+    cut = len(lines) - 1 - lines[::-1].index(REJECTED)
+    chosen = parse("\n".join(lines[:cut]))
+    rejected = "\n".join(lines[cut + 1:])
+    if rejected == chosen[-1]["content"]:
+        raise ConversationError("chosen_equals_rejected", "the chosen and the rejected answer are the same")
+    return chosen, [*chosen[:-1], {"role": "assistant", "content": _content(rejected)}]
 
 
 def renderer(template: str, special_tokens: dict[str, Any]) -> Callable[[list[dict[str, str]], bool], str]:
@@ -152,6 +176,23 @@ def encode(messages: list[dict[str, str]], render: Callable[[list[dict[str, str]
         ids += part
         mask += [int(trained)] * len(part)
     return ids, mask
+
+
+def encode_answer(messages: list[dict[str, str]], render: Callable[[list[dict[str, str]], bool], str],
+                  encode_text: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a conversation where only its last answer counts (preference
+    pairs): the conversation before it rendered with the generation prompt and tokenized whole, as
+    serving tokenizes a prompt (mask 0), then the answer to its end of turn (mask 1)."""
+    try:
+        prompt = render(messages[:-1], True)
+        full = render(messages, False)
+    except Exception as e:  # noqa: BLE001 - a template's raise_exception, or a Jinja error
+        raise ConversationError("template_error", str(e)[:200]) from None
+    if not full.startswith(prompt):
+        raise ConversationError("template_not_incremental",
+                                "the chat template does not render the conversation so far as a prefix")
+    head, answer = encode_text(prompt), encode_text(full[len(prompt):])
+    return head + answer, [0] * len(head) + [1] * len(answer)
 
 
 def template_of(configured: Optional[str], tokenizer_template: Any) -> str:

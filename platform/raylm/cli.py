@@ -15,7 +15,7 @@ stored (datasets, models, feedback) are in cli_stores.py.
     raylm models alias NAME@vN ALIAS [--reason TEXT] | alias NAME ALIAS --remove
     raylm models delete NAME@vN [--force] | prune NAME --keep N [--dry-run]
     raylm keys add NAME --scopes generate,classify,feedback | list | revoke NAME
-    raylm feedback stats [--app NAME | --uri URI] [--json]
+    raylm feedback stats [--app NAME | --uri URI] [--json] | pairs [--app NAME | --uri URI] --out FILE
     raylm serve-config --config deploy.yaml [--set k=v ...] [-o serve.yaml]
     raylm undeploy NAME
 """

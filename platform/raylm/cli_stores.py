@@ -221,6 +221,27 @@ def cmd_feedback_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback_pairs(a: argparse.Namespace) -> int:
+    from raylm import storage
+    from raylm.serve.feedback import pairs
+
+    uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
+    try:
+        p = pairs(uri, a.max_per_prompt)
+    except storage.StorageError as e:
+        _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
+        return 1
+    out = storage.normalize(a.out)
+    storage.write_text(out, "".join(json.dumps(x) + "\n" for x in p["pairs"]))
+    print(f"{len(p['pairs'])} preference pairs from {p['records']} rated chat answers to {p['conversations']} "
+          f"conversations under {uri} -> {out}"
+          + (f"; {p['unpaired']} rated answers had no opposite rating to pair with" if p["unpaired"] else "")
+          + (f"; {p['skipped']} records skipped (not rated chat answers)" if p["skipped"] else ""))
+    if p["pairs"]:
+        print(f"read them with a data source: {{kind: jsonl, uri: {out}, format: preference, id_field: id}}")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """The `datasets`, `models` and `feedback` subcommands, on the top-level parser's `sub`."""
     ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(dest="datasets_command", required=True)
@@ -282,3 +303,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_feedback_stats)
+    s = fs.add_parser("pairs", help="preference pairs (an answer rated good, one rated bad, to the same "
+                                    "conversation) as JSONL for a format: preference data source (DPO)")
+    s.add_argument("--app", default="raylm", help="the deploy config's name (default raylm)")
+    s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
+    s.add_argument("--out", required=True, help="the JSONL file to write (a path or s3:// URI)")
+    s.add_argument("--max-per-prompt", type=int, default=4, help="pairs per conversation at most (default 4)")
+    s.set_defaults(fn=cmd_feedback_pairs)

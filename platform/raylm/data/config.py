@@ -65,16 +65,23 @@ class FileSource(Strict):
         "keep only records whose field holds one of the listed values (jsonl, csv, parquet), e.g. "
         "{rating: [1]} for feedback rated good; the others are set aside (reason excluded_by_where)"))
     passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
-    format: Literal["text", "chat"] = Field(
+    format: Literal["text", "chat", "preference"] = Field(
         "text", description="text: each record is a document (`text_field`); chat: each record is a conversation "
         "for supervised fine-tuning, from `messages_field` (OpenAI-style [{role, content}]) or from "
-        "`prompt_field` + `response_field` (one exchange); see the README's \"Supervised fine-tuning\"")
+        "`prompt_field` + `response_field` (one exchange); see the README's \"Supervised fine-tuning\"; "
+        "preference: each record is a prompt with a chosen and a rejected answer, for preference tuning (DPO; "
+        "`prompt_field`, `chosen_field`, `rejected_field`; README \"Preference tuning\")")
     messages_field: str = Field("messages", description="format chat: the field holding the conversation")
     prompt_field: Optional[str] = Field(None, description="format chat: the user's message (with `response_field`, "
-                                        "in place of `messages_field`)")
+                                        "in place of `messages_field`); format preference: the prompt, a string "
+                                        "(one user message) or a list of messages (the conversation so far); "
+                                        "default `prompt`")
     response_field: Optional[str] = Field(None, description="format chat: the answer to `prompt_field`")
-    system_prompt: Optional[str] = Field(None, description="format chat: a system message put first in every "
-                                         "conversation that has none")
+    chosen_field: Optional[str] = Field(None, description="format preference: the better answer, a string or a "
+                                        "list of messages ending with it; default `chosen`")
+    rejected_field: Optional[str] = Field(None, description="format preference: the worse answer; default `rejected`")
+    system_prompt: Optional[str] = Field(None, description="format chat or preference: a system message put first "
+                                         "in every conversation that has none")
 
     @field_validator("uri")
     @classmethod
@@ -84,15 +91,23 @@ class FileSource(Strict):
     @model_validator(mode="after")
     def _chat(self) -> "FileSource":
         if self.format == "text":
-            given = [f for f in ("prompt_field", "response_field", "system_prompt") if getattr(self, f) is not None]
+            given = [f for f in ("prompt_field", "response_field", "chosen_field", "rejected_field", "system_prompt")
+                     if getattr(self, f) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)}: only for format chat")
+                raise ValueError(f"{', '.join(given)}: only for format chat or preference")
             return self
         if self.kind == "text":
-            raise ValueError("format chat needs records with fields: use jsonl, parquet or csv")
+            raise ValueError(f"format {self.format} needs records with fields: use jsonl, parquet or csv")
         if self.passages:
             raise ValueError("passages: cutting a conversation into passages would separate questions from answers; "
-                             "leave passages out with format chat")
+                             f"leave passages out with format {self.format}")
+        if self.format == "preference":
+            if self.response_field is not None:
+                raise ValueError("response_field: format preference has chosen_field and rejected_field")
+            return self
+        given = [f for f in ("chosen_field", "rejected_field") if getattr(self, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for format preference")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("format chat: give prompt_field and response_field together (one exchange per record), "
                              "or neither (the conversation in messages_field)")
@@ -347,21 +362,35 @@ class DataConfig(Strict):
     output: OutputConfig = OutputConfig()
 
     @property
+    def format(self) -> str:
+        """text (documents), chat (conversations) or preference (pairs of answers): every source's format."""
+        return getattr(self.sources[0], "format", "text")
+
+    @property
     def chat(self) -> bool:
-        """A dataset of conversations (every source has format chat)."""
-        return all(getattr(s, "format", "text") == "chat" for s in self.sources)
+        """A dataset rendered with a chat template: conversations (format chat) or preference pairs."""
+        return self.format in ("chat", "preference")
+
+    @property
+    def preference(self) -> bool:
+        """A dataset of preference pairs (every source has format preference)."""
+        return self.format == "preference"
 
     @model_validator(mode="after")
     def _chat(self) -> "DataConfig":
         formats = {getattr(s, "format", "text") for s in self.sources}
         if len(formats) > 1:
-            raise ValueError("sources: a dataset is either conversations (format chat) or documents; build two "
-                             "datasets and mix them in training (data.mixture)")
+            raise ValueError(f"sources: a dataset holds one kind of record, here {' and '.join(sorted(formats))} "
+                             "(documents, conversations or preference pairs); build one dataset of each and mix "
+                             "documents and conversations in training (data.mixture)")
         if self.chat:
             bad = [s.name for s in self.steps if s.name in ("boilerplate", "augment")]
             if bad:
                 raise ValueError(f"steps: {', '.join(bad)} would cut or perturb the role lines of conversations "
-                                 "(format chat); leave them out")
+                                 f"(format {self.format}); leave them out")
+            if self.preference and self.pack.conversations == "pack":
+                raise ValueError("pack.conversations: pack is for format chat; preference pairs are padded one "
+                                 "pair a block (pad)")
         elif self.tokenizer.chat_template:
-            raise ValueError("tokenizer.chat_template is for chat datasets (sources with format chat)")
+            raise ValueError("tokenizer.chat_template is for chat datasets (sources with format chat or preference)")
         return self

@@ -39,7 +39,7 @@ from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, assign_split, check_conversations, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch,
-    pad, tokenize_chat_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
+    pad, pad_pairs, tokenize_chat_batch, tokenize_pair_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
 )
 
 PIPELINE_VERSION = 4  # bump when a step's output changes for the same config (4: augment reads `label`'s column)
@@ -56,7 +56,7 @@ def default_root() -> str:
 
 # fields added to a source's config after versions were built: left out of the version id at their defaults
 _LATER_SOURCE_FIELDS = {"format": "text", "messages_field": "messages", "prompt_field": None, "response_field": None,
-                        "system_prompt": None}
+                        "system_prompt": None, "chosen_field": None, "rejected_field": None}
 
 
 def chat_spec(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
@@ -148,9 +148,10 @@ def _tally_docs(t: pa.Table) -> pa.Table:
 
 def _tally_tokens(t: pa.Table, seq_len: int) -> pa.Table:
     c: Counter = Counter()
-    for split, n in zip(t.column("split").to_pylist(), t.column("num_tokens").to_pylist()):
+    longest = t.column("longest_side" if "longest_side" in t.column_names else "num_tokens").to_pylist()
+    for split, n, side in zip(t.column("split").to_pylist(), t.column("num_tokens").to_pylist(), longest):
         c[f"split.{split}.tokens"] += n
-        c[f"split.{split}.longer_than_a_block"] += n > seq_len
+        c[f"split.{split}.longer_than_a_block"] += side > seq_len  # (a preference pair: its longer side)
     return pa.table({"tally": [json.dumps(c)]})
 
 
@@ -325,7 +326,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                             batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
     if chat:
-        ds = ds.map_batches(check_conversations, fn_kwargs={"template": chat[0], "special_tokens": chat[1]},
+        ds = ds.map_batches(check_conversations, fn_kwargs={"template": chat[0], "special_tokens": chat[1],
+                                                            "pairs": cfg.preference},
                             batch_format="pyarrow", batch_size=None)
     ds = ds.materialize()
     tally = _tally(ds, _tally_docs)
@@ -391,7 +393,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     if chat:
         tok_kwargs.update(template=chat[0], special_tokens=chat[1])
     tokenized = kept.map_batches(
-        tokenize_chat_batch if chat else tokenize_batch, fn_kwargs=tok_kwargs,
+        (tokenize_pair_batch if cfg.preference else tokenize_chat_batch) if chat else tokenize_batch,
+        fn_kwargs=tok_kwargs,
         batch_size=tc.batch_size, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tc.concurrency),
         num_cpus=tc.num_cpus,
     ).materialize()
@@ -409,7 +412,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         if n_docs:
             docs.write_parquet(storage.arrow_fs(storage.join(work, "docs", split))[1], filesystem=fs)
             if chat and cfg.pack.conversations == "pad":  # a block per conversation
-                blocks = docs.map_batches(pad, fn_kwargs={"seq_len": cfg.pack.seq_len, "pad_id": pad_id},
+                blocks = docs.map_batches(pad_pairs if cfg.preference else pad,
+                                          fn_kwargs={"seq_len": cfg.pack.seq_len, "pad_id": pad_id},
                                           batch_format="pyarrow", batch_size=None).materialize()
             else:
                 blocks = docs.map_batches(pack, fn_kwargs={"seq_len": cfg.pack.seq_len,
@@ -427,7 +431,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                 n_blocks = blocks.count()
             if n_blocks:
                 blocks.write_parquet(storage.arrow_fs(storage.join(work, "packed", split))[1], filesystem=fs)
-        packed_tokens = n_blocks * cfg.pack.seq_len  # padding included (pad: a block per conversation)
+        # padding included (pad: a block per conversation; a preference pair is two blocks, one per side)
+        packed_tokens = n_blocks * cfg.pack.seq_len * (2 if cfg.preference else 1)
         tokens_in = n_tokens if chat else n_tokens + n_docs  # + the EOS after each document
         splits[split] = {"documents": n_docs, "tokens": n_tokens, "blocks": n_blocks, "packed_tokens": packed_tokens}
         pack_rows.append({"split": split, "tokens_in": tokens_in, "tokens_out": packed_tokens,
@@ -442,7 +447,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                 pack_rows[-1]["tokens_dropped_tail"] = 0
             line += (f" ({splits[split]['trained_tokens']} answer tokens trained on; "
                      f"{splits[split]['blocks_without_answer']} blocks without one left out"
-                     + (f"; {splits[split]['conversations_cut']} conversations longer than a block cut"
+                     + (f"; {splits[split]['conversations_cut']} {'pairs with a side' if cfg.preference else 'conversations'}"
+                        " longer than a block cut"
                         if cfg.pack.conversations == "pad" else "") + ")")
         log(line)
 
@@ -477,7 +483,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                   "report": "report/index.html" if cfg.report else None},
         "quarantine": {"uri": quarantine_uri if n_quarantined else None, "count": n_quarantined},
         "label": cfg.label,
-        "format": "chat" if chat else "text",
+        "format": cfg.format,
         "chat_template": chat[0] if chat else None,
         "seconds": round(time.time() - t0, 1),
     }

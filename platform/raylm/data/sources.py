@@ -174,6 +174,8 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
         return _bad(source, where, "not_an_object", json.dumps(obj)[:RAW_KEEP])
     if src.format == "chat":
         return _chat_row(src, source, where, obj)
+    if src.format == "preference":
+        return _pair_row(src, source, where, obj)
     text = obj.get(src.text_field)
     if text is None:
         return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
@@ -218,6 +220,62 @@ def _chat_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, 
         messages.insert(0, {"role": "system", "content": src.system_prompt})
     rid = _as_str(obj.get(src.id_field)) if src.id_field else None
     return _row(id=rid or where, source=source, work=rid or where, text=chat.to_text(messages),
+                label=_as_str(obj.get(src.label_field)) if src.label_field else None)
+
+
+def _answer(value: Any) -> str:
+    """A preference record's answer: a string, or a list of messages whose last is the answer."""
+    from raylm import chat
+
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        if value[-1].get("role") != "assistant":
+            raise chat.ConversationError("answer_not_from_assistant", "the last message of an answer must be the "
+                                         "assistant's")
+        value = value[-1].get("content")
+    if not isinstance(value, (str, list)):
+        raise chat.ConversationError("answer_not_text", "an answer must be a string or a list of messages")
+    return chat._content(value)
+
+
+def _pair_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, Any]:
+    """A preference pair: a prompt (one user message, or the conversation so far) and a chosen and
+    a rejected answer to it, as `text` with role lines and a `<|rejected|>` line (raylm.chat).
+    Answers given as whole conversations (TRL's implicit prompt) take the prompt from the chosen one."""
+    from raylm import chat
+
+    for field, keep in src.where.items():
+        if obj.get(field) not in keep:
+            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
+    pf, cf, rf = src.prompt_field or "prompt", src.chosen_field or "chosen", src.rejected_field or "rejected"
+    prompt, chosen, rejected = obj.get(pf), obj.get(cf), obj.get(rf)
+    if chosen is None or rejected is None:
+        return _bad(source, where, "missing_chosen_or_rejected", json.dumps(obj, default=str))
+    try:
+        if prompt is None and isinstance(chosen, list) and len(chosen) > 1:  # implicit prompt
+            prompt = chosen[:-1]
+            if not isinstance(rejected, list) or rejected[:-1] != prompt:
+                raise chat.ConversationError("prompts_differ", "the chosen and the rejected conversation differ "
+                                             "before their last answer")
+        if prompt is None:
+            raise chat.ConversationError("missing_prompt", f"no `{pf}` field")
+        before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(before, list) or not before or not isinstance(before[-1], dict) \
+                or before[-1].get("role") != "user":
+            raise chat.ConversationError("prompt_not_a_question", "the prompt must be a string or a list of "
+                                         "messages ending with the user's")
+        good, bad = _answer(chosen), _answer(rejected)
+        messages = chat.check([*before, {"role": "assistant", "content": good}])
+        chat.check([{"role": "assistant", "content": bad}])  # no role marker lines in it either
+    except chat.ConversationError as e:
+        return _bad(source, where, e.reason, json.dumps(obj, default=str))
+    if good == bad:
+        return _bad(source, where, "chosen_equals_rejected", json.dumps(obj, default=str))
+    if src.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": src.system_prompt})
+    rid = _as_str(obj.get(src.id_field)) if src.id_field else None
+    # `work` names the prompt: the default split key keeps every pair of one prompt in one split
+    prompt_key = hashlib.sha256(json.dumps(messages[:-1], sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    return _row(id=rid or where, source=source, work=f"prompt-{prompt_key}", text=chat.to_pair_text(messages, bad),
                 label=_as_str(obj.get(src.label_field)) if src.label_field else None)
 
 

@@ -176,10 +176,11 @@ def _chat_renderer(template: str, special_tokens: dict[str, Any]):
     return _CHAT[key]
 
 
-def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any]) -> pa.Table:
+def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any], pairs: bool = False
+                        ) -> pa.Table:
     """Ray Data task, chat datasets, after the data steps: a live record whose `text` no longer
-    reads as a conversation, or that the chat template cannot render, is quarantined (step
-    `chat`, the reason in `_error`) rather than tokenized wrong."""
+    reads as a conversation (with `pairs`, as a preference pair), or that the chat template cannot
+    render, is quarantined (step `chat`, the reason in `_error`) rather than tokenized wrong."""
     from raylm import chat
     from raylm.data.steps import live
 
@@ -191,7 +192,8 @@ def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str
         if not alive[i]:
             continue
         try:
-            chat.segments(chat.parse(text), render)
+            for messages in (chat.parse_pair(text) if pairs else [chat.parse(text)]):
+                chat.segments(messages, render)
         except chat.ConversationError as e:
             errors[i], raws[i], steps[i] = e.reason, (text or "")[:1000], "chat"
     for name, values in (("_error", errors), ("_raw", raws), ("_step", steps)):
@@ -217,6 +219,37 @@ def tokenize_chat_batch(batch: pa.Table, tokenizer_json: str, key: str, template
     batch = batch.append_column("loss_mask", pa.array(list(masks), MASK_TYPE))
     batch = batch.append_column("num_tokens", pa.array([len(x) for x in ids], pa.int64()))
     return batch.append_column("num_trained_tokens", pa.array([sum(m) for m in masks], pa.int64()))
+
+
+def tokenize_pair_batch(batch: pa.Table, tokenizer_json: str, key: str, template: str,
+                        special_tokens: dict[str, Any]) -> pa.Table:
+    """Ray Data task, preference datasets: the chosen conversation as `input_ids` + `loss_mask` and
+    the rejected one as `rejected_ids` + `rejected_mask`, each with only its last answer trained on
+    (raylm.chat.encode_answer); `num_tokens` (both), `num_trained_tokens` (both answers) and
+    `longest_side` (the longer of the two: what must fit a block)."""
+    from raylm import chat
+
+    tok = _tokenizer(tokenizer_json, key)
+    render = _chat_renderer(template, special_tokens)
+
+    def encode_text(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    cols: dict[str, list] = {"input_ids": [], "loss_mask": [], "rejected_ids": [], "rejected_mask": []}
+    for text in batch.column("text").to_pylist():
+        chosen, rejected = chat.parse_pair(text)
+        for (ids, mask), (i, m) in zip((chat.encode_answer(chosen, render, encode_text),
+                                        chat.encode_answer(rejected, render, encode_text)),
+                                       (("input_ids", "loss_mask"), ("rejected_ids", "rejected_mask"))):
+            cols[i].append(ids)
+            cols[m].append(mask)
+    for name, values in cols.items():
+        batch = batch.append_column(name, pa.array(values, MASK_TYPE if name.endswith("mask") else TOKENS_TYPE))
+    sides = [(len(a), len(b)) for a, b in zip(cols["input_ids"], cols["rejected_ids"])]
+    batch = batch.append_column("num_tokens", pa.array([a + b for a, b in sides], pa.int64()))
+    batch = batch.append_column("num_trained_tokens", pa.array(
+        [sum(a) + sum(b) for a, b in zip(cols["loss_mask"], cols["rejected_mask"])], pa.int64()))
+    return batch.append_column("longest_side", pa.array([max(s) for s in sides], pa.int64()))
 
 
 def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:
@@ -275,6 +308,19 @@ def pad(batch: pa.Table, seq_len: int, pad_id: int) -> pa.Table:
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(out_ids.ravel(), pa.int32())),
                      "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(out_mask.ravel(), pa.int8())),
                      "trained_tokens": pa.array(out_mask.sum(1, dtype=np.int64), pa.int64())})
+
+
+def pad_pairs(batch: pa.Table, seq_len: int, pad_id: int) -> pa.Table:
+    """Preference pairs -> one row each: the chosen and the rejected conversation padded (`pad`) to
+    `seq_len` as `input_ids` + `loss_mask` and `rejected_ids` + `rejected_mask`; `trained_tokens`
+    the fewer of the two sides' (a pair needs an answer token on both)."""
+    chosen = pad(batch.select(["input_ids", "loss_mask"]), seq_len, pad_id)
+    rejected = pad(pa.table({"input_ids": batch.column("rejected_ids"), "loss_mask": batch.column("rejected_mask")}),
+                   seq_len, pad_id)
+    trained = pc.min_element_wise(chosen.column("trained_tokens"), rejected.column("trained_tokens"))
+    return pa.table({"input_ids": chosen.column("input_ids"), "loss_mask": chosen.column("loss_mask"),
+                     "rejected_ids": rejected.column("input_ids"), "rejected_mask": rejected.column("loss_mask"),
+                     "trained_tokens": trained})
 
 
 def with_answers(blocks: pa.Table) -> pa.Table:

@@ -79,18 +79,29 @@ class Evaluation:
             self.left_out = sum(x not in known for x in ds.select_columns(["label"]).to_pandas()["label"])
             ds = ds.map_batches(with_labels, fn_kwargs={"labels": self.labels}, batch_format="pyarrow",
                                 batch_size=None)  # (a row-by-row `filter` calls Python per row)
+        # conversations: each model renders them with its chat template and is scored on the answers;
+        # preference pairs: on the chosen answers, and the rejected ones scored beside them
+        self.chat = self.task == "causal_lm" and self.m.get("format") in ("chat", "preference")
+        self.pairs = self.task == "causal_lm" and self.m.get("format") == "preference"
+        self.rejected = None
+        if self.pairs:
+            self.rejected = ds.map_batches(_side, fn_kwargs={"side": 1}, batch_format="pyarrow").materialize()
+            ds = ds.map_batches(_side, fn_kwargs={"side": 0}, batch_format="pyarrow")
         self.ds = ds.materialize()
         self.local = cfg.compute.num_gpus == 0 and self.ds.count() <= cfg.compute.local_max_docs
-        # conversations: each model renders them with its chat template and is scored on the answers
-        self.chat = self.task == "causal_lm" and self.m.get("format") == "chat"
 
     def score(self, model_dir: str, ds=None, window: Optional[int] = None):
-        """A pandas frame of the documents with the model's outputs (`window`: another model's own)."""
+        """A pandas frame of the documents with the model's outputs (`window`: another model's own).
+        Preference pairs (the clean documents): `rejected_nll` too, the rejected answer's."""
         frame = infer.run_inference(ds if ds is not None else self.ds, self.task, model_dir, window or self.window,
                                     self.cfg, local=self.local, chat=self.chat).to_pandas()
         if self.chat and not frame["scored"].all():
             print(f"[evaluate] {int((~frame['scored']).sum())} conversation(s) left unscored: the chat template of "
                   f"{model_dir} cannot render them", flush=True)
+        if self.pairs and ds is None:
+            rejected = infer.run_inference(self.rejected, self.task, model_dir, window or self.window, self.cfg,
+                                           local=self.local, chat=True).to_pandas()
+            frame["rejected_nll"] = frame["id"].map(dict(zip(rejected["id"], rejected["nll"])))
         return frame
 
     def score_other(self, other: dict[str, Any]):
@@ -103,8 +114,21 @@ class Evaluation:
             probs = np.stack(f["probs"].to_numpy()) if len(f) else np.zeros((0, len(self.labels)))
             y = np.array([self.labels.index(x) for x in f["label"]])
             return metrics.classification(probs, y, self.labels, self.cfg.calibration_bins)
-        return metrics.language_model(f["nll"].to_numpy(), f["tokens"].to_numpy(), f["correct"].to_numpy(),
-                                      f["bytes"].to_numpy())
+        out = metrics.language_model(f["nll"].to_numpy(), f["tokens"].to_numpy(), f["correct"].to_numpy(),
+                                     f["bytes"].to_numpy())
+        if "rejected_nll" in f:  # the share of pairs whose chosen answer the model finds likelier
+            out["preference_accuracy"] = float((f["nll"] < f["rejected_nll"]).mean()) if len(f) else float("nan")
+        return out
+
+
+def _side(batch, side: int):
+    """Preference pairs' docs -> the conversations that end with their chosen (0) or rejected (1) answer."""
+    import pyarrow as pa
+
+    from raylm import chat
+
+    texts = [chat.to_text(chat.parse_pair(t)[side]) for t in batch.column("text").to_pylist()]
+    return batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
 
 
 def _shown(m: dict[str, Any], keys: Sequence[str]) -> str:
@@ -146,6 +170,12 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
         m = metrics.language_model(scored["nll"], scored["tokens"], correct, frame["bytes"].to_numpy())
         m.pop("next_token_accuracy", None)
         out[f"{cfg.baselines.ngram}-gram (interpolated, train split)"] = {"metrics": m}
+    reference = (ev.card.get("preference") or {}).get("reference")
+    if ev.pairs and reference:  # the model as it was before preference tuning, on the same pairs
+        try:
+            out[f"reference {reference}"] = {"metrics": ev.metrics_of(ev.score(reference))}
+        except OSError as e:  # moved or deleted since: say so, keep the rest of the report
+            print(f"[evaluate] reference baseline skipped: {reference} cannot be loaded ({e})", flush=True)
     if cfg.baselines.previous_versions:
         earlier = sorted((c for c in registry.list_models(cfg.registry)
                           if c["name"] == ev.card["name"] and c["version"] < ev.card["version"]),
@@ -212,7 +242,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.time()
     ev = Evaluation(cfg)
     card, m, split = ev.card, ev.m, cfg.data.split
-    compare = CLS_COMPARE if ev.task == "classification" else LM_COMPARE
+    compare = CLS_COMPARE if ev.task == "classification" else LM_COMPARE + (["preference_accuracy"] if ev.pairs
+                                                                           else [])
     if cfg.promote:  # before any scoring
         if "name" not in card or "version" not in card:
             raise config.ConfigError(f"promote: {cfg.model} is a model directory, not a registry model; "
@@ -231,12 +262,15 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             reads += f"; calibrated in training (temperature {temperature:.3f})"
     if ev.chat:
         reads = "; conversations rendered with the model's chat template, answers scored"
+    if ev.pairs:
+        reads = ("; preference pairs rendered with the model's chat template: the chosen answers scored, and "
+                 "whether the model finds each chosen answer likelier than the rejected one")
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
           f"{cfg.compute.actors} replica(s){reads}" + (f"; {ev.left_out} without a known label left out"
                                                         if ev.left_out else ""), flush=True)
     model_dir = str(registry.local_path(card))
     frame = ev.score(model_dir)
-    headline = "accuracy" if ev.task == "classification" else "bits_per_byte"
+    headline = "accuracy" if ev.task == "classification" else "preference_accuracy" if ev.pairs else "bits_per_byte"
     rep: dict[str, Any] = {"model": card["id"], "task": ev.task, "dataset": m["id"], "split": split,
                            "headline_metric": headline, "window": ev.window, "left_out": ev.left_out,
                            "compare_metrics": compare,
@@ -261,7 +295,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     if cfg.robustness:
         r = cfg.robustness
-        rep["robustness"] = {"seed": r.seed, "ops": {}}
+        # preference pairs: perturbed questions are scored on the chosen answers (bits per byte)
+        robust = "bits_per_byte" if ev.pairs else headline
+        rep["robustness"] = {"seed": r.seed, "metric": robust, "ops": {}}
         for op in r.ops:
             for strength in r.strengths_of(op):
                 noisy = ev.ds.map_batches(infer.perturb_batch, fn_kwargs={"op": op, "strength": strength,
@@ -271,9 +307,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                 for k in ("per_class", "reliability", "confusion"):
                     mm.pop(k, None)
                 rep["robustness"]["ops"].setdefault(op, []).append({"strength": strength, "metrics": mm})
-                clean, noisy_v = rep["metrics"].get(headline), mm.get(headline)
+                clean, noisy_v = rep["metrics"].get(robust), mm.get(robust)
                 change = f" ({noisy_v - clean:+.4f} from clean)" if None not in (clean, noisy_v) else ""
-                print(f"[evaluate] robustness {op}@{strength}: {_shown(mm, [headline])}{change}", flush=True)
+                print(f"[evaluate] robustness {op}@{strength}: {_shown(mm, [robust])}{change}", flush=True)
 
     rep["baselines"] = _baselines(ev, frame)
     for name, b in rep["baselines"].items():

@@ -58,7 +58,7 @@ def _plots(rep: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         files.append((f"Slices by {col}", _save(fig, out / f"slices_{col}.png")))
     rob = rep.get("robustness")
     if rob:
-        key = rep["headline_metric"]
+        key = rob.get("metric") or rep["headline_metric"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for op, points in rob["ops"].items():
             xs = [0.0] + [p["strength"] for p in points]
@@ -111,7 +111,7 @@ def write(rep: dict[str, Any], uri: str) -> str:
         if slices:
             parts += ["<h2>Slices</h2>", _table(slices, ["column", "metric", "best", "worst", "gap", "flagged"])]
         if rep.get("robustness"):
-            k = rep["headline_metric"]
+            k = rep["robustness"].get("metric") or rep["headline_metric"]
             rows = [[op, p["strength"], p["metrics"][k], p["metrics"][k] - rep["metrics"][k]]
                     for op, pts in rep["robustness"]["ops"].items() for p in pts]
             parts += ["<h2>Robustness</h2>", _table(rows, ["perturbation", "strength", k, "change"])]

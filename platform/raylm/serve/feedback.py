@@ -4,10 +4,15 @@ shares of good ratings side by side, each with its 95% (Wilson) interval.
 
     stats(uri) -> {"files", "records", "skipped", "versions": [{model, version, n, good, neutral, bad,
                    good_share, good_share_95}]}
+
+And what they preferred: `pairs(uri)` pairs, for each conversation users rated more than one
+answer to, an answer rated good with one rated bad (`raylm feedback pairs`): the records a
+`format: preference` source reads for preference tuning (DPO).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
 from typing import Any
@@ -21,24 +26,20 @@ def stats(uri: str) -> dict[str, Any]:
     from scipy.stats import binomtest
 
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    files = storage.glob_files(uri)
-    records = skipped = 0
-    for f in files:
-        for line in storage.read_text(f).splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                rating = int(rec["rating"])
-                key = (str(rec.get("model") or "?"), str(rec.get("model_version") or "unknown"))
-            except (ValueError, TypeError, KeyError):
-                skipped += 1
-                continue
-            if rating not in (-1, 0, 1):
-                skipped += 1
-                continue
-            counts[key][rating] += 1
-            records += 1
+    files, found, skipped = _records(uri)
+    records = 0
+    for rec in found:
+        try:
+            rating = int(rec["rating"])
+            key = (str(rec.get("model") or "?"), str(rec.get("model_version") or "unknown"))
+        except (ValueError, TypeError, KeyError):
+            skipped += 1
+            continue
+        if rating not in (-1, 0, 1):
+            skipped += 1
+            continue
+        counts[key][rating] += 1
+        records += 1
     versions = []
     for (model, version), c in sorted(counts.items()):
         n = sum(c.values())
@@ -46,3 +47,63 @@ def stats(uri: str) -> dict[str, Any]:
         versions.append({"model": model, "version": version, "n": n, "good": c[1], "neutral": c[0], "bad": c[-1],
                          "good_share": c[1] / n, "good_share_95": [float(ci.low), float(ci.high)]})
     return {"uri": uri, "files": len(files), "records": records, "skipped": skipped, "versions": versions}
+
+
+def _records(uri: str):
+    """Every JSON object line of the feedback files under `uri`; non-JSON lines counted as skipped."""
+    files = storage.glob_files(uri)
+    skipped = 0
+    out = []
+    for f in files:
+        for line in storage.read_text(f).splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                skipped += 1
+    return files, out, skipped
+
+
+def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
+    """Preference pairs from the ratings under `uri`: feedback on chat answers (records with
+    `messages`, the rated answer last) grouped by the conversation before the answer; each answer
+    rated good (1) paired with each different answer rated bad (-1) to the same conversation, at
+    most `max_per_prompt` pairs a conversation (the newest ratings first). Returns {"pairs": [{id,
+    prompt, chosen, rejected, model, versions}], "conversations", "records", "unpaired",
+    "skipped"}: `unpaired` counts rated chats with no opposite rating to pair with."""
+    files, records, skipped = _records(uri)
+    by_prompt: dict[str, dict[str, Any]] = {}
+    rated = 0
+    for rec in records:
+        messages, rating = rec.get("messages"), rec.get("rating")
+        if not (isinstance(messages, list) and len(messages) >= 2 and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str)
+                and rating in (-1, 0, 1)):
+            skipped += 1  # feedback on plain completions (no conversation), or not a feedback record
+            continue
+        rated += 1
+        key = json.dumps(messages[:-1], sort_keys=True)
+        group = by_prompt.setdefault(key, {"prompt": messages[:-1], 1: [], -1: []})
+        if rating:
+            group[rating].append((messages[-1]["content"], rec.get("model_version") or rec.get("version")))
+    out, unpaired = [], 0
+    for key, g in by_prompt.items():
+        found = []
+        for good, good_version in reversed(g[1]):
+            for bad, bad_version in reversed(g[-1]):
+                if good != bad and (good, bad) not in {(p["chosen"], p["rejected"]) for p in found}:
+                    found.append({"chosen": good, "rejected": bad,
+                                  "versions": sorted({v for v in (good_version, bad_version) if v})})
+        if not found:
+            unpaired += len(g[1]) + len(g[-1])
+        for p in found[:max_per_prompt]:
+            pid = hashlib.sha256(f"{key}\x00{p['chosen']}\x00{p['rejected']}".encode("utf-8")).hexdigest()[:16]
+            out.append({"id": pid, "prompt": g["prompt"], **p})
+    return {"uri": uri, "files": len(files), "records": rated, "conversations": len(by_prompt),
+            "pairs": out, "unpaired": unpaired, "skipped": skipped}

@@ -56,6 +56,20 @@ class DistillConfig(Strict):
     temperature: float = Field(2.0, gt=0)
 
 
+class PreferenceConfig(Strict):
+    beta: float = Field(0.1, gt=0, description="how far the model may move from the reference: the DPO temperature "
+                        "(larger keeps it closer)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 * beta))^2, which "
+        "does not push a margin further once it is reached")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid: the share of pairs assumed mislabeled "
+                                   "(conservative DPO)")
+    sft_weight: float = Field(0.0, ge=0, description="adds this times the chosen answers' mean token cross-entropy "
+                              "(RPO, as in Llama 3's DPO): DPO alone may lower the chosen answers' likelihood too, as "
+                              "long as the rejected ones fall further, and a small model then says neither; 1.0 "
+                              "keeps it saying the chosen ones")
+
+
 class ModelConfig(Strict):
     task: Literal["causal_lm", "classification"] = "causal_lm"
     arch: Literal["llama", "gpt2"] = "llama"
@@ -168,7 +182,7 @@ class TrainLoopConfig(Strict):
                                          "better `early_stopping_metric`; 0 disables")
     early_stopping_min_delta: float = Field(0.0, ge=0, description="an evaluation counts as better only when "
                                             "it beats the best by more than this")
-    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field(
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_reward_accuracy"] = Field(
         "val_loss", description="the metric early stopping watches (loss: lower is better; others: higher)")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="classification: balanced weighs each class by 1 / its share of the train split")
@@ -211,11 +225,27 @@ class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainLoopConfig = TrainLoopConfig()
     distill: Optional[DistillConfig] = Field(None, description="knowledge distillation from a registry teacher")
+    preference: Optional[PreferenceConfig] = Field(
+        None, description="preference tuning (DPO) on a dataset of preference pairs: model.path is the model to tune "
+        "and, frozen, the reference it is measured against (README \"Preference tuning\")")
     output: TrainOutput = TrainOutput()
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")
 
     @model_validator(mode="after")
     def _task_checks(self) -> "TrainConfig":
-        if self.model.task == "causal_lm" and self.train.early_stopping_metric != "val_loss":
-            raise ValueError("train.early_stopping_metric: a causal LM has only val_loss")
+        metric = self.train.early_stopping_metric
+        if self.preference is not None:
+            if self.model.task != "causal_lm":
+                raise ValueError("preference: preference tuning is for causal LMs (model.task: causal_lm)")
+            if self.distill is not None:
+                raise ValueError("preference and distill: choose one training objective")
+            if not self.model.path:
+                raise ValueError("preference: set model.path to the model to tune (a registered fine-tuned model's "
+                                 "directory): it is also the frozen reference; a random model has no preferences "
+                                 "worth keeping")
+            if metric not in ("val_loss", "val_reward_accuracy"):
+                raise ValueError("train.early_stopping_metric: preference tuning has val_loss and val_reward_accuracy")
+        elif self.model.task == "causal_lm" and metric != "val_loss":
+            raise ValueError("train.early_stopping_metric: a causal LM has only val_loss"
+                             + (" (val_reward_accuracy: with preference)" if metric == "val_reward_accuracy" else ""))
         return self

@@ -123,7 +123,8 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
                         calibration: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     task = cfg.model.task
     temperature = calibration["temperature"] if calibration else 1.0
-    metric_keys = ("loss", "val_loss", "val_ppl", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+    metric_keys = ("loss", "val_loss", "val_ppl", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
+                   "val_reward_accuracy", "val_reward_margin")
     card = {
         "task": task,
         "base": cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset} (random init)",
@@ -148,6 +149,9 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
         card["label_counts"] = meta["label_counts"]
     if task == "causal_lm":  # chat: supervised fine-tuning, trained on conversations' answers only
         card["data_format"] = meta.get("format", "text")
+    if cfg.preference:  # tuned on preference pairs: a chat model (served on the chat routes) with its objective
+        card["data_format"] = "chat"
+        card["preference"] = {**cfg.preference.model_dump(mode="json"), "reference": cfg.model.path}
     if meta.get("mixture"):
         card["mixture"] = meta["mixture"]
     if cfg.distill:

@@ -70,6 +70,17 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
     for m in found:
         if not m["splits"]["train"]["blocks"]:
             raise config.ConfigError(f"data: {m['id']} has no packed train blocks")
+    pairs = [x["id"] for x in found if x.get("format") == "preference"]
+    if pairs and len(found) > 1:
+        raise config.ConfigError(f"data.mixture: {', '.join(pairs)} holds preference pairs, which train alone "
+                                 "(data.dataset with preference); a mixture is of documents and conversations")
+    if pairs and cfg.preference is None:
+        raise config.ConfigError(f"data.dataset: {pairs[0]} holds preference pairs: add a `preference:` section "
+                                 "(DPO; README \"Preference tuning\"), or train on a chat dataset")
+    if cfg.preference is not None and not pairs:
+        raise config.ConfigError(f"preference: {found[0]['id']} holds {found[0].get('format', 'text')} records; "
+                                 "preference tuning needs a dataset of preference pairs (sources with format: "
+                                 "preference)")
     m = found[0]
     meta = {
         "dataset_id": m["id"], "uri": m["uri"], "seq_len": m["config"]["pack"]["seq_len"],
@@ -79,7 +90,7 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
         "train_blocks": sum(x["splits"]["train"]["blocks"] for x in found),
         "validation_blocks": sum(x["splits"]["validation"]["blocks"] for x in found),
         # conversations (a loss mask: only answers trained on) in any of the datasets
-        "format": "chat" if any(x.get("format") == "chat" for x in found) else "text",
+        "format": "preference" if pairs else "chat" if any(x.get("format") == "chat" for x in found) else "text",
     }
     if len(found) > 1:
         digest = _tokenizer_digest(m)
@@ -116,7 +127,7 @@ def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
         raise config.ConfigError("data.mixture is for causal LM training; for classification build one dataset "
                                  "with several sources")
     m = _resolve(cfg.data.dataset, cfg.data.root, "data.dataset")
-    if m.get("format") == "chat":
+    if m.get("format") in ("chat", "preference"):
         raise config.ConfigError(f"data.dataset: {m['id']} holds conversations, which train a causal LM "
                                  "(model.task: causal_lm), not a classifier")
     counts = {split: _label_counts(m, split) for split in ("train", "validation")}

@@ -57,12 +57,24 @@ def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.
             t = torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.int64))
         out[name] = t.pin_memory() if pin else t
     if task == "causal_lm":
+        if "rejected_ids" in batch.column_names:  # preference pairs: the chosen sides, then the rejected ones
+            return _pair_batch(batch, pin)
         out["labels"] = out["input_ids"]
         if "loss_mask" in batch.column_names:  # conversations: only the answers' tokens are trained on
             mask = torch.from_numpy(_flat(batch.column("loss_mask")).reshape(batch.num_rows, -1))
             labels = out["input_ids"].masked_fill(mask == 0, -100)  # ignored by the model's loss
             out["labels"] = labels.pin_memory() if pin else labels
     return out
+
+
+def _pair_batch(batch: pa.Table, pin: bool) -> dict[str, torch.Tensor]:
+    """Preference pairs -> one batch of 2n rows: the n chosen conversations, then the n rejected
+    ones, labels -100 but on each side's last answer (`losses.Preference` splits them again)."""
+    n = batch.num_rows
+    ids = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("input_ids", "rejected_ids")])
+    mask = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("loss_mask", "rejected_mask")])
+    out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(np.where(mask == 0, -100, ids))}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
 def _window_batch(batch: pa.Table, pin: bool, draw: Optional[np.random.Generator]) -> dict[str, torch.Tensor]:
@@ -176,13 +188,15 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_labels: int,
-             device: torch.device, keep: Optional[list] = None) -> dict[str, float]:
+             device: torch.device, keep: Optional[list] = None, preference=None) -> dict[str, float]:
     """Validation loss (and perplexity, or classification metrics) over `max_batches` batches of
     every rank's shard. keep: a list that gets each batch's logits, labels (per text) and, for
-    texts read in windows, the windows' rows and tokens (what calibration fits on)."""
+    texts read in windows, the windows' rows and tokens (what calibration fits on).
+    preference (`losses.Preference`): the DPO loss, reward accuracy and margin instead."""
     if shard is None:
         return {}
     losses = []
+    pref: dict[str, list[float]] = {}
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64, device=device)
     for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=False)):
         if i >= max_batches:
@@ -191,6 +205,10 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
         windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
         b = _to_device(host, device)
         loss, logits = strat.evaluate(b)
+        if preference is not None:
+            for k, v in preference.stats(logits, b).items():
+                pref.setdefault(k, []).append(float(v))
+            continue
         strat_logits, labels = logits, b.get("labels")
         if windows:  # a text read in windows: its windows' probabilities, weighted by their tokens
             logits, labels = _text_log_probs(logits, windows, device), windows["text_labels"].to(device)
@@ -202,6 +220,9 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
         if task == "classification":
             idx = labels * num_labels + logits.argmax(-1)
             confusion += torch.bincount(idx, minlength=num_labels ** 2).view(num_labels, num_labels).to(confusion)
+    if preference is not None:
+        means = {k: _all_mean(pref.get(k, []), device) for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}
+        return {} if math.isnan(means["val_loss"]) else means
     loss = _all_mean(losses, device)
     if math.isnan(loss):
         return {}
@@ -357,7 +378,8 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_tok = models.flops_per_token(model.config, n_params, seq_len)
     peak = models.peak_flops(device)
-    loss_fn, teacher = losses.make_loss(cfg, meta, device)
+    loss_fn, teacher = losses.make_loss(cfg, meta, device, model)  # (preference: the reference copies the model)
+    preference = loss_fn if isinstance(loss_fn, losses.Preference) else None
     strat = strategies.setup(model, t, device, loss_fn)
     if rank == 0 and (n_trainable < models.num_params(model, exclude_embeddings=False) or teacher):
         print(f"{tag}trainable parameters: {n_trainable:,}" + (f"; distilling from {teacher}" if teacher
@@ -384,7 +406,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
     train_shard = session.shard("train")
     val_shard = session.shard("validation") if meta.get("has_validation") else None
     batches = train_batches(train_shard, t.batch_size, task, device, skip=state["micro_batches"], seed=(t.seed, rank))
-    tokens_per_step = t.batch_size * seq_len * t.grad_accum * world
+    tokens_per_step = t.batch_size * seq_len * t.grad_accum * world * (2 if preference else 1)  # (a pair: 2 rows)
 
     last_report_t = float("-inf")  # the first progress step always reports: trackers and Tune see it at once
 
@@ -419,7 +441,7 @@ def train_loop(config: dict[str, Any], session=None) -> None:
             kept = [] if calibrate else None  # the latest evaluation's outputs: what calibration fits on
             with window.pause():
                 evaluated = evaluate(strat, val_shard, t.batch_size, t.eval_batches, task,
-                                     len(meta.get("labels") or []), device, keep=kept)
+                                     len(meta.get("labels") or []), device, keep=kept, preference=preference)
             if kept is not None:
                 val_outputs = kept
             if evaluated:
@@ -458,6 +480,8 @@ def train_loop(config: dict[str, Any], session=None) -> None:
                 if evaluated:
                     val = f" val_loss {evaluated['val_loss']:.4f}" + (
                         f" ppl {evaluated['val_ppl']:.1f}" if "val_ppl" in evaluated else
+                        f" reward_acc {evaluated['val_reward_accuracy']:.3f} margin "
+                        f"{evaluated['val_reward_margin']:.3f}" if "val_reward_accuracy" in evaluated else
                         f" acc {evaluated['val_accuracy']:.3f} macro_f1 {evaluated['val_macro_f1']:.3f}")
                 print(f"{tag}step {step}/{t.max_steps} loss {last['loss']:.4f}{val} lr {last['learning_rate']:.2e} "
                       f"tok/s {tok_s:,.0f}{mfu} eta {_fmt_eta(eta)}", flush=True)

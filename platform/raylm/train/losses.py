@@ -5,10 +5,20 @@ classification, and knowledge distillation from a registry teacher:
 
 The teacher is loaded on every worker (replicated, frozen, eval mode): fine for teachers that
 fit one device, which is what distilling into a smaller student is for.
+
+Preference tuning (DPO, Rafailov et al. 2023) on pairs of answers to one prompt: with r(y) =
+beta * (log p(y | x) - log p_ref(y | x)) summed over the answer's tokens,
+
+    sigmoid: loss = -log sigmoid(r(chosen) - r(rejected))   (label smoothing: conservative DPO)
+    ipo:     loss = ((r(chosen) - r(rejected)) / beta - 1 / (2 * beta))^2
+
+The reference is a frozen copy of the model as it starts (model.path), on every worker like a teacher.
+A batch holds the pairs' chosen conversations, then their rejected ones (`loop._host_batch`).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -42,8 +52,61 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return teacher.to(device).eval()
 
 
-def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device) -> tuple[LossFn, Optional[str]]:
-    """The training loss and, for distillation, the teacher's id."""
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the log-probability of its label tokens (those not -100) after the ones before them."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return -nll.sum(-1)
+
+
+class Preference:
+    """The DPO loss (`PreferenceConfig`) against a frozen reference model."""
+
+    def __init__(self, cfg, reference: torch.nn.Module):
+        self.cfg, self.reference = cfg, reference
+
+    def rewards(self, policy_logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The implicit rewards beta * (log p - log p_ref) of each pair's chosen and rejected answer,
+        and the chosen answers' mean token cross-entropy."""
+        policy = sequence_logps(policy_logits, batch["labels"])
+        with torch.no_grad():
+            ref = sequence_logps(self.reference(input_ids=batch["input_ids"]).logits, batch["labels"])
+        diff = self.cfg.beta * (policy - ref)
+        n = diff.shape[0] // 2
+        chosen_tokens = (batch["labels"][:n, 1:] != -100).sum().clamp(min=1)
+        return diff[:n], diff[n:], -policy[:n].sum() / chosen_tokens
+
+    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor) -> torch.Tensor:
+        z = chosen - rejected
+        if self.cfg.loss == "ipo":
+            beta = self.cfg.beta
+            loss = ((z / beta - 1 / (2 * beta)) ** 2).mean()
+        else:
+            ls = self.cfg.label_smoothing
+            loss = (-(1 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)).mean()
+        return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.loss(*self.rewards(model(input_ids=batch["input_ids"]).logits, batch))
+
+    @torch.no_grad()
+    def stats(self, policy_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """An evaluation batch's loss, the share of pairs whose chosen answer gets the higher reward,
+        and the mean reward margin."""
+        chosen, rejected, nll = self.rewards(policy_logits, batch)
+        return {"val_loss": self.loss(chosen, rejected, nll), "val_reward_accuracy": (chosen > rejected).float().mean(),
+                "val_reward_margin": (chosen - rejected).mean()}
+
+
+def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device,
+              model: Optional[torch.nn.Module] = None) -> tuple[LossFn, Optional[str]]:
+    """The training loss and, for distillation, the teacher's id. Preference tuning: a `Preference`
+    whose reference is a frozen copy of `model` (the model as built, before any training step)."""
+    if cfg.preference is not None:
+        if model is None:
+            raise ValueError("preference tuning needs the model to copy as its reference")
+        reference = copy.deepcopy(model).requires_grad_(False).to(device).eval()
+        return Preference(cfg.preference, reference), None
     weight = None
     if cfg.model.task == "classification" and cfg.train.class_weights == "balanced":
         counts = torch.tensor([meta["label_counts"][label] for label in meta["labels"]], dtype=torch.float32)
