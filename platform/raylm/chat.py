@@ -10,7 +10,9 @@ opened by a marker line (`<|user|>`, `<|assistant|>`, `<|system|>`):
 
 so that every data step (normalize, fix_unicode, pii, quality, language, both dedups) works on
 it as on any document: dedup compares whole conversations, pii masks every turn. `parse` reads
-the messages back.
+the messages back. A preference pair (DPO) is the conversation with its chosen answer last, then a
+`<|rejected|>` line and the rejected answer (`to_pair_text`, `parse_pair`); `encode_answer`
+tokenizes a side with only its last answer trained.
 
 `encode` turns a conversation into token ids and a loss mask with the model's chat template,
 the one the serving engine renders (`LMEngine.render_chat`): for every assistant message, the

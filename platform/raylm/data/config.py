@@ -388,6 +388,10 @@ class DataConfig(Strict):
             if bad:
                 raise ValueError(f"steps: {', '.join(bad)} would cut or perturb the role lines of conversations "
                                  f"(format {self.format}); leave them out")
+            if self.preference and any(s.name == "dedup_near" for s in self.steps):
+                raise ValueError("steps: dedup_near would take two pairs of one prompt and one chosen answer for near "
+                                 "copies and drop one; leave it out of a preference dataset (dedup_exact drops a "
+                                 "pair seen twice)")
             if self.preference and self.pack.conversations == "pack":
                 raise ValueError("pack.conversations: pack is for format chat; preference pairs are padded one "
                                  "pair a block (pad)")
