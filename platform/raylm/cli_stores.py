@@ -239,6 +239,9 @@ def cmd_feedback_pairs(a: argparse.Namespace) -> int:
           + (f"; {p['skipped']} records skipped (not rated chat answers)" if p["skipped"] else ""))
     if p["pairs"]:
         print(f"read them with a data source: {{kind: jsonl, uri: {out}, format: preference, id_field: id}}")
+    else:
+        print("no pairs yet: a pair needs two different answers to one conversation (the chat routes), one rated "
+              "good (1) and one rated bad (-1)")
     return 0
 
 
