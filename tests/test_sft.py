@@ -482,6 +482,7 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
 
     rep = evaluate(config.build(EvaluateConfig, {
         "model": card["id"], "registry": str(d / "registry"), "baselines": {"ngram": None, "previous_versions": 0},
+        "robustness": {"ops": ["typo"], "strengths": [0.3]},
         "data": {"dataset": "pairs", "root": str(d / "datasets"), "split": "validation"}}))
     before = rep["baselines"][f"reference {pairset['base']}"]["metrics"]["preference_accuracy"]
     assert rep["headline_metric"] == "preference_accuracy" and rep["metrics"]["preference_accuracy"] >= 0.75
