@@ -110,6 +110,19 @@ def parse(text: str) -> list[dict[str, str]]:
     return check([{"role": m["role"], "content": "\n".join(m["lines"])} for m in messages])
 
 
+def answer_of(value: Any) -> str:
+    """A preference record's answer: a string (or text parts), or a list of messages whose last is
+    the answer (TRL's conversational shape)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "role" in value[-1]:
+        if value[-1].get("role") != "assistant":
+            raise ConversationError("answer_not_from_assistant", "the last message of an answer must be the "
+                                    "assistant's")
+        value = value[-1].get("content")
+    if not isinstance(value, (str, list)):
+        raise ConversationError("answer_not_text", "an answer must be a string or a list of messages")
+    return _content(value)
+
+
 def to_pair_text(messages: list[dict[str, str]], rejected: str) -> str:
     """A preference pair as a record's `text`: the conversation ending with the chosen answer,
     then the rejected answer after a `<|rejected|>` line."""

@@ -172,18 +172,17 @@ def _as_str(v: Any) -> str | None:
 def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         return _bad(source, where, "not_an_object", json.dumps(obj)[:RAW_KEEP])
-    if src.format == "chat":
-        return _chat_row(src, source, where, obj)
-    if src.format == "preference":
-        return _pair_row(src, source, where, obj)
+    if src.format != "text":  # a conversation or a preference pair (the rated ones `where` keeps)
+        if _excluded(src, obj):
+            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
+        return (_chat_row if src.format == "chat" else _pair_row)(src, source, where, obj)
     text = obj.get(src.text_field)
     if text is None:
         return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
     if not isinstance(text, str):
         return _bad(source, where, "text_not_a_string", json.dumps(obj, default=str))
-    for field, keep in src.where.items():
-        if obj.get(field) not in keep:
-            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
+    if _excluded(src, obj):
+        return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
     rid = _as_str(obj.get(src.id_field)) if src.id_field else None
     return _row(
         id=rid or where, source=source, work=rid or where, text=text,
@@ -194,13 +193,15 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
     )
 
 
+def _excluded(src: FileSource, obj: dict) -> bool:
+    """A record whose fields do not hold what the source's `where` keeps."""
+    return any(obj.get(field) not in keep for field, keep in src.where.items())
+
+
 def _chat_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, Any]:
     """A conversation record: its messages as `text` with role lines (raylm.chat)."""
     from raylm import chat
 
-    for field, keep in src.where.items():
-        if obj.get(field) not in keep:
-            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
     if src.prompt_field:
         prompt, response = obj.get(src.prompt_field), obj.get(src.response_field)
         if prompt is None or response is None:
@@ -223,29 +224,12 @@ def _chat_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, 
                 label=_as_str(obj.get(src.label_field)) if src.label_field else None)
 
 
-def _answer(value: Any) -> str:
-    """A preference record's answer: a string, or a list of messages whose last is the answer."""
-    from raylm import chat
-
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        if value[-1].get("role") != "assistant":
-            raise chat.ConversationError("answer_not_from_assistant", "the last message of an answer must be the "
-                                         "assistant's")
-        value = value[-1].get("content")
-    if not isinstance(value, (str, list)):
-        raise chat.ConversationError("answer_not_text", "an answer must be a string or a list of messages")
-    return chat._content(value)
-
-
 def _pair_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, Any]:
     """A preference pair: a prompt (one user message, or the conversation so far) and a chosen and
     a rejected answer to it, as `text` with role lines and a `<|rejected|>` line (raylm.chat).
     Answers given as whole conversations (TRL's implicit prompt) take the prompt from the chosen one."""
     from raylm import chat
 
-    for field, keep in src.where.items():
-        if obj.get(field) not in keep:
-            return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
     pf, cf, rf = src.prompt_field or "prompt", src.chosen_field or "chosen", src.rejected_field or "rejected"
     prompt, chosen, rejected = obj.get(pf), obj.get(cf), obj.get(rf)
     if chosen is None or rejected is None:
@@ -263,7 +247,7 @@ def _pair_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, 
                 or before[-1].get("role") != "user":
             raise chat.ConversationError("prompt_not_a_question", "the prompt must be a string or a list of "
                                          "messages ending with the user's")
-        good, bad = _answer(chosen), _answer(rejected)
+        good, bad = chat.answer_of(chosen), chat.answer_of(rejected)
         messages = chat.check([*before, {"role": "assistant", "content": good}])
         chat.check([{"role": "assistant", "content": bad}])  # no role marker lines in it either
     except chat.ConversationError as e:
