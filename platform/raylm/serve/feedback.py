@@ -75,7 +75,7 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
     `messages`, the rated answer last) grouped by the conversation before the answer; each answer
     rated good (1) paired with each different answer rated bad (-1) to the same conversation, at
     most `max_per_prompt` pairs a conversation (the newest ratings first). Returns {"pairs": [{id,
-    prompt, chosen, rejected, model, versions}], "conversations", "records", "unpaired",
+    prompt, chosen, rejected, versions}], "conversations", "records", "unpaired",
     "skipped"}: `unpaired` counts rated chats with no opposite rating to pair with."""
     files, records, skipped = _records(uri)
     by_prompt: dict[str, dict[str, Any]] = {}
@@ -94,10 +94,11 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
             group[rating].append((messages[-1]["content"], rec.get("model_version") or rec.get("version")))
     out, unpaired = [], 0
     for key, g in by_prompt.items():
-        found = []
+        found, seen = [], set()
         for good, good_version in reversed(g[1]):
             for bad, bad_version in reversed(g[-1]):
-                if good != bad and (good, bad) not in {(p["chosen"], p["rejected"]) for p in found}:
+                if good != bad and (good, bad) not in seen:  # the same two answers rated again: one pair
+                    seen.add((good, bad))
                     found.append({"chosen": good, "rejected": bad,
                                   "versions": sorted({v for v in (good_version, bad_version) if v})})
         if not found:
