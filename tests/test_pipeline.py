@@ -144,6 +144,7 @@ def test_pipeline_runs_every_stage_then_skips_what_did_not_change(first_run):
     # the same pipeline again: nothing to redo, the same models
     again = run(config.load(PipelineConfig, f), f)
     assert {k for k, s in again["stages"].items() if s["skipped"]} == {"data", "train", "tune", "evaluate"}
+    assert again["stages"]["deploy"]["redeployed"].startswith("nothing changed"), again["stages"]["deploy"]  # no restart
     assert again["models"] == first["models"]
     assert [m["id"] for m in registry.list_models(reg) if m["name"] == "tiny-llama"] == [first["models"]["train"]]
     # a changed train config re-trains; the stages downstream of it run again. Its evaluation moves

@@ -5,11 +5,21 @@ resources, and the FastAPI ingress (serve/app.py) bound to their handles.
     resolve(cfg) -> (cfg with defaults filled in, {model name: card, "NAME@canary": its canary's card})
     build(cfg) -> serve.Application          (the deploy job and the benchmarks run it;
                                               `raylm.serve.app:app_builder` wraps it for Serve configs)
+
+Every deployment carries a version (`serve_version`): a digest of what its replicas are built from.
+Serve replaces a deployment's replicas when its version changes and only then (scaling and queue
+settings apply in place), so a redeploy of an unchanged config keeps every replica, and a rolling
+update replaces only the deployments whose model, settings or code changed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Optional
 
 from raylm.serve.app import Ingress
@@ -43,6 +53,37 @@ def resolve(cfg: DeployConfig) -> tuple[DeployConfig, dict[str, dict]]:
     return cfg, cards
 
 
+@functools.cache
+def _code_digest() -> str:
+    """What every replica runs: raylm's own files (the playground page included) and the versions
+    of the libraries that load and run the models."""
+    import raylm
+
+    h, root = hashlib.sha256(), Path(raylm.__file__).parent
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{f.relative_to(root)}\0".encode())
+        h.update(f.read_bytes())
+    for lib in ("ray", "torch", "transformers", "tokenizers"):
+        h.update(f"{lib}=={metadata.version(lib)}\0".encode())
+    return h.hexdigest()
+
+
+def serve_version(*built_from: Any) -> str:
+    """A deployment's Serve version: a digest of its constructor's arguments (`built_from`, as JSON)
+    and of the code. Without one, `serve.run` gives every deployment a new random version, and
+    every redeploy, even of an unchanged config, replaced every replica."""
+    doc = json.dumps(built_from, sort_keys=True, default=str)
+    return hashlib.sha256(f"{_code_digest()}\0{doc}".encode()).hexdigest()[:16]
+
+
+def _options(deployment, version: str, **options: Any):
+    """`deployment.options(**options)` with `version` set. Ray 2.5x took `version` out of the public
+    options (imperative `serve.run` gives every deployment a random one) but its own declarative
+    deploys still set it through `_internal`; without it, a redeploy replaces every replica.
+    tests/test_serve.py (the rolling update) fails if a Ray upgrade stops honouring it."""
+    return deployment.options(**options, version=version, _internal=True)
+
+
 def canary_key(name: str) -> str:
     """The key of a model's canary among the cards (`resolve`)."""
     return f"{name}@canary"
@@ -53,19 +94,24 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) ->
     from raylm import storage
     from raylm.serve.deployments import ClassifierDeployment, LMDeployment
 
-    spec = {"name": name, "card": {k: card.get(k) for k in ("id", "name", "version", "uri", "task", "serving")},
-            "options": spec_options}
+    c = spec_options.get("compression") or {}
+    # the measured quality change (card's `serving`) only where this entry compresses: the replica logs
+    # it, and a measurement made for another entry of the same model must not change this one's version
+    keep = ("id", "name", "version", "uri", "task") + (("serving",) if c.get("quantize", "none") != "none"
+                                                       or c.get("prune", 0) else ())
+    spec = {"name": name, "card": {k: card.get(k) for k in keep}, "options": spec_options}
     ensemble = None
     if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
         ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
-        handle = [ClassifierDeployment.options(**{**options, "name": f"{options['name']}-m{i}"}).bind(
-            {**spec, "name": f"{name}-m{i}", "card": {
-                "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
-                "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}})
+        members = [{**spec, "name": f"{name}-m{i}", "card": {
+            "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
+            "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}}
             for i in range(len(ensemble["members"]))]
+        handle = [_options(ClassifierDeployment, serve_version(member), **{**options, "name": f"{options['name']}-m{i}"})
+                  .bind(member) for i, member in enumerate(members)]
     else:
         cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-        handle = cls.options(**options).bind(spec)
+        handle = _options(cls, serve_version(spec), **options).bind(spec)
     labels = None
     if card["task"] == "classification":
         labels = card.get("labels") or (card.get("config") or {}).get("labels")
@@ -111,12 +157,12 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
             meta[m.name]["canary"] = {**c_meta, "weight": m.canary.weight}
     shared = None
     if cfg.ingress.num_replicas > 1:  # feedback may reach another replica than the one that answered
-        shared = SharedResponses.options(name="shared-responses",
-                                         logging_config={"enable_access_log": cfg.access_log}).bind(
-            RECENT_RESPONSES * cfg.ingress.num_replicas)
-    return Ingress.options(name="ingress", num_replicas=cfg.ingress.num_replicas,
-                           max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-                           health_check_period_s=cfg.ingress.health_check_period_s,
-                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
-                           logging_config={"enable_access_log": cfg.access_log}).bind(
-        cfg.model_dump(mode="json"), meta, handles, shared)
+        size = RECENT_RESPONSES * cfg.ingress.num_replicas
+        shared = _options(SharedResponses, serve_version(size), name="shared-responses",
+                          logging_config={"enable_access_log": cfg.access_log}).bind(size)
+    spec = cfg.model_dump(mode="json")
+    return _options(Ingress, serve_version(spec, meta, sorted(handles), shared is not None), name="ingress",
+                    num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+                    health_check_period_s=cfg.ingress.health_check_period_s,
+                    ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+                    logging_config={"enable_access_log": cfg.access_log}).bind(spec, meta, handles, shared)

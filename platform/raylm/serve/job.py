@@ -2,7 +2,8 @@
 
 Validates the config, checks the API keys and the models before touching Serve, measures
 what compression (int8 / pruning) costs in validation loss, then `serve.run`s the app (a
-rolling update when an app of that name is already running: no request is dropped) and
+rolling update when an app of that name is already running: no request is dropped; only the
+deployments whose model, settings or code changed get new replicas, see serve/graph.py) and
 prints the endpoint and a curl line. The app keeps running after the job ends.
 """
 
@@ -115,6 +116,31 @@ def _running_http_options() -> dict[str, Any]:
         return dict(_get_global_client().get_serve_details().get("http_options") or {})
     except Exception:  # noqa: BLE001 - only used to print the right URL
         return {}
+
+
+def _running_replicas(app: str) -> dict[str, set[str]]:
+    """Deployment -> ids of its RUNNING replicas, for an app on the cluster ({} when it does not run)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        deps = (_get_global_client().get_serve_details().get("applications") or {}).get(app, {}).get("deployments")
+    except Exception:  # noqa: BLE001 - only used to say what a redeploy kept
+        return {}
+    return {name: {r["replica_id"] for r in d.get("replicas") or [] if r.get("state") == "RUNNING"}
+            for name, d in (deps or {}).items()}
+
+
+def redeploy_summary(before: dict[str, set[str]], after: dict[str, set[str]]) -> Optional[str]:
+    """What a redeploy did to a running app's deployments: which kept their replicas (unchanged
+    version: the same model, settings and code) and which got new ones. None for a first deploy."""
+    if not before:
+        return None
+    kept = sorted(d for d, ids in after.items() if ids & before.get(d, set()))
+    new = sorted(d for d in after if d not in kept)
+    if not new:
+        return f"nothing changed: all {sum(len(after[d]) for d in kept)} replicas go on serving, none restarted"
+    return f"new replicas for {', '.join(new)}" + (f"; kept the running ones of {', '.join(kept)} (unchanged)"
+                                                    if kept else "")
 
 
 class ServedUnknown(RuntimeError):
@@ -240,11 +266,15 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     t0 = time.time()
     # serve.run waits for every replica; one that cannot be placed would wait without a word here
     watch = waiting.start(ray.get_runtime_context().get_job_id(), app=cfg.name)
+    before = _running_replicas(cfg.name)
     try:
         serve.run(build(cfg, cards), name=cfg.name, route_prefix=cfg.route_prefix)
     finally:
         if watch is not None:
             watch.done.set()
+    redeployed = redeploy_summary(before, _running_replicas(cfg.name))
+    if redeployed:
+        print(f"[deploy] {cfg.name!r} was running: {redeployed}", flush=True)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     base = f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
     lm = next((m.name for m in cfg.models if cards[m.name]["task"] == "causal_lm"), None)
@@ -261,7 +291,7 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
          -H 'Content-Type: application/json' -d '{{"model": "{lm}", "prompt": "To be", "max_tokens": 32}}'""",
               flush=True)
     return {"app": cfg.name, "url": base, "models": {m.name: cards[m.name]["id"] for m in cfg.models},
-            "tasks": {m.name: cards[m.name].get("task", "causal_lm") for m in cfg.models}}
+            "tasks": {m.name: cards[m.name].get("task", "causal_lm") for m in cfg.models}, "redeployed": redeployed}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
