@@ -11,12 +11,17 @@
 - quantize:  in-process generation latency of int8 dynamic quantization vs fp32, and the
              validation-loss change (measured on the model's own validation split when the
              model has one: pass --model NAME from the registry).
+- redeploy:  the same config deployed again onto the running app: seconds until `serve.run`
+             returns and replicas replaced, with raylm's deployment versions (a digest of what
+             each replica is built from: nothing to replace) vs Ray's default (a random version
+             per deploy: every replica replaced).
 - gpu:       on CUDA: tokens/s and p50 latency at 1 and 16 concurrent clients through Serve vs
              direct HF generate in-process (batch 1 and batch 16).
 
     python benchmarks/serve_bench.py                          # CPU: overhead, batching, quantize
     python benchmarks/serve_bench.py --model tiny-llama       # a registry model (quality on its data)
     python benchmarks/serve_bench.py --device cuda --preset 500m --experiments gpu
+    python benchmarks/serve_bench.py --experiments redeploy
 
 Load comes from a bounded client (a fixed number of threads, a fixed number of requests) on
 loopback. Joins the `raylm up` cluster when one runs here, else starts a local Ray.
@@ -275,6 +280,21 @@ def main() -> int:
                                                                       "val_loss_before", "val_loss_after",
                                                                       "val_loss_delta") if k in quality}}),
                   flush=True)
+        if "redeploy" in experiments:
+            from raylm.serve.job import running_replicas
+
+            out = {}
+            for name, versioned in (("raylm_versions", True), ("ray_default", False)):  # (deployed versioned above)
+                before = running_replicas("bench")
+                t0 = time.perf_counter()
+                serve.run(build(cfg, cards, versioned=versioned), name="bench", route_prefix="/bench")
+                seconds = time.perf_counter() - t0
+                after = running_replicas("bench")
+                lat, _, _, errors = client.run(bodies(1, 1, 0.0, "batched"), 1)  # the first request after it
+                out[name] = {"seconds": round(seconds, 2), "replicas": sum(map(len, after.values())),
+                             "replicas_replaced": sum(len(ids - before.get(d, set())) for d, ids in after.items()),
+                             "first_request_ms": round(1000 * lat[0], 1) if lat else None, "errors": errors}
+            print(json.dumps({"benchmark": "serve_redeploy", **base, "same_config": True, **out}), flush=True)
         if "gpu" in experiments:
             out = {}
             for clients in (1, a.clients):

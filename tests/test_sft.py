@@ -197,9 +197,37 @@ def test_conversations_are_padded_one_a_block_or_packed_one_after_another():
     assert pad(convs, 5, pad_id=0).to_pylist() == [  # the longer one cut at seq_len
         {"input_ids": [5, 6, 0, 0, 0], "loss_mask": [0, 1, 0, 0, 0], "trained_tokens": 1},
         {"input_ids": [7, 8, 9, 10, 11], "loss_mask": [0, 0, 0, 1, 1], "trained_tokens": 2}]
-    assert pack(convs, 3, eos_id=None).to_pylist() == [  # no EOS between them: the template ends each answer
-        {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 0], "trained_tokens": 1},
-        {"input_ids": [8, 9, 10], "loss_mask": [0, 0, 1], "trained_tokens": 1}]
+    # no EOS between them (the template ends each answer); positions restart at each conversation and
+    # at each block (the second conversation goes on in the second block without its beginning)
+    assert pack(convs, 3, eos_id=None).to_pylist() == [
+        {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 0], "trained_tokens": 1, "position_ids": [0, 1, 0]},
+        {"input_ids": [8, 9, 10], "loss_mask": [0, 0, 1], "trained_tokens": 1, "position_ids": [0, 1, 2]}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_conversation_is_computed_as_if_it_were_alone(arch):
+    """pack.conversations: pack. Three conversations in one block, read by the training loop: the
+    model's logits on each are the ones it gives that conversation alone (what serving computes),
+    so no conversation attends to the ones before it. Without the blocks' position_ids they are not."""
+    from raylm.data.tokenize import MASK_TYPE, TOKENS_TYPE, pack
+    from raylm.train import models
+    from raylm.train.config import ModelConfig
+    from raylm.train.loop import _host_batch
+
+    torch.manual_seed(0)
+    convs = [torch.randint(3, 60, (n,)).tolist() for n in (9, 14, 9)]
+    table = pa.table({"input_ids": pa.array(convs, TOKENS_TYPE),
+                      "loss_mask": pa.array([[0] * (len(c) - 2) + [1, 1] for c in convs], MASK_TYPE)})
+    batch = _host_batch(pack(table, 32, eos_id=None), "causal_lm", pin=False)
+    assert batch["input_ids"].shape == (1, 32) and batch["position_ids"][0].tolist() == [
+        *range(9), *range(14), *range(9)]
+    model = models.build(ModelConfig(arch=arch, preset="tiny"), 64, 32, 1, 0).eval()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        unmasked = model(input_ids=batch["input_ids"]).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([c])).logits[0] for c in convs])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unmasked[9:], alone[9:], atol=1e-3)  # the later ones saw the first
 
 
 def test_the_fine_tuned_model_answers_with_the_template_it_was_trained_with(sft_model):
@@ -253,8 +281,10 @@ def test_a_text_dataset_mixed_with_conversations_is_trained_on_every_token(chats
     meta = dataset_meta(cfg)
     assert meta["format"] == "chat" and meta["tokenizer_uri"].startswith(chatset["manifest"]["uri"])
     train = read_tables(cfg, meta)["train"]
-    labels = _host_batch(train, "causal_lm", pin=False)["labels"]
+    batch = _host_batch(train, "causal_lm", pin=False)
+    labels = batch["labels"]
     masked = (labels == -100).sum(1)
+    assert (batch["position_ids"] == torch.arange(64)).all()  # a block is one sequence (padded conversations, text)
     blocks = {x["dataset"].split("@")[0]: x["blocks_per_epoch"] for x in meta["mixture"]}
     assert (masked == 0).sum() == blocks["prose"] and (masked > 0).sum() == blocks["chatset"]
 

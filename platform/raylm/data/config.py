@@ -317,8 +317,9 @@ class PackConfig(Strict):
     conversations: Literal["pad", "pack"] = Field(
         "pad", description="chat datasets: pad puts one conversation in each block, padded after its end (the loss "
         "skips the padding, which a causal model never attends to), a longer one cut at seq_len (counted); pack puts "
-        "conversations one after another with no padding (denser, but an answer cut at a block's end is trained "
-        "without its question in view, and a conversation attends to the ones before it in its block)")
+        "conversations one after another with no padding (denser; each attends within itself only, its positions "
+        "counted from 0 as when served: the blocks carry position_ids; an answer cut at a block's end is trained "
+        "without its question in view)")
 
 
 class TokenizeCompute(Strict):

@@ -97,6 +97,8 @@ def version_id(cfg: DataConfig, fingerprints: list[dict[str, Any]], chat_templat
     payload = {"pipeline": PIPELINE_VERSION, "config": conf, "sources": fingerprints}
     if cfg.chat:  # the template conversations are rendered with, wherever it comes from (a default too)
         payload["chat_template"] = chat_template or chat_spec(cfg)[0]
+        if cfg.pack.conversations == "pack":  # blocks with position_ids (session 34): not the versions before
+            payload["pack_positions"] = True
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return "v" + digest[:12]
 

@@ -258,7 +258,11 @@ def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:
 
     Conversations (`loss_mask` in the batch; `eos_id` None: the chat template ends each answer)
     are packed with their loss masks, one after another, and each block gets `trained_tokens`
-    (the pipeline leaves out blocks with none: a loss over no tokens is undefined)."""
+    (the pipeline leaves out blocks with none: a loss over no tokens is undefined) and
+    `position_ids`: each conversation's positions from 0, as when it is served alone, restarting
+    at a block's start too (a conversation cut there goes on in the next block without its
+    beginning). Given them, transformers' causal LMs attend within one conversation only (a
+    restart of the positions starts a new sequence: `masking_utils.find_packed_sequence_indices`)."""
     ids = batch.column("input_ids").combine_chunks()
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int32)
@@ -283,6 +287,10 @@ def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:
             zero_copy_only=False).astype(np.int8)[: n_blocks * seq_len]
         out["loss_mask"] = pa.ListArray.from_arrays(offsets, pa.array(mask, pa.int8()))
         out["trained_tokens"] = pa.array(mask.reshape(n_blocks, seq_len).sum(1, dtype=np.int64), pa.int64())
+        idx = np.arange(n_blocks * seq_len)
+        starts = np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)[: n_blocks * seq_len]
+        positions = idx - np.maximum(starts, idx // seq_len * seq_len)
+        out["position_ids"] = pa.ListArray.from_arrays(offsets, pa.array(positions.astype(np.int32), pa.int32()))
     return pa.table(out)
 
 

@@ -76,11 +76,14 @@ def serve_version(*built_from: Any) -> str:
     return hashlib.sha256(f"{_code_digest()}\0{doc}".encode()).hexdigest()[:16]
 
 
-def _options(deployment, version: str, **options: Any):
-    """`deployment.options(**options)` with `version` set. Ray 2.5x took `version` out of the public
-    options (imperative `serve.run` gives every deployment a random one) but its own declarative
-    deploys still set it through `_internal`; without it, a redeploy replaces every replica.
-    tests/test_serve.py (the rolling update) fails if a Ray upgrade stops honouring it."""
+def _options(deployment, version: Optional[str], **options: Any):
+    """`deployment.options(**options)` with `version` set (None: Ray's default, a random one).
+    Ray 2.5x took `version` out of the public options (imperative `serve.run` gives every deployment
+    a random one) but its own declarative deploys still set it through `_internal`; without it, a
+    redeploy replaces every replica. tests/test_serve.py (the rolling update) fails if a Ray upgrade
+    stops honouring it."""
+    if version is None:
+        return deployment.options(**options)
     return deployment.options(**options, version=version, _internal=True)
 
 
@@ -89,7 +92,8 @@ def canary_key(name: str) -> str:
     return f"{name}@canary"
 
 
-def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) -> tuple[Any, dict[str, Any]]:
+def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict,
+          version=serve_version) -> tuple[Any, dict[str, Any]]:
     """One model's deployment(s) bound, and what the ingress needs to know of it."""
     from raylm import storage
     from raylm.serve.deployments import ClassifierDeployment, LMDeployment
@@ -107,11 +111,11 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) ->
             "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
             "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}}
             for i in range(len(ensemble["members"]))]
-        handle = [_options(ClassifierDeployment, serve_version(member), **{**options, "name": f"{options['name']}-m{i}"})
+        handle = [_options(ClassifierDeployment, version(member), **{**options, "name": f"{options['name']}-m{i}"})
                   .bind(member) for i, member in enumerate(members)]
     else:
         cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-        handle = _options(cls, serve_version(spec), **options).bind(spec)
+        handle = _options(cls, version(spec), **options).bind(spec)
     labels = None
     if card["task"] == "classification":
         labels = card.get("labels") or (card.get("config") or {}).get("labels")
@@ -121,9 +125,12 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict) ->
                     if card.get("created") else None}
 
 
-def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
+def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None, versioned: bool = True):
+    """The app; `versioned=False` leaves each deployment's version to Ray (a random one: every
+    redeploy replaces every replica), the baseline of `benchmarks/serve_bench.py --experiments redeploy`."""
     if cards is None:
         cfg, cards = resolve(cfg)
+    version = serve_version if versioned else (lambda *built_from: None)
     handles, meta = {}, {}
     for m in cfg.models:
         card = cards[m.name]
@@ -142,7 +149,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
                 "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
         else:
             options["num_replicas"] = m.num_replicas
-        handles[m.name], meta[m.name] = _bind(options, m.name, card, m.model_dump(mode="json"))
+        handles[m.name], meta[m.name] = _bind(options, m.name, card, m.model_dump(mode="json"), version)
         if m.canary:
             c, c_options = m.canary, {**options, "name": f"model-{m.name}-canary"}
             spec_options = m.model_dump(mode="json")
@@ -153,15 +160,15 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None):
                 c_options["ray_actor_options"] = {**options["ray_actor_options"], "num_cpus": c.num_cpus}
                 spec_options["num_cpus"] = c.num_cpus  # (its torch threads)
             handles[canary_key(m.name)], c_meta = _bind(c_options, f"{m.name}-canary", cards[canary_key(m.name)],
-                                                        spec_options)
+                                                        spec_options, version)
             meta[m.name]["canary"] = {**c_meta, "weight": m.canary.weight}
     shared = None
     if cfg.ingress.num_replicas > 1:  # feedback may reach another replica than the one that answered
         size = RECENT_RESPONSES * cfg.ingress.num_replicas
-        shared = _options(SharedResponses, serve_version(size), name="shared-responses",
+        shared = _options(SharedResponses, version(size), name="shared-responses",
                           logging_config={"enable_access_log": cfg.access_log}).bind(size)
     spec = cfg.model_dump(mode="json")
-    return _options(Ingress, serve_version(spec, meta, sorted(handles), shared is not None), name="ingress",
+    return _options(Ingress, version(spec, meta, sorted(handles), shared is not None), name="ingress",
                     num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                     health_check_period_s=cfg.ingress.health_check_period_s,
                     ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

@@ -118,7 +118,7 @@ def _running_http_options() -> dict[str, Any]:
         return {}
 
 
-def _running_replicas(app: str) -> dict[str, set[str]]:
+def running_replicas(app: str) -> dict[str, set[str]]:
     """Deployment -> ids of its RUNNING replicas, for an app on the cluster ({} when it does not run)."""
     try:
         from ray.serve.context import _get_global_client
@@ -266,13 +266,13 @@ def run(cfg: DeployConfig) -> dict[str, Any]:
     t0 = time.time()
     # serve.run waits for every replica; one that cannot be placed would wait without a word here
     watch = waiting.start(ray.get_runtime_context().get_job_id(), app=cfg.name)
-    before = _running_replicas(cfg.name)
+    before = running_replicas(cfg.name)
     try:
         serve.run(build(cfg, cards), name=cfg.name, route_prefix=cfg.route_prefix)
     finally:
         if watch is not None:
             watch.done.set()
-    redeployed = redeploy_summary(before, _running_replicas(cfg.name))
+    redeployed = redeploy_summary(before, running_replicas(cfg.name))
     if redeployed:
         print(f"[deploy] {cfg.name!r} was running: {redeployed}", flush=True)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host

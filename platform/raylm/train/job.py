@@ -217,18 +217,24 @@ def _read(uri: str, *parts: str):
 
 
 def with_loss_mask(blocks):
-    """Packed blocks with a `loss_mask` (and nothing else but `input_ids`): a chat dataset's own,
-    or every token trained on (1s) for a text dataset's blocks, so the two mix in one batch."""
+    """Packed blocks with a `loss_mask` and `position_ids` (and nothing else but `input_ids`): a
+    chat dataset's own, or every token trained on (1s) and one sequence a block (positions 0..n-1)
+    for a text dataset's blocks and padded conversations, so they all mix in one batch."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    ids = blocks.column("input_ids").combine_chunks()
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     if "loss_mask" not in blocks.column_names:
-        ids = blocks.column("input_ids").combine_chunks()
-        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(ids).to_numpy(zero_copy_only=False))])
         ones = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.ones(offsets[-1], np.int8)))
         blocks = blocks.append_column("loss_mask", ones)
-    return blocks.select(["input_ids", "loss_mask"])
+    if "position_ids" not in blocks.column_names:
+        positions = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        blocks = blocks.append_column("position_ids", pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(positions.astype(np.int32), pa.int32())))
+    return blocks.select(["input_ids", "loss_mask", "position_ids"])
 
 
 def _read_blocks(uri: str, split: str, masked: bool):

@@ -64,6 +64,9 @@ def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.
             mask = torch.from_numpy(_flat(batch.column("loss_mask")).reshape(batch.num_rows, -1))
             labels = out["input_ids"].masked_fill(mask == 0, -100)  # ignored by the model's loss
             out["labels"] = labels.pin_memory() if pin else labels
+        if "position_ids" in batch.column_names:  # packed conversations: each attends within itself only
+            positions = torch.from_numpy(_flat(batch.column("position_ids")).reshape(batch.num_rows, -1))
+            out["position_ids"] = positions.pin_memory() if pin else positions
     return out
 
 
