@@ -328,6 +328,20 @@ def test_evaluation_scores_a_chat_models_answers_only(chatset, sft_model):
     assert rep["baselines"] == {}  # the n-gram baseline scores whole texts: skipped for conversations
 
 
+def test_what_int8_costs_a_chat_model_is_measured_on_its_answers(chatset, sft_model):
+    """The deploy job's compression measurement scores a chat model's validation blocks as its
+    training did: the answers only (a loss over the prompts too would be the questions' perplexity,
+    not what the model learned), so the loss before compression is the run's own val_loss."""
+    from raylm.serve.config import Compression
+    from raylm.serve.job import measure_compression
+
+    q = measure_compression(sft_model, Compression(quantize="int8", eval_batches=2))
+    val_loss = sft_model["metrics"]["val_loss"]
+    assert q["measured"] and q["split_blocks"] > 0
+    assert q["val_loss_before"] == pytest.approx(val_loss, rel=0.5, abs=0.02), (q, val_loss)
+    assert q["val_loss_before"] < 0.2 and math.isfinite(q["val_loss_after"]), q
+
+
 def test_deploying_a_fine_tuned_model_with_another_template_is_warned_about():
     from raylm.serve.config import DeployConfig
     from raylm.serve.job import template_overrides

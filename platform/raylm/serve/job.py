@@ -20,7 +20,10 @@ from raylm import config, registry, storage
 from raylm.serve.config import Compression, DeployConfig
 
 
-def _validation_blocks(card: dict[str, Any], n: int) -> list[list[int]]:
+def _validation_blocks(card: dict[str, Any], n: int):
+    """The first `n` packed blocks of the model's validation split (train when it has none), with
+    what the training loop reads of them: a chat dataset's loss masks and positions, a preference
+    dataset's rejected side."""
     import pyarrow.dataset as pads
 
     from raylm.data import versions
@@ -29,8 +32,9 @@ def _validation_blocks(card: dict[str, Any], n: int) -> list[list[int]]:
     m = versions.resolve(card["dataset"], root)
     split = "validation" if m["splits"]["validation"]["blocks"] else "train"
     fs, path = storage.arrow_fs(storage.join(m["uri"], "packed", split))
-    table = pads.dataset(path, filesystem=fs, format="parquet").head(n, columns=["input_ids"])
-    return table.column("input_ids").to_pylist()
+    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    wanted = ("input_ids", "loss_mask", "position_ids", "rejected_ids", "rejected_mask")
+    return ds.head(n, columns=[c for c in wanted if c in ds.schema.names])
 
 
 def loopback_across_machines(host: str, node_ips: Sequence[str], haproxy: bool) -> Optional[str]:
@@ -68,16 +72,19 @@ def template_overrides(models: Sequence[Any], cards: dict[str, dict[str, Any]]) 
 
 
 def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
-    """Validation loss (and CPU latency per block) of the model as trained vs compressed."""
+    """Validation loss (and CPU latency per block) of the model as trained vs compressed, the
+    loss as training computes it: on a chat dataset's answers only (each packed conversation on
+    its own positions), on both sides' last answers of preference pairs."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from raylm.serve.engine import compress
+    from raylm.train.loop import _host_batch
 
     if card.get("task") != "causal_lm":
         return {"measured": False, "reason": "quality is measured for causal LMs (validation loss)"}
     blocks = _validation_blocks(card, c.eval_batches * 4)
-    if not blocks:
+    if not blocks.num_rows:
         return {"measured": False, "reason": "the model's dataset has no packed blocks to measure on"}
     model = AutoModelForCausalLM.from_pretrained(str(registry.local_path(card)), local_files_only=True,
                                                  dtype=torch.float32).eval()
@@ -85,15 +92,14 @@ def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
     def evaluate(m: torch.nn.Module) -> tuple[float, float]:
         losses, t0 = [], time.perf_counter()
         with torch.inference_mode():
-            for i in range(0, len(blocks), 4):
-                x = torch.tensor(blocks[i:i + 4])
-                losses.append(float(m(input_ids=x, labels=x).loss))
-        return sum(losses) / len(losses), (time.perf_counter() - t0) / len(blocks)
+            for i in range(0, blocks.num_rows, 4):
+                losses.append(float(m(**_host_batch(blocks.slice(i, 4), "causal_lm", pin=False)).loss))
+        return sum(losses) / len(losses), (time.perf_counter() - t0) / blocks.num_rows
 
     base_loss, base_s = evaluate(model)
     out = compress(copy.deepcopy(model), c.quantize, c.prune)
     loss, s = evaluate(out.pop("model"))
-    return {"measured": True, "split_blocks": len(blocks), "quantize": c.quantize, "prune": c.prune,
+    return {"measured": True, "split_blocks": blocks.num_rows, "quantize": c.quantize, "prune": c.prune,
             "eval_batches": c.eval_batches, "applied": out,
             "val_loss_before": round(base_loss, 5), "val_loss_after": round(loss, 5),
             "val_loss_delta": round(loss - base_loss, 5),
