@@ -20,7 +20,7 @@ import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from raylm.serve.app import Ingress
 from raylm.serve.recent import RECENT_RESPONSES, SharedResponses
@@ -93,8 +93,9 @@ def canary_key(name: str) -> str:
 
 
 def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict,
-          version=serve_version) -> tuple[Any, dict[str, Any]]:
-    """One model's deployment(s) bound, and what the ingress needs to know of it."""
+          version: Callable[..., Optional[str]]) -> tuple[Any, dict[str, Any]]:
+    """One model's deployment(s) bound (each with `version(its constructor's argument)`), and what
+    the ingress needs to know of it."""
     from raylm import storage
     from raylm.serve.deployments import ClassifierDeployment, LMDeployment
 

@@ -115,25 +115,26 @@ def record_compression(card: dict[str, Any], result: dict[str, Any]) -> None:
     card.update(current)
 
 
-def _running_http_options() -> dict[str, Any]:
+def _serve_details() -> dict[str, Any]:
+    """The Serve controller's details of this cluster ({} when they cannot be had: they only tell
+    the deploy job what to print)."""
     try:
         from ray.serve.context import _get_global_client
 
-        return dict(_get_global_client().get_serve_details().get("http_options") or {})
-    except Exception:  # noqa: BLE001 - only used to print the right URL
+        return _get_global_client().get_serve_details() or {}
+    except Exception:  # noqa: BLE001 - only used for what the job prints
         return {}
+
+
+def _running_http_options() -> dict[str, Any]:
+    return dict(_serve_details().get("http_options") or {})
 
 
 def running_replicas(app: str) -> dict[str, set[str]]:
     """Deployment -> ids of its RUNNING replicas, for an app on the cluster ({} when it does not run)."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        deps = (_get_global_client().get_serve_details().get("applications") or {}).get(app, {}).get("deployments")
-    except Exception:  # noqa: BLE001 - only used to say what a redeploy kept
-        return {}
+    deps = ((_serve_details().get("applications") or {}).get(app) or {}).get("deployments") or {}
     return {name: {r["replica_id"] for r in d.get("replicas") or [] if r.get("state") == "RUNNING"}
-            for name, d in (deps or {}).items()}
+            for name, d in deps.items()}
 
 
 def redeploy_summary(before: dict[str, set[str]], after: dict[str, set[str]]) -> Optional[str]:
