@@ -979,11 +979,24 @@ def test_rolling_update_under_load_loses_no_request(served):
     changed gets new replicas (the classifier's go on). The same config again restarts nothing."""
     from raylm import config
     from raylm.serve.config import DeployConfig
-    from raylm.serve.job import run
+    from raylm.serve.job import run, running_replicas
 
     same = run(config.build(DeployConfig, served["cfg"]))
     assert same["redeployed"].startswith("nothing changed: all ") and "none restarted" in same["redeployed"], same["redeployed"]
+    # settings only Serve reads (scaling, queue limits) apply to the running replicas: none restarts
     cfg = json.loads(json.dumps(served["cfg"]))
+    cfg["models"][0]["autoscaling"]["max_replicas"] = 3
+    cfg["models"][2]["max_ongoing_requests"] = 8
+    cfg["ingress"] = {"max_ongoing_requests": 128}
+    before = running_replicas(APP)
+    scaled = run(config.build(DeployConfig, cfg))
+    after = running_replicas(APP)
+    assert all(before[d]["replicas"] <= after[d]["replicas"] for d in before), (before, after)
+    assert after["model-author"]["config"]["max_ongoing_requests"] == 8
+    assert scaled["redeployed"] == (
+        "applied in place, replicas kept: ingress max_ongoing_requests 256 -> 128; model-author max_ongoing_requests "
+        "16 -> 8; model-lm autoscaling_config.max_replicas 2 -> 3; kept the running ones of model-lm-int8, model-tight "
+        "(unchanged)"), scaled["redeployed"]
     cfg["models"] = [m for m in cfg["models"] if m["name"] in ("lm", "author")]
     cfg["models"][0]["model"] = "lm@v2"
     cfg["models"][0].pop("autoscaling")
@@ -1014,7 +1027,8 @@ def test_rolling_update_under_load_loses_no_request(served):
     ids = {m["id"]: m["registry_id"] for m in requests.get(served["base"] + "/v1/models", headers=_h(
         served["keys"]["gen"]), timeout=30).json()["data"]}
     assert ids == {"lm": "lm@v2", "author": "author-cls@v1"}
-    assert out["redeployed"] == "new replicas for ingress, model-lm; kept the running ones of model-author (unchanged)", out
+    assert out["redeployed"] == ("new replicas for ingress, model-lm; kept the running ones of model-author (unchanged); "
+                                 "removed model-lm-int8, model-tight"), out
 
 
 def test_deploy_job_refuses_without_keys_and_with_unknown_models(served, tmp_path):

@@ -7,9 +7,11 @@ resources, and the FastAPI ingress (serve/app.py) bound to their handles.
                                               `raylm.serve.app:app_builder` wraps it for Serve configs)
 
 Every deployment carries a version (`serve_version`): a digest of what its replicas are built from.
-Serve replaces a deployment's replicas when its version changes and only then (scaling and queue
-settings apply in place), so a redeploy of an unchanged config keeps every replica, and a rolling
-update replaces only the deployments whose model, settings or code changed.
+Serve replaces a deployment's replicas when its version changes and only then, so a redeploy of an
+unchanged config keeps every replica, and a rolling update replaces only the deployments whose
+model, settings or code changed. The settings Serve applies to running replicas itself (replica
+counts, autoscaling, queue limits, health checks, the access log: `SERVE_APPLIED`) stay out of the
+versions: changing only those keeps every replica and applies them in place.
 """
 
 from __future__ import annotations
@@ -87,6 +89,30 @@ def _options(deployment, version: Optional[str], **options: Any):
     return deployment.options(**options, version=version, _internal=True)
 
 
+# A model entry's fields that only Serve reads (deployment options it applies to running replicas:
+# num_replicas and max_queued_requests lightweight, the others by reconfiguring each replica in
+# place). Neither the replicas nor the ingress read them, so they are left out of the versions.
+SERVE_APPLIED = ("num_replicas", "autoscaling", "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
+SERVE_APPLIED_INGRESS = ("max_ongoing_requests", "health_check_period_s")  # (num_replicas: the ingress reads it)
+
+
+def _replica_facing(entry: dict[str, Any], canary: bool = True) -> dict[str, Any]:
+    """A model entry without what Serve alone applies (`SERVE_APPLIED`; the canary's own replica
+    count too); without the canary at all for the model's own deployment (`canary=False`: only the
+    ingress routes by it)."""
+    out = {k: v for k, v in entry.items() if k not in SERVE_APPLIED and (canary or k != "canary")}
+    if out.get("canary"):
+        out["canary"] = {k: v for k, v in out["canary"].items() if k != "num_replicas"}
+    return out
+
+
+def _ingress_facing(spec: dict[str, Any]) -> dict[str, Any]:
+    """The deploy config as the ingress's version sees it: without what Serve alone applies."""
+    return {**{k: v for k, v in spec.items() if k != "access_log"},
+            "models": [_replica_facing(m) for m in spec["models"]],
+            "ingress": {k: v for k, v in spec["ingress"].items() if k not in SERVE_APPLIED_INGRESS}}
+
+
 def canary_key(name: str) -> str:
     """The key of a model's canary among the cards (`resolve`)."""
     return f"{name}@canary"
@@ -106,17 +132,21 @@ def _bind(options: dict[str, Any], name: str, card: dict, spec_options: dict,
                                                        or c.get("prune", 0) else ())
     spec = {"name": name, "card": {k: card.get(k) for k in keep}, "options": spec_options}
     ensemble = None
+
+    def built_from(s: dict[str, Any]) -> dict[str, Any]:  # what a replica's version digests
+        return {**s, "options": _replica_facing(s["options"], canary=False)}
+
     if card.get("format") == "ensemble":  # one deployment per member; the ingress combines them
         ensemble = storage.read_json(storage.join(card["uri"], "ensemble.json"))
         members = [{**spec, "name": f"{name}-m{i}", "card": {
             "id": f"{card['id']}/m{i}", "name": f"{card['name']}-v{card['version']}-m{i}", "version": i,
             "uri": storage.join(card["uri"], "members", str(i)), "task": "classification"}}
             for i in range(len(ensemble["members"]))]
-        handle = [_options(ClassifierDeployment, version(member), **{**options, "name": f"{options['name']}-m{i}"})
+        handle = [_options(ClassifierDeployment, version(built_from(member)), **{**options, "name": f"{options['name']}-m{i}"})
                   .bind(member) for i, member in enumerate(members)]
     else:
         cls = LMDeployment if card["task"] == "causal_lm" else ClassifierDeployment
-        handle = _options(cls, version(spec), **options).bind(spec)
+        handle = _options(cls, version(built_from(spec)), **options).bind(spec)
     labels = None
     if card["task"] == "classification":
         labels = card.get("labels") or (card.get("config") or {}).get("labels")
@@ -169,7 +199,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None, versioned:
         shared = _options(SharedResponses, version(size), name="shared-responses",
                           logging_config={"enable_access_log": cfg.access_log}).bind(size)
     spec = cfg.model_dump(mode="json")
-    return _options(Ingress, version(spec, meta, sorted(handles), shared is not None), name="ingress",
+    return _options(Ingress, version(_ingress_facing(spec), meta, sorted(handles), shared is not None), name="ingress",
                     num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                     health_check_period_s=cfg.ingress.health_check_period_s,
                     ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

@@ -130,24 +130,50 @@ def _running_http_options() -> dict[str, Any]:
     return dict(_serve_details().get("http_options") or {})
 
 
-def running_replicas(app: str) -> dict[str, set[str]]:
-    """Deployment -> ids of its RUNNING replicas, for an app on the cluster ({} when it does not run)."""
+def running_replicas(app: str) -> dict[str, dict[str, Any]]:
+    """Deployment -> {"replicas": ids of its RUNNING replicas, "config": its deployment options as
+    Serve runs them}, for an app on the cluster ({} when it does not run)."""
     deps = ((_serve_details().get("applications") or {}).get(app) or {}).get("deployments") or {}
-    return {name: {r["replica_id"] for r in d.get("replicas") or [] if r.get("state") == "RUNNING"}
-            for name, d in deps.items()}
+    return {name: {"replicas": {r["replica_id"] for r in d.get("replicas") or [] if r.get("state") == "RUNNING"},
+                   "config": d.get("deployment_config") or {}} for name, d in deps.items()}
 
 
-def redeploy_summary(before: dict[str, set[str]], after: dict[str, set[str]]) -> Optional[str]:
-    """What a redeploy did to a running app's deployments: which kept their replicas (unchanged
-    version: the same model, settings and code) and which got new ones. None for a first deploy."""
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`key old -> new` for each deployment option that changed (one level into nested ones,
+    e.g. `autoscaling_config.max_replicas 2 -> 3`)."""
+    out = []
+    for k in sorted(set(before) | set(after)):
+        a, b = before.get(k), after.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk} {a.get(kk)} -> {b.get(kk)}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+        else:
+            out.append(f"{k} {a} -> {b}")
+    return out
+
+
+def redeploy_summary(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> Optional[str]:
+    """What a redeploy did to a running app's deployments (`running_replicas` before and after):
+    which got new replicas, which kept theirs with settings Serve applied in place (replica counts,
+    autoscaling, queue limits), which kept theirs unchanged, which were removed. None for a first deploy."""
     if not before:
         return None
-    kept = sorted(d for d, ids in after.items() if ids & before.get(d, set()))
+    kept = sorted(d for d, s in after.items() if s["replicas"] & before.get(d, {}).get("replicas", set()))
     new = sorted(d for d in after if d not in kept)
-    if not new:
-        return f"nothing changed: all {sum(len(after[d]) for d in kept)} replicas go on serving, none restarted"
-    return f"new replicas for {', '.join(new)}" + (f"; kept the running ones of {', '.join(kept)} (unchanged)"
-                                                    if kept else "")
+    gone = sorted(d for d in before if d not in after)
+    in_place = {d: c for d in kept if (c := _changed(before[d]["config"], after[d]["config"]))}
+    unchanged = [d for d in kept if d not in in_place]
+    if not new and not in_place and not gone:
+        return f"nothing changed: all {sum(len(after[d]['replicas']) for d in kept)} replicas go on serving, none restarted"
+    parts = [f"new replicas for {', '.join(new)}"] if new else []
+    if in_place:
+        parts.append("applied in place, replicas kept: " + "; ".join(f"{d} {', '.join(c)}" for d, c in in_place.items()))
+    if unchanged:
+        parts.append(f"kept the running ones of {', '.join(unchanged)} (unchanged)")
+    if gone:
+        parts.append(f"removed {', '.join(gone)}")
+    return "; ".join(parts)
 
 
 class ServedUnknown(RuntimeError):
