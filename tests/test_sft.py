@@ -139,7 +139,7 @@ def test_conversations_are_checked_and_only_their_answers_are_trained_on(chatset
     from transformers import AutoTokenizer
 
     from raylm.train.job import with_loss_mask
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
     m, records = chatset["manifest"], chatset["records"]
     read = next(s for s in m["steps"] if s["step"] == "read")
@@ -180,7 +180,7 @@ def test_conversations_are_checked_and_only_their_answers_are_trained_on(chatset
         assert block["input_ids"][:n] == doc["input_ids"][:n] and block["loss_mask"][:n] == doc["loss_mask"][:n]
         assert set(block["input_ids"][n:]) <= {tok.pad_token_id} and not any(block["loss_mask"][n:])
     assert 0 < m["splits"]["train"]["trained_tokens"] < m["splits"]["train"]["packed_tokens"]
-    batch = _host_batch(blocks.slice(0, 4), "causal_lm", pin=False)
+    batch = host_batch(blocks.slice(0, 4), "causal_lm", pin=False)
     mask = pa.array(blocks.column("loss_mask").to_pylist()[:4]).to_pylist()
     for row, row_mask in zip(batch["labels"].tolist(), mask):
         assert [x != -100 for x in row] == [bool(k) for k in row_mask]
@@ -212,13 +212,13 @@ def test_a_packed_conversation_is_computed_as_if_it_were_alone(arch):
     from raylm.data.tokenize import MASK_TYPE, TOKENS_TYPE, pack
     from raylm.train import models
     from raylm.train.config import ModelConfig
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
     torch.manual_seed(0)
     convs = [torch.randint(3, 60, (n,)).tolist() for n in (9, 14, 9)]
     table = pa.table({"input_ids": pa.array(convs, TOKENS_TYPE),
                       "loss_mask": pa.array([[0] * (len(c) - 2) + [1, 1] for c in convs], MASK_TYPE)})
-    batch = _host_batch(pack(table, 32, eos_id=None), "causal_lm", pin=False)
+    batch = host_batch(pack(table, 32, eos_id=None), "causal_lm", pin=False)
     assert batch["input_ids"].shape == (1, 32) and batch["position_ids"][0].tolist() == [
         *range(9), *range(14), *range(9)]
     model = models.build(ModelConfig(arch=arch, preset="tiny"), 64, 32, 1, 0).eval()
@@ -268,7 +268,7 @@ def test_a_text_dataset_mixed_with_conversations_is_trained_on_every_token(chats
     from raylm.data import pipeline
     from raylm.train.config import TrainConfig
     from raylm.train.job import dataset_meta, read_tables
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
     d = chatset["dir"]
     src = write_jsonl(d / "text" / "docs.jsonl", documents(20, seed=5))
@@ -281,7 +281,7 @@ def test_a_text_dataset_mixed_with_conversations_is_trained_on_every_token(chats
     meta = dataset_meta(cfg)
     assert meta["format"] == "chat" and meta["tokenizer_uri"].startswith(chatset["manifest"]["uri"])
     train = read_tables(cfg, meta)["train"]
-    batch = _host_batch(train, "causal_lm", pin=False)
+    batch = host_batch(train, "causal_lm", pin=False)
     labels = batch["labels"]
     masked = (labels == -100).sum(1)
     assert (batch["position_ids"] == torch.arange(64)).all()  # a block is one sequence (padded conversations, text)
@@ -442,7 +442,7 @@ def pairset(chatset, sft_model):
 def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained(pairset):
     from transformers import AutoTokenizer
 
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
     lines = [json.loads(x) for x in pairset["pairs"].read_text().splitlines()]
     def right(pair: dict) -> str:  # the sentence that answers the pair's question
@@ -465,7 +465,7 @@ def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained
         assert rejected.removesuffix(f"{tok.eos_token}\n") in ("Sea.", "Land.", *SENTENCES.values()), rejected
         n = row["loss_mask"].index(1)
         assert row["input_ids"][:n] == row["rejected_ids"][:n] and row["rejected_mask"].index(1) == n
-    batch = _host_batch(blocks.slice(0, 3), "causal_lm", pin=False)  # 3 pairs: 3 chosen rows, then 3 rejected
+    batch = host_batch(blocks.slice(0, 3), "causal_lm", pin=False)  # 3 pairs: 3 chosen rows, then 3 rejected
     assert batch["input_ids"].shape[0] == 6
     assert batch["input_ids"][3].tolist() == blocks.column("rejected_ids")[0].as_py()
 
@@ -497,9 +497,9 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
 
     from raylm.train.config import PreferenceConfig
     from raylm.train.losses import Preference
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
-    val = _host_batch(pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation"), "causal_lm", False)
+    val = host_batch(pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation"), "causal_lm", False)
     base, tuned = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pairset["base"], registry.local_path(card)))
     dpo = Preference(PreferenceConfig(beta=0.1), reference=base)
     with torch.no_grad():

@@ -79,7 +79,7 @@ def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from raylm.serve.engine import compress
-    from raylm.train.loop import _host_batch
+    from raylm.train.loop import host_batch
 
     if card.get("task") != "causal_lm":
         return {"measured": False, "reason": "quality is measured for causal LMs (validation loss)"}
@@ -93,7 +93,7 @@ def measure_compression(card: dict[str, Any], c: Compression) -> dict[str, Any]:
         losses, t0 = [], time.perf_counter()
         with torch.inference_mode():
             for i in range(0, blocks.num_rows, 4):
-                losses.append(float(m(**_host_batch(blocks.slice(i, 4), "causal_lm", pin=False)).loss))
+                losses.append(float(m(**host_batch(blocks.slice(i, 4), "causal_lm", pin=False)).loss))
         return sum(losses) / len(losses), (time.perf_counter() - t0) / blocks.num_rows
 
     base_loss, base_s = evaluate(model)

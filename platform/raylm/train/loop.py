@@ -36,9 +36,11 @@ def _flat(col: pa.Array) -> np.ndarray:
         zero_copy_only=False).astype(np.int64)
 
 
-def _host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.Generator] = None,
+def host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.Generator] = None,
                 all_windows: bool = False) -> dict[str, torch.Tensor]:
-    """A pyarrow batch -> tensors: packed token blocks (the labels are the inputs: the model
+    """A pyarrow batch of a dataset version -> the model's keyword arguments, as training reads
+    it (its validation, and the deploy job's measurement of what compression costs, read the same):
+    packed token blocks (the labels are the inputs: the model
     shifts them; -100, which its loss ignores, where a conversation's `loss_mask` is 0), or
     tokenized texts with their attention mask and label ids.
     Texts read in windows (`window_ids` in the rows: `model.long_texts: windows`): with `draw`,
@@ -158,7 +160,7 @@ def _host_batches(shard, batch_size: int, task: str, pin: bool, skip: int, seed:
                 skip -= 1
                 continue
             draw = np.random.default_rng([*seed, number]) if "window_ids" in batch.column_names else None
-            yield _host_batch(batch, task, pin, draw=draw)
+            yield host_batch(batch, task, pin, draw=draw)
         if seen == 0:
             raise ValueError(f"this worker's train shard has fewer than train.batch_size={batch_size} rows: "
                              "lower batch_size or num_workers, or use more data")
@@ -204,7 +206,7 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
     for i, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=False)):
         if i >= max_batches:
             break
-        host = _host_batch(batch, task, pin=False, all_windows=True)
+        host = host_batch(batch, task, pin=False, all_windows=True)
         windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
         b = _to_device(host, device)
         loss, logits = strat.evaluate(b)

@@ -13,7 +13,7 @@ beta * (log p(y | x) - log p_ref(y | x)) summed over the answer's tokens,
     ipo:     loss = ((r(chosen) - r(rejected)) / beta - 1 / (2 * beta))^2
 
 The reference is a frozen copy of the model as it starts (model.path), on every worker like a teacher.
-A batch holds the pairs' chosen conversations, then their rejected ones (`loop._host_batch`).
+A batch holds the pairs' chosen conversations, then their rejected ones (`loop.host_batch`).
 """
 
 from __future__ import annotations
