@@ -439,6 +439,25 @@ def pairset(chatset, sft_model):
     return {"manifest": pipeline.run(config.build(DataConfig, cfg)), "pairs": out, "base": base}
 
 
+def test_a_much_rated_conversation_gives_its_newest_pairs_up_to_the_limit(tmp_path, capsys):
+    """`raylm feedback pairs --max-per-prompt N`: a conversation rated hundreds of times gives N
+    pairs, made of its newest ratings; 0 is refused with a message."""
+    from raylm.cli import main
+
+    asked = [{"role": "user", "content": "Where is the ship?"}]
+    rows = [{"rating": 1 if i % 2 else -1, "model_version": "sft@v1",
+             "messages": [*asked, {"role": "assistant", "content": f"answer {i}"}]} for i in range(400)]
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pairs.jsonl"
+    assert main(["feedback", "pairs", "--uri", str(tmp_path / "fb"), "--out", str(out), "--max-per-prompt", "3"]) == 0
+    got = [(p["chosen"], p["rejected"]) for p in map(json.loads, out.read_text().splitlines())]
+    assert got == [("answer 399", "answer 398"), ("answer 399", "answer 396"), ("answer 399", "answer 394")]
+    assert "3 preference pairs from 400 rated chat answers to 1 conversations" in capsys.readouterr().out
+    assert main(["feedback", "pairs", "--uri", str(tmp_path / "fb"), "--out", str(out), "--max-per-prompt", "0"]) == 2
+    assert "--max-per-prompt: max_per_prompt must be at least 1, not 0" in capsys.readouterr().err
+
+
 def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained(pairset):
     from transformers import AutoTokenizer
 

@@ -231,6 +231,9 @@ def cmd_feedback_pairs(a: argparse.Namespace) -> int:
     except storage.StorageError as e:
         _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
         return 1
+    except ValueError as e:
+        _print_err(f"--max-per-prompt: {e}")
+        return 2
     out = storage.normalize(a.out)
     storage.write_text(out, "".join(json.dumps(x) + "\n" for x in p["pairs"]))
     print(f"{len(p['pairs'])} preference pairs from {p['records']} rated chat answers to {p['conversations']} "

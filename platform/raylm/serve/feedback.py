@@ -77,6 +77,8 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
     most `max_per_prompt` pairs a conversation (the newest ratings first). Returns {"pairs": [{id,
     prompt, chosen, rejected, versions}], "conversations", "records", "unpaired",
     "skipped"}: `unpaired` counts rated chats with no opposite rating to pair with."""
+    if max_per_prompt < 1:
+        raise ValueError(f"max_per_prompt must be at least 1, not {max_per_prompt}")
     files, records, skipped = _records(uri)
     by_prompt: dict[str, dict[str, Any]] = {}
     rated = 0
@@ -101,9 +103,13 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
                     seen.add((good, bad))
                     found.append({"chosen": good, "rejected": bad,
                                   "versions": sorted({v for v in (good_version, bad_version) if v})})
+                    if len(found) == max_per_prompt:  # enough: a much-rated conversation stops here
+                        break
+            if len(found) == max_per_prompt:
+                break
         if not found:
             unpaired += len(g[1]) + len(g[-1])
-        for p in found[:max_per_prompt]:
+        for p in found:
             pid = hashlib.sha256(f"{key}\x00{p['chosen']}\x00{p['rejected']}".encode("utf-8")).hexdigest()[:16]
             out.append({"id": pid, "prompt": g["prompt"], **p})
     return {"uri": uri, "files": len(files), "records": rated, "conversations": len(by_prompt),
