@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -489,7 +490,7 @@ def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained
     assert batch["input_ids"][3].tolist() == blocks.column("rejected_ids")[0].as_py()
 
 
-def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatset, pairset):
+def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatset, pairset, capsys):
     from raylm import registry
     from raylm.serve.engine import GenRequest, LMEngine
     from raylm.train.config import TrainConfig
@@ -503,9 +504,14 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
         "train.eval_every=50", "train.checkpoint_every=100", "preference.beta=0.1",
         # DPO alone raises every pair's margin here but leaves the greedy answers as they were (the chosen
         # sentences start far down the fine-tuned model's likelihood); with the chosen answers' NLL it says them
-        "preference.sft_weight=1.0"])
+        "preference.sft_weight=1.0",
+        # the reference's log-probabilities computed once before training (live: a copy on each worker,
+        # checked against it below)
+        "preference.reference_logps=precomputed"])
     card = registry.resolve(run(cfg)["model"], str(d / "registry"))
     assert card["data_format"] == "chat" and card["preference"]["reference"] == pairset["base"]
+    assert card["preference"]["reference_logps"] == "precomputed"
+    assert re.search(r"the reference's log-probabilities of \d+ pairs computed in [\d.]+ s", capsys.readouterr().out)
     curve = [loss for _, loss in card["loss_curve"]]
     assert curve[-1] < curve[0] / 4, curve
     # (a pair's rewards are equal where the model is its reference: accuracy 0, margin 0 at the start; the
@@ -515,15 +521,21 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     from transformers import AutoModelForCausalLM
 
     from raylm.train.config import PreferenceConfig
-    from raylm.train.losses import Preference
+    from raylm.train.losses import Preference, reference_logps
     from raylm.train.loop import host_batch
 
-    val = host_batch(pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation"), "causal_lm", False)
+    val_table = pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation")
+    val = host_batch(val_table, "causal_lm", False)
     base, tuned = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pairset["base"], registry.local_path(card)))
     dpo = Preference(PreferenceConfig(beta=0.1), reference=base)
+    # the same loss from the reference's precomputed log-probabilities (no reference model)
+    precomputed = host_batch(reference_logps(val_table, base, torch.device("cpu")), "causal_lm", False)
+    assert set(precomputed) == {"input_ids", "labels", "ref_logps"}
     with torch.no_grad():
         assert float(dpo(base, val)) == pytest.approx(math.log(2), abs=1e-5)
         assert float(dpo(tuned, val)) < math.log(2) / 2
+        assert float(Preference(PreferenceConfig(beta=0.1), None)(tuned, precomputed)) == pytest.approx(
+            float(dpo(tuned, val)), abs=1e-5)
     engine = LMEngine(registry.local_path(card))
     reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
         {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),

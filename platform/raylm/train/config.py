@@ -68,6 +68,12 @@ class PreferenceConfig(Strict):
                               "(RPO, as in Llama 3's DPO): DPO alone may lower the chosen answers' likelihood too, as "
                               "long as the rejected ones fall further, and a small model then says neither; 1.0 "
                               "keeps it saying the chosen ones")
+    reference_logps: Literal["auto", "live", "precomputed"] = Field(
+        "auto", description="precomputed: the reference's log-probability of every pair's answers is computed once "
+        "before training (one Ray task or actor with one worker's resources) and read with the batches: the workers "
+        "hold no copy of the reference and run no reference forward pass a step (for models sharded because they "
+        "do not fit a worker twice); live: a frozen copy on every worker, a forward pass a step (cheaper when a run "
+        "sees fewer pairs than the dataset holds); auto: precomputed with fsdp or deepspeed stage 3, else live")
 
 
 class ModelConfig(Strict):

@@ -79,6 +79,9 @@ def _pair_batch(batch: pa.Table, pin: bool) -> dict[str, torch.Tensor]:
     ids = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("input_ids", "rejected_ids")])
     mask = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("loss_mask", "rejected_mask")])
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(np.where(mask == 0, -100, ids))}
+    if all(c in batch.column_names for c in losses.REF_COLUMNS):  # the reference's, precomputed
+        out["ref_logps"] = torch.from_numpy(np.concatenate(
+            [batch.column(c).to_numpy().astype(np.float32) for c in losses.REF_COLUMNS]))
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
@@ -208,10 +211,11 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
             break
         host = host_batch(batch, task, pin=False, all_windows=True)
         windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
+        ref = host.pop("ref_logps", None)  # (not a model input)
         b = _to_device(host, device)
         loss, logits = strat.evaluate(b)
         if preference is not None:
-            for k, v in preference.stats(logits, b).items():
+            for k, v in preference.stats(logits, b if ref is None else {**b, "ref_logps": ref.to(device)}).items():
                 pref.setdefault(k, []).append(float(v))
             continue
         strat_logits, labels = logits, b.get("labels")
