@@ -565,6 +565,36 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     assert rep["robustness"]["metric"] == "bits_per_byte" and rep["robustness"]["ops"]
 
 
+def test_a_search_over_preference_tuning_scores_the_pairs_with_the_reference_once(chatset, pairset, tmp_path,
+                                                                                  capsys):
+    """A Tune search of DPO runs ranks them by a preference metric; the driver scores every pair
+    with the reference once, and no trial holds a copy of it."""
+    from raylm import registry
+    from raylm.tune.config import TuneConfig
+    from raylm.tune.job import run
+
+    d = chatset["dir"]
+    cfg = config.build(TuneConfig, {
+        "name": "dpo-search", "train": str(ROOT / "tests" / "data" / "train_tiny.yaml"),
+        "set": ["data.dataset=pairs", f"data.root={d / 'datasets'}", f"model.path={pairset['base']}",
+                "train.num_workers=1", "train.max_steps=20", "train.eval_every=10", "train.log_every=10",
+                "train.batch_size=4", "train.warmup_steps=2", "preference.beta=0.1", "preference.sft_weight=1.0"],
+        "space": {"train.lr": {"grid": [1e-6, 2e-3]}}, "metric": "val_reward_margin",
+        "search": {"algorithm": "grid", "max_concurrent": 2},
+        "output": {"storage": str(tmp_path / "tune"), "registry": str(d / "registry")}})
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert len(re.findall(r"the reference's log-probabilities of \d+ pairs computed", out)) == 1, out[-3000:]
+    assert summary["errors"] == 0 and summary["trials"] == 2 and summary["mode"] == "max", (summary, out[-4000:])
+    # 20 steps at lr 1e-6 leave the model where it started (margin ~0); at 2e-3 it prefers the chosen answers
+    assert "best" in summary, summary
+    assert summary["best"]["params"] == {"train.lr": 2e-3} and summary["best"]["val_reward_margin"] > 0.5, summary
+    card = registry.resolve(summary["best"]["model"], str(d / "registry"))
+    assert card["preference"]["reference_logps"] == "precomputed" and card["metrics"]["val_reward_accuracy"] > 0.5
+    with pytest.raises(ConfigError, match="'val_ppl' is not reported by preference training"):
+        run(cfg.model_copy(update={"metric": "val_ppl"}))
+
+
 def test_preference_tuning_is_refused_where_it_cannot_work(chatset, pairset, tmp_path):
     from raylm.train.config import TrainConfig
     from raylm.train.job import dataset_meta

@@ -347,7 +347,8 @@ def _reference_model(cfg: TrainConfig, meta: dict[str, Any]):
     return model, device
 
 
-def _reference_tables(cfg: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
+def reference_tables(cfg: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
+    """Tables of pairs with the reference's log-probabilities, computed in this process."""
     from raylm.train.losses import reference_logps
 
     c = TrainConfig.model_validate(cfg)
@@ -365,11 +366,15 @@ def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optiona
 
     import ray
 
+    from raylm.train.losses import has_reference_logps
+
+    if tables is not None and has_reference_logps(tables):  # (a search's trial: scored once for all)
+        return tables, datasets
     t = cfg.train
     resources = {"num_cpus": t.cpus_per_worker, "num_gpus": 1 if t.use_gpu else 0}
     t0 = time.time()
     if tables is not None:
-        tables = ray.get(ray.remote(**resources)(_reference_tables).remote(cfg.model_dump(mode="json"), meta, tables))
+        tables = ray.get(ray.remote(**resources)(reference_tables).remote(cfg.model_dump(mode="json"), meta, tables))
         pairs = sum(tb.num_rows for tb in tables.values())
     else:
         datasets = {k: ds.map_batches(_ReferenceLogps, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),

@@ -65,6 +65,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")  # a pair table's precomputed reference log-probabilities
 
 
+def has_reference_logps(tables: dict[str, Any]) -> bool:
+    """Whether every table of pairs carries the reference's log-probabilities already."""
+    return all(all(c in tb.column_names for c in REF_COLUMNS) for tb in tables.values())
+
+
 def reference_mode(cfg: TrainConfig) -> str:
     """`live` or `precomputed`: what `preference.reference_logps` means for this run (auto: precomputed
     where the strategy shards the model, because it would not fit a worker twice)."""

@@ -107,7 +107,8 @@ class TuneConfig(Strict):
     set: list[str] = Field(default_factory=list, description="`key=value` overrides of the base train config")
     space: dict[str, Param] = Field(default_factory=dict, description="dotted train-config field -> dimension")
     metric: str = Field("val_loss", description="what the search optimizes (a metric the training reports: "
-                        "val_loss, val_ppl, val_accuracy, val_balanced_accuracy, val_macro_f1)")
+                        "val_loss, val_ppl, val_accuracy, val_balanced_accuracy, val_macro_f1; preference "
+                        "tuning: val_loss, val_reward_accuracy, val_reward_margin)")
     mode: Optional[Literal["min", "max"]] = Field(None, description="default: min for loss / ppl, else max")
     search: SearchConfig = SearchConfig()
     cv: Optional[CVConfig] = Field(None, description="k-fold cross-validation of every configuration")

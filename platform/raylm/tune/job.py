@@ -12,6 +12,7 @@ interrupted search (`Tuner.restore`): finished trials are not run again.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -28,7 +29,9 @@ from raylm.tune.config import Param, TuneConfig
 from raylm.tune import trial as trial_mod
 
 TASK_METRICS = {"causal_lm": ("val_loss", "val_ppl", "loss"),
-                "classification": ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "loss")}
+                "classification": ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "loss"),
+                "preference": ("val_loss", "val_reward_accuracy", "val_reward_margin", "loss")}  # (DPO)
+ALL_METRICS = tuple(dict.fromkeys(k for names in TASK_METRICS.values() for k in names))  # (each once)
 
 
 def default_storage() -> str:
@@ -101,9 +104,10 @@ def check(cfg: TuneConfig, base: dict[str, Any]) -> TrainConfig:
     for key, p in cfg.space.items():
         for value in p.values():  # every choice, or both ends of a range
             config.build(TrainConfig, trial_mod.train_dict(base, {key: value}), f"space: {key}={value!r}")
-    allowed = TASK_METRICS[train_cfg.model.task]
+    task = "preference" if train_cfg.preference is not None else train_cfg.model.task
+    allowed = TASK_METRICS[task]
     if cfg.metric not in allowed:
-        raise config.ConfigError(f"metric: {cfg.metric!r} is not reported by {train_cfg.model.task} training; "
+        raise config.ConfigError(f"metric: {cfg.metric!r} is not reported by {task} training; "
                                  f"one of {', '.join(allowed)}")
     if cfg.search.scheduler == "pbt" and not trial_mod.runs_in_process(train_cfg):
         raise config.ConfigError("search.scheduler pbt clones trials from each other's checkpoints: it needs "
@@ -247,15 +251,26 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
     return tuner, base
 
 
-def load_tables(train_cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+def shares_reference(cfg: TuneConfig, train_cfg: TrainConfig) -> bool:
+    """A search of preference tuning scores the pairs with the reference once, for every trial
+    (`load_tables`), unless the config asks for a live reference or the search varies model.path
+    (each trial's reference)."""
+    p = train_cfg.preference
+    return p is not None and p.reference_logps != "live" and "model.path" not in cfg.space
+
+
+def load_tables(train_cfg: TrainConfig, meta: dict[str, Any], reference: bool = False) -> dict[str, Any]:
     """The dataset version's train (and validation) rows as pyarrow tables in the object store,
-    read and tokenized once for every trial (each trial selects and shuffles its own rows)."""
+    read and tokenized once for every trial (each trial selects and shuffles its own rows);
+    `reference`: with the reference's log-probabilities of every pair (`shares_reference`)."""
     import ray
 
-    from raylm.train.job import read_tables
+    from raylm.train.job import read_tables, with_reference_logps
 
-    return {split: ray.put(table) for split, table in read_tables(train_cfg, meta, shuffle=False).items()
-            if table.num_rows}
+    tables = read_tables(train_cfg, meta, shuffle=False)
+    if reference:
+        tables, _ = with_reference_logps(train_cfg, meta, tables, None)
+    return {split: ray.put(table) for split, table in tables.items() if table.num_rows}
 
 
 def results_rows(cfg: TuneConfig, grid) -> list[dict[str, Any]]:
@@ -269,7 +284,7 @@ def results_rows(cfg: TuneConfig, grid) -> list[dict[str, Any]]:
         row.update({f"param:{k}": v for k, v in (conf.get("params") or {}).items()})
         if conf.get("rows") and "fold" in conf["rows"]:
             row["fold"] = conf["rows"]["fold"]
-        for k in TASK_METRICS["classification"] + ("val_ppl",):
+        for k in ALL_METRICS:
             if isinstance(m.get(k), (int, float)):
                 row[k] = float(m[k])
         if history is not None and cfg.metric in history:
@@ -297,7 +312,7 @@ def cv_summary(cfg: TuneConfig, rows: list[dict[str, Any]]) -> list[dict[str, An
     for key, rs in groups.items():
         entry: dict[str, Any] = {"params": {k[len("param:"):]: v for k, v in json.loads(key).items()},
                                  "folds": len(rs)}
-        for m in TASK_METRICS["classification"] + ("val_ppl",):
+        for m in ALL_METRICS:
             vals = [r[m] for r in rs if isinstance(r.get(m), float)]
             if vals:
                 entry[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
@@ -343,7 +358,10 @@ def _run(cfg: TuneConfig, config_path: Optional[str]) -> dict[str, Any]:
           f"{cfg.search.num_samples} sample(s){f' x {cfg.cv.folds} folds' if cfg.cv else ''} over "
           f"{', '.join(cfg.space) or 'no fields'}; {cfg.search.max_concurrent} at once; optimizing "
           f"{cfg.metric} ({cfg.resolved_mode}) on {meta['dataset_id']}", flush=True)
-    tables = load_tables(train_cfg, meta)
+    shared_reference = shares_reference(cfg, train_cfg)
+    tables = load_tables(train_cfg, meta, reference=shared_reference)
+    if shared_reference:  # the trials read it with their batches: none holds a copy of the reference
+        base = trial_mod.set_path(copy.deepcopy(base), "preference.reference_logps", "precomputed")
     print("[tune] data read once for every trial: "
           + ", ".join(f"{k} {ray.get(v).num_rows} rows" for k, v in tables.items()), flush=True)
     # a parent MLflow run for the search, a child run per trial (Ray Tune's MLflow / Comet callbacks)
