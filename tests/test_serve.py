@@ -987,16 +987,21 @@ def test_rolling_update_under_load_loses_no_request(served):
     cfg = json.loads(json.dumps(served["cfg"]))
     cfg["models"][0]["autoscaling"]["max_replicas"] = 3
     cfg["models"][2]["max_ongoing_requests"] = 8
+    cfg["models"][3]["batching"]["batch_wait_timeout_s"] = 0.01  # (applied by the replica's reconfigure)
     cfg["ingress"] = {"max_ongoing_requests": 128}
     before = running_replicas(APP)
     scaled = run(config.build(DeployConfig, cfg))
     after = running_replicas(APP)
     assert all(before[d]["replicas"] <= after[d]["replicas"] for d in before), (before, after)
     assert after["model-author"]["config"]["max_ongoing_requests"] == 8
+    assert after["model-tight"]["config"]["user_config"]["batching"]["batch_wait_timeout_s"] == 0.01
     assert scaled["redeployed"] == (
         "applied in place, replicas kept: ingress max_ongoing_requests 256 -> 128; model-author max_ongoing_requests "
-        "16 -> 8; model-lm autoscaling_config.max_replicas 2 -> 3; kept the running ones of model-lm-int8, model-tight "
-        "(unchanged)"), scaled["redeployed"]
+        "16 -> 8; model-lm autoscaling_config.max_replicas 2 -> 3; model-tight user_config.batching.batch_wait_timeout_s "
+        "0.0 -> 0.01; kept the running ones of model-lm-int8 (unchanged)"), scaled["redeployed"]
+    # the tight model still answers one request at a time (its batching reconfigured, its replica the same)
+    r = _post(served, "/v1/completions", {"model": "tight", "prompt": "the king", "max_tokens": 2}, key="bulk")
+    assert r.status_code == 200, r.text
     cfg["models"] = [m for m in cfg["models"] if m["name"] in ("lm", "author")]
     cfg["models"][0]["model"] = "lm@v2"
     cfg["models"][0].pop("autoscaling")

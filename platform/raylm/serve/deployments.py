@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, Optional
 
 from ray import serve
 
@@ -57,13 +57,20 @@ class LMDeployment:
         self.engine = LMEngine(_model_dir(spec), num_gpus=o["num_gpus"], dtype=o["dtype"], quantize=c["quantize"],
                                prune=c["prune"], chat_template=o.get("chat_template"),
                                max_prompt_tokens=o.get("max_prompt_tokens"))
-        self._generate_batch.set_max_batch_size(o["batching"]["max_batch_size"])
-        self._generate_batch.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        self._one_at_a_time: Optional[asyncio.Semaphore] = None
+        self.reconfigure({"batching": o["batching"]})
+        _log_loaded(spec, self.engine.compression)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The batching settings (the deployment's `user_config`): Serve calls this after the
+        constructor and again, on the running replica, when a redeploy changes only them."""
+        b = user_config["batching"]
+        self._generate_batch.set_max_batch_size(b["max_batch_size"])
+        self._generate_batch.set_batch_wait_timeout_s(b["batch_wait_timeout_s"])
         # Batches of one skip `@serve.batch`'s queue and batching task (a few event-loop turns per
         # request); one generation at a time all the same, as `@serve.batch` runs its batches
-        self._one_at_a_time = asyncio.Semaphore(1) if o["batching"]["max_batch_size"] == 1 else None
-        self.stream_interval_s = o["batching"]["stream_interval_s"]
-        _log_loaded(spec, self.engine.compression)
+        self._one_at_a_time = (self._one_at_a_time or asyncio.Semaphore(1)) if b["max_batch_size"] == 1 else None
+        self.stream_interval_s = b["stream_interval_s"]
 
     def info(self) -> dict[str, Any]:
         return {"context": self.engine.context, "max_prompt_tokens": self.engine.max_prompt_tokens,
@@ -204,9 +211,14 @@ class ClassifierDeployment:
         c = o["compression"]
         self.engine = ClassifierEngine(_model_dir(spec), num_gpus=o["num_gpus"], dtype=o["dtype"],
                                        quantize=c["quantize"], prune=c["prune"])
-        self.classify.set_max_batch_size(o["batching"]["max_batch_size"])
-        self.classify.set_batch_wait_timeout_s(o["batching"]["batch_wait_timeout_s"])
+        self.reconfigure({"batching": o["batching"]})
         _log_loaded(spec, self.engine.compression)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The batching settings (`user_config`), applied in place as for LMDeployment."""
+        b = user_config["batching"]
+        self.classify.set_max_batch_size(b["max_batch_size"])
+        self.classify.set_batch_wait_timeout_s(b["batch_wait_timeout_s"])
 
     def info(self) -> dict[str, Any]:
         return {"labels": self.engine.labels, "max_length": self.engine.max_len, "long_texts": self.engine.long_texts,

@@ -9,9 +9,10 @@ resources, and the FastAPI ingress (serve/app.py) bound to their handles.
 Every deployment carries a version (`serve_version`): a digest of what its replicas are built from.
 Serve replaces a deployment's replicas when its version changes and only then, so a redeploy of an
 unchanged config keeps every replica, and a rolling update replaces only the deployments whose
-model, settings or code changed. The settings Serve applies to running replicas itself (replica
-counts, autoscaling, queue limits, health checks, the access log: `SERVE_APPLIED`) stay out of the
-versions: changing only those keeps every replica and applies them in place.
+model, settings or code changed. The settings Serve applies to running replicas (replica counts,
+autoscaling, queue limits, health checks, the access log, and batching through each replica's
+`reconfigure`: `SERVE_APPLIED`) stay out of the versions: changing only those keeps every replica
+and applies them in place.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def _options(deployment, version: Optional[str], **options: Any):
     return deployment.options(**options, version=version, _internal=True)
 
 
-# A model entry's fields that only Serve reads (deployment options it applies to running replicas:
-# num_replicas and max_queued_requests lightweight, the others by reconfiguring each replica in
-# place). Neither the replicas nor the ingress read them, so they are left out of the versions.
-SERVE_APPLIED = ("num_replicas", "autoscaling", "max_ongoing_requests", "max_queued_requests", "health_check_period_s")
+# A model entry's fields that Serve applies to running replicas (num_replicas and
+# max_queued_requests lightweight, the others by reconfiguring each replica in place; batching
+# through the replicas' `reconfigure`). Their constructors and the ingress do not read them, so
+# they are left out of the versions.
+SERVE_APPLIED = ("num_replicas", "autoscaling", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+                 "batching")  # (batching: the replicas' user_config, which their `reconfigure` applies)
 SERVE_APPLIED_INGRESS = ("max_ongoing_requests", "health_check_period_s")  # (num_replicas: the ingress reads it)
 
 
@@ -170,6 +173,7 @@ def build(cfg: DeployConfig, cards: Optional[dict[str, dict]] = None, versioned:
             "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
             "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
             "logging_config": {"enable_access_log": cfg.access_log},
+            "user_config": {"batching": m.batching.model_dump(mode="json")},
         }
         if m.autoscaling:
             a = m.autoscaling

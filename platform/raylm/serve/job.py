@@ -138,18 +138,18 @@ def running_replicas(app: str) -> dict[str, dict[str, Any]]:
                    "config": d.get("deployment_config") or {}} for name, d in deps.items()}
 
 
-def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """`key old -> new` for each deployment option that changed (one level into nested ones,
-    e.g. `autoscaling_config.max_replicas 2 -> 3`)."""
+def _changed(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key old -> new` for each deployment option that changed, nested ones by their path (e.g.
+    `autoscaling_config.max_replicas 2 -> 3`, `user_config.batching.batch_wait_timeout_s 0.0 -> 0.01`)."""
     out = []
     for k in sorted(set(before) | set(after)):
         a, b = before.get(k), after.get(k)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{kk} {a.get(kk)} -> {b.get(kk)}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+            out += _changed(a, b, f"{prefix}{k}.")
         else:
-            out.append(f"{k} {a} -> {b}")
+            out.append(f"{prefix}{k} {a} -> {b}")
     return out
 
 
