@@ -521,7 +521,8 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     from transformers import AutoModelForCausalLM
 
     from raylm.train.config import PreferenceConfig
-    from raylm.train.losses import Preference, reference_logps
+    from raylm.train.losses import Preference
+    from raylm.train.reference import reference_logps
     from raylm.train.loop import host_batch
 
     val_table = pq.read_table(Path(pairset["manifest"]["uri"]) / "packed" / "validation")

@@ -151,7 +151,7 @@ def export_and_register(cfg: TrainConfig, meta: dict[str, Any], state_dict: dict
         card["data_format"] = meta.get("format", "text")
     if cfg.preference:  # tuned on preference pairs: a chat model (served on the chat routes) with its objective
         card["data_format"] = "chat"
-        from raylm.train.losses import reference_mode
+        from raylm.train.reference import reference_mode
 
         card["preference"] = {**cfg.preference.model_dump(mode="json"), "reference": cfg.model.path,
                               "reference_logps": reference_mode(cfg)}  # (auto resolved)

@@ -322,72 +322,6 @@ def read_tables(cfg: TrainConfig, meta: dict[str, Any], shuffle: Optional[bool] 
     return {k: tb.combine_chunks() for k, tb in out.items()}
 
 
-class _ReferenceLogps:
-    """Ray Data actor: the reference model, adding its log-probabilities to batches of pairs."""
-
-    def __init__(self, cfg: dict[str, Any], meta: dict[str, Any]):
-        self.cfg, self.meta = TrainConfig.model_validate(cfg), meta
-        self.model, self.device = _reference_model(self.cfg, meta)
-
-    def __call__(self, batch):
-        from raylm.train.losses import reference_logps
-
-        return reference_logps(batch, self.model, self.device, bf16=self.cfg.train.precision == "bf16")
-
-
-def _reference_model(cfg: TrainConfig, meta: dict[str, Any]):
-    """The reference as the training loop builds its model (model.path; LoRA adapters start at zero)."""
-    import torch
-
-    from raylm.train import models
-
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    model = models.build(cfg.model, meta["vocab_size"], meta["seq_len"], meta["eos_id"], meta.get("pad_id"))
-    return model, device
-
-
-def reference_tables(cfg: dict[str, Any], meta: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
-    """Tables of pairs with the reference's log-probabilities, computed in this process."""
-    from raylm.train.losses import reference_logps
-
-    c = TrainConfig.model_validate(cfg)
-    model, device = _reference_model(c, meta)
-    return {k: reference_logps(tb, model, device, bf16=c.train.precision == "bf16") for k, tb in tables.items()}
-
-
-def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[str, Any]],
-                         datasets: Optional[dict[str, Any]]) -> tuple[Optional[dict], Optional[dict]]:
-    """Preference pairs with the reference's log-probabilities (`preference.reference_logps:
-    precomputed`), computed once before training with one worker's resources: the tables in one
-    Ray task, the streamed datasets by one Ray Data actor (materialized: it is done before the
-    workers start)."""
-    import time
-
-    import ray
-
-    from raylm.train.losses import has_reference_logps
-
-    if tables is not None and has_reference_logps(tables):  # (a search's trial: scored once for all)
-        return tables, datasets
-    t = cfg.train
-    resources = {"num_cpus": t.cpus_per_worker, "num_gpus": 1 if t.use_gpu else 0}
-    t0 = time.time()
-    if tables is not None:
-        tables = ray.get(ray.remote(**resources)(reference_tables).remote(cfg.model_dump(mode="json"), meta, tables))
-        pairs = sum(tb.num_rows for tb in tables.values())
-    else:
-        datasets = {k: ds.map_batches(_ReferenceLogps, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
-                                                                           "meta": meta},
-                                      compute=ray.data.ActorPoolStrategy(size=1), batch_size=64,
-                                      batch_format="pyarrow", **resources).materialize()
-                    for k, ds in datasets.items()}
-        pairs = sum(ds.count() for ds in datasets.values())
-    print(f"[train] {cfg.name}: the reference's log-probabilities of {pairs} pairs computed in {time.time() - t0:.1f} s "
-          f"(preference.reference_logps: precomputed; the workers hold no copy of {cfg.model.path})", flush=True)
-    return tables, datasets
-
-
 def rank_shards(tables: dict[str, Any], world: int) -> dict[str, list]:
     """Each split cut into `world` equal contiguous slices (the remainder left out, as Ray
     Data's equal split does), each put in the object store: rank i fetches only its own."""
@@ -428,7 +362,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     from ray.train.torch import TorchTrainer
 
     from raylm.train.loop import train_loop
-    from raylm.train.losses import reference_mode
+    from raylm.train.reference import reference_mode, with_reference_logps
     from raylm.train.session import set_ray_train_env
 
     set_ray_train_env()

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.train.config import TrainConfig
-from raylm.train import losses, models, strategies
+from raylm.train import losses, models, reference, strategies
 
 
 COLUMNS = {"causal_lm": ("input_ids",), "classification": ("input_ids", "attention_mask", "labels")}
@@ -79,9 +79,9 @@ def _pair_batch(batch: pa.Table, pin: bool) -> dict[str, torch.Tensor]:
     ids = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("input_ids", "rejected_ids")])
     mask = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("loss_mask", "rejected_mask")])
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(np.where(mask == 0, -100, ids))}
-    if all(c in batch.column_names for c in losses.REF_COLUMNS):  # the reference's, precomputed
+    if all(c in batch.column_names for c in reference.REF_COLUMNS):  # the reference's, precomputed
         out["ref_logps"] = torch.from_numpy(np.concatenate(
-            [batch.column(c).to_numpy().astype(np.float32) for c in losses.REF_COLUMNS]))
+            [batch.column(c).to_numpy().astype(np.float32) for c in reference.REF_COLUMNS]))
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 

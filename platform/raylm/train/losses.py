@@ -14,7 +14,7 @@ beta * (log p(y | x) - log p_ref(y | x)) summed over the answer's tokens,
 
 The reference is the model as it starts (model.path): either a frozen copy on every worker, like
 a teacher (`preference.reference_logps: live`), or its log-probabilities of every pair computed once
-before training and carried in the dataset's columns (`precomputed`: `reference_logps`).
+before training and carried in the dataset's columns (`precomputed`: train/reference.py).
 A batch holds the pairs' chosen conversations, then their rejected ones (`loop.host_batch`;
 `ref_logps` with them when precomputed).
 """
@@ -62,52 +62,6 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll.sum(-1)
 
 
-REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")  # a pair table's precomputed reference log-probabilities
-
-
-def has_reference_logps(tables: dict[str, Any]) -> bool:
-    """Whether every table of pairs carries the reference's log-probabilities already."""
-    return all(all(c in tb.column_names for c in REF_COLUMNS) for tb in tables.values())
-
-
-def reference_mode(cfg: TrainConfig) -> str:
-    """`live` or `precomputed`: what `preference.reference_logps` means for this run (auto: precomputed
-    where the strategy shards the model, because it would not fit a worker twice)."""
-    mode = cfg.preference.reference_logps
-    if mode == "auto":
-        t = cfg.train
-        sharded = t.strategy == "fsdp" or (t.strategy == "deepspeed" and t.deepspeed.stage == 3)
-        mode = "precomputed" if sharded else "live"
-    return mode
-
-
-def reference_logps(table, model: torch.nn.Module, device: torch.device, bf16: bool = False,
-                    batch_size: int = 8):
-    """A table of preference pairs with the reference's log-probability of each pair's chosen and
-    rejected answer (`REF_COLUMNS`), as `Preference` computes it live."""
-    import contextlib
-
-    import pyarrow as pa
-
-    from raylm.train.loop import host_batch
-
-    table = table.drop_columns([c for c in REF_COLUMNS if c in table.column_names])
-    chosen: list[float] = []
-    rejected: list[float] = []
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    model = model.to(device).eval()
-    with torch.inference_mode(), cast:
-        for i in range(0, table.num_rows, batch_size):
-            b = host_batch(table.slice(i, batch_size), "causal_lm", pin=False)
-            logps = sequence_logps(model(input_ids=b["input_ids"].to(device)).logits,
-                                   b["labels"].to(device)).float().cpu().tolist()
-            chosen += logps[:len(logps) // 2]
-            rejected += logps[len(logps) // 2:]
-    for name, values in zip(REF_COLUMNS, (chosen, rejected)):
-        table = table.append_column(name, pa.array(values, pa.float32()))
-    return table
-
-
 class Preference:
     """The DPO loss (`PreferenceConfig`) against a frozen reference model, or (reference None) the
     reference's log-probabilities the batches carry (`ref_logps`: precomputed)."""
@@ -122,8 +76,8 @@ class Preference:
         if "ref_logps" in batch:
             ref = batch["ref_logps"].to(policy.dtype)
         elif self.reference is None:
-            raise ValueError("preference.reference_logps is precomputed but the batch has no reference log-probabilities "
-                             f"({', '.join(REF_COLUMNS)})")
+            raise ValueError("preference.reference_logps is precomputed but the batch has no reference "
+                             "log-probabilities (reference.REF_COLUMNS)")
         else:
             with torch.no_grad():
                 ref = sequence_logps(self.reference(input_ids=batch["input_ids"]).logits, batch["labels"])
@@ -158,7 +112,9 @@ def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device,
               model: Optional[torch.nn.Module] = None) -> tuple[LossFn, Optional[str]]:
     """The training loss and, for distillation, the teacher's id. Preference tuning: a `Preference`
     whose reference is a frozen copy of `model` (the model as built, before any training step), or
-    none when the batches carry its log-probabilities (`reference_mode` precomputed)."""
+    none when the batches carry its log-probabilities (`reference.reference_mode` precomputed)."""
+    from raylm.train.reference import reference_mode
+
     if cfg.preference is not None:
         if reference_mode(cfg) == "precomputed":
             return Preference(cfg.preference, None), None

@@ -265,7 +265,8 @@ def load_tables(train_cfg: TrainConfig, meta: dict[str, Any], reference: bool = 
     `reference`: with the reference's log-probabilities of every pair (`shares_reference`)."""
     import ray
 
-    from raylm.train.job import read_tables, with_reference_logps
+    from raylm.train.job import read_tables
+    from raylm.train.reference import with_reference_logps
 
     tables = read_tables(train_cfg, meta, shuffle=False)
     if reference:

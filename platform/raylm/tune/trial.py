@@ -135,7 +135,7 @@ def _train(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any
 
     from raylm.train.config import TrainConfig
     from raylm.train.loop import train_loop
-    from raylm.train.losses import has_reference_logps, reference_mode
+    from raylm.train.reference import has_reference_logps, reference_mode
     from raylm.train.session import LocalSession
 
     trial_id = tune.get_context().get_trial_id()
@@ -152,7 +152,7 @@ def _train(config_: dict[str, Any], *, base: dict[str, Any], meta: dict[str, Any
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
         device = torch.device("cuda") if cfg.train.use_gpu else torch.device("cpu")
         if cfg.preference is not None and reference_mode(cfg) == "precomputed" and not has_reference_logps(tables):
-            from raylm.train.job import reference_tables  # (its own reference: the search varies model.path)
+            from raylm.train.reference import reference_tables  # (its own reference: the search varies model.path)
 
             tables = reference_tables(cfg.model_dump(mode="json"), meta, tables)
         train_loop(loop_config, LocalSession(tables, device))
