@@ -92,20 +92,20 @@ def _options(deployment, version: Optional[str], **options: Any):
 
 # A model entry's fields that Serve applies to running replicas (num_replicas and
 # max_queued_requests lightweight, the others by reconfiguring each replica in place; batching
-# through the replicas' `reconfigure`). Their constructors and the ingress do not read them, so
-# they are left out of the versions.
+# as the replicas' user_config, which their `reconfigure` applies after the constructor and on
+# every change). Nothing else reads them, so they are left out of the versions.
 SERVE_APPLIED = ("num_replicas", "autoscaling", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
                  "batching")  # (batching: the replicas' user_config, which their `reconfigure` applies)
 SERVE_APPLIED_INGRESS = ("max_ongoing_requests", "health_check_period_s")  # (num_replicas: the ingress reads it)
 
 
 def _replica_facing(entry: dict[str, Any], canary: bool = True) -> dict[str, Any]:
-    """A model entry without what Serve alone applies (`SERVE_APPLIED`; the canary's own replica
-    count too); without the canary at all for the model's own deployment (`canary=False`: only the
-    ingress routes by it)."""
+    """A model entry without what Serve alone applies (`SERVE_APPLIED`); its canary as the ingress
+    reads it (the model and its weight: its replicas' count and CPUs are the canary deployment's
+    own), or none for the model's own deployment (`canary=False`: only the ingress routes by it)."""
     out = {k: v for k, v in entry.items() if k not in SERVE_APPLIED and (canary or k != "canary")}
     if out.get("canary"):
-        out["canary"] = {k: v for k, v in out["canary"].items() if k != "num_replicas"}
+        out["canary"] = {k: v for k, v in out["canary"].items() if k not in ("num_replicas", "num_cpus")}
     return out
 
 
