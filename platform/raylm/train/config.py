@@ -58,10 +58,11 @@ class DistillConfig(Strict):
 
 class PreferenceConfig(Strict):
     beta: float = Field(0.1, gt=0, description="how far the model may move from the reference: the DPO temperature "
-                        "(larger keeps it closer)")
-    loss: Literal["sigmoid", "ipo"] = Field(
+                        "(larger keeps it closer); orpo: the weight of the odds-ratio term (lambda)")
+    loss: Literal["sigmoid", "ipo", "orpo"] = Field(
         "sigmoid", description="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 * beta))^2, which "
-        "does not push a margin further once it is reached")
+        "does not push a margin further once it is reached; orpo: no reference at all (ORPO: the chosen answers' "
+        "cross-entropy plus beta times -log sigmoid of the log odds ratio of the answers' mean token likelihoods)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid: the share of pairs assumed mislabeled "
                                    "(conservative DPO)")
     sft_weight: float = Field(0.0, ge=0, description="adds this times the chosen answers' mean token cross-entropy "
@@ -73,7 +74,8 @@ class PreferenceConfig(Strict):
         "before training (one Ray task or actor with one worker's resources) and read with the batches: the workers "
         "hold no copy of the reference and run no reference forward pass a step (for models sharded because they "
         "do not fit a worker twice); live: a frozen copy on every worker, a forward pass a step (cheaper when a run "
-        "sees fewer pairs than the dataset holds); auto: precomputed with fsdp or deepspeed stage 3, else live")
+        "sees fewer pairs than the dataset holds); auto: precomputed with fsdp or deepspeed stage 3, else live "
+        "(orpo has no reference)")
 
 
 class ModelConfig(Strict):

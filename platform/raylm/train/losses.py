@@ -12,6 +12,10 @@ beta * (log p(y | x) - log p_ref(y | x)) summed over the answer's tokens,
     sigmoid: loss = -log sigmoid(r(chosen) - r(rejected))   (label smoothing: conservative DPO)
     ipo:     loss = ((r(chosen) - r(rejected)) / beta - 1 / (2 * beta))^2
 
+and ORPO (Hong et al. 2024), with no reference: with m(y) the answer's mean token log-probability
+and odds(y) = e^m / (1 - e^m), loss = CE(chosen) - beta * log sigmoid(log odds(chosen) - log
+odds(rejected)); its "rewards" are beta * m(y) (as TRL reports them).
+
 The reference is the model as it starts (model.path): either a frozen copy on every worker, like
 a teacher (`preference.reference_logps: live`), or its log-probabilities of every pair computed once
 before training and carried in the dataset's columns (`precomputed`: train/reference.py).
@@ -73,6 +77,12 @@ class Preference:
         """The implicit rewards beta * (log p - log p_ref) of each pair's chosen and rejected answer,
         and the chosen answers' mean token cross-entropy."""
         policy = sequence_logps(policy_logits, batch["labels"])
+        n = policy.shape[0] // 2
+        tokens = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
+        chosen_nll = -policy[:n].sum() / tokens[:n].sum()
+        if self.cfg.loss == "orpo":  # no reference: the answers' mean token log-probabilities
+            mean = self.cfg.beta * policy / tokens
+            return mean[:n], mean[n:], chosen_nll
         if "ref_logps" in batch:
             ref = batch["ref_logps"].to(policy.dtype)
         elif self.reference is None:
@@ -82,12 +92,19 @@ class Preference:
             with torch.no_grad():
                 ref = sequence_logps(self.reference(input_ids=batch["input_ids"]).logits, batch["labels"])
         diff = self.cfg.beta * (policy - ref)
-        n = diff.shape[0] // 2
-        chosen_tokens = (batch["labels"][:n, 1:] != -100).sum().clamp(min=1)
-        return diff[:n], diff[n:], -policy[:n].sum() / chosen_tokens
+        return diff[:n], diff[n:], chosen_nll
 
     def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor) -> torch.Tensor:
         z = chosen - rejected
+        if self.cfg.loss == "orpo":
+            beta = self.cfg.beta
+            c, r = chosen / beta, rejected / beta  # mean token log-probabilities (< 0)
+
+            def log_odds(m: torch.Tensor) -> torch.Tensor:
+                return m - torch.log1p(-torch.exp(m).clamp(max=1 - 1e-6))
+
+            loss = chosen_nll - beta * F.logsigmoid(log_odds(c) - log_odds(r)).mean()
+            return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
         if self.cfg.loss == "ipo":
             beta = self.cfg.beta
             loss = ((z / beta - 1 / (2 * beta)) ** 2).mean()
@@ -116,7 +133,7 @@ def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device,
     from raylm.train.reference import reference_mode
 
     if cfg.preference is not None:
-        if reference_mode(cfg) == "precomputed":
+        if reference_mode(cfg) in ("precomputed", "none"):  # (the batches carry its figures; orpo has none)
             return Preference(cfg.preference, None), None
         if model is None:
             raise ValueError("preference tuning needs the model to copy as its reference")

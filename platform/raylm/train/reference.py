@@ -29,7 +29,10 @@ def has_reference_logps(tables: dict[str, Any]) -> bool:
 
 def reference_mode(cfg: TrainConfig) -> str:
     """`live` or `precomputed`: what `preference.reference_logps` means for this run (auto: precomputed
-    where the strategy shards the model, because it would not fit a worker twice)."""
+    where the strategy shards the model, because it would not fit a worker twice); `none` for a
+    loss without a reference (orpo)."""
+    if cfg.preference.loss == "orpo":
+        return "none"
     mode = cfg.preference.reference_logps
     if mode == "auto":
         t = cfg.train

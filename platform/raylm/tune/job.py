@@ -253,10 +253,13 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
 
 def shares_reference(cfg: TuneConfig, train_cfg: TrainConfig) -> bool:
     """A search of preference tuning scores the pairs with the reference once, for every trial
-    (`load_tables`), unless the config asks for a live reference or the search varies model.path
-    (each trial's reference)."""
+    (`load_tables`), unless the config asks for a live reference, its loss has none (orpo), or the
+    search varies model.path (each trial's reference)."""
+    from raylm.train.reference import reference_mode
+
     p = train_cfg.preference
-    return p is not None and p.reference_logps != "live" and "model.path" not in cfg.space
+    return (p is not None and p.reference_logps != "live" and reference_mode(train_cfg) != "none"
+            and "model.path" not in cfg.space)
 
 
 def load_tables(train_cfg: TrainConfig, meta: dict[str, Any], reference: bool = False) -> dict[str, Any]:
