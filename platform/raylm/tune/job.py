@@ -30,7 +30,7 @@ from raylm.tune import trial as trial_mod
 
 TASK_METRICS = {"causal_lm": ("val_loss", "val_ppl", "loss"),
                 "classification": ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "loss"),
-                "preference": ("val_loss", "val_reward_accuracy", "val_reward_margin", "loss")}  # (DPO)
+                "preference": ("val_loss", "val_reward_accuracy", "val_reward_margin", "loss")}  # (DPO, IPO, ORPO)
 ALL_METRICS = tuple(dict.fromkeys(k for names in TASK_METRICS.values() for k in names))  # (each once)
 
 
