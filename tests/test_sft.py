@@ -568,9 +568,9 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
 
 def test_a_search_over_preference_tuning_scores_the_pairs_with_the_reference_once(chatset, pairset, tmp_path,
                                                                                   capsys):
-    """A Tune search of preference-tuning runs (DPO and ORPO, two learning rates) ranks them by a
-    preference metric; the driver scores every pair with the reference once for the DPO trials, no
-    trial holds a copy of it, and ORPO, which has no reference, learns the preferences too."""
+    """A Tune search of preference-tuning runs (DPO, ORPO and SimPO, two learning rates) ranks them by
+    a preference metric; the driver scores every pair with the reference once for the DPO trials, no
+    trial holds a copy of it, and ORPO and SimPO, which have no reference, learn too."""
     import pandas as pd
 
     from raylm import registry
@@ -583,24 +583,25 @@ def test_a_search_over_preference_tuning_scores_the_pairs_with_the_reference_onc
         "set": ["data.dataset=pairs", f"data.root={d / 'datasets'}", f"model.path={pairset['base']}",
                 "train.num_workers=1", "train.max_steps=20", "train.eval_every=10", "train.log_every=10",
                 "train.batch_size=4", "train.warmup_steps=2", "preference.beta=0.1", "preference.sft_weight=1.0"],
-        "space": {"train.lr": {"grid": [1e-6, 2e-3]}, "preference.loss": {"grid": ["sigmoid", "orpo"]}},
+        "space": {"train.lr": {"grid": [1e-6, 2e-3]}, "preference.loss": {"grid": ["sigmoid", "orpo", "simpo"]}},
         "metric": "val_reward_margin", "search": {"algorithm": "grid", "max_concurrent": 2},
         "output": {"storage": str(tmp_path / "tune"), "registry": str(d / "registry")}})
     summary = run(cfg)
     out = capsys.readouterr().out
     assert len(re.findall(r"the reference's log-probabilities of \d+ pairs computed", out)) == 1, out[-3000:]
-    assert summary["errors"] == 0 and summary["trials"] == 4 and summary["mode"] == "max", (summary, out[-4000:])
+    assert summary["errors"] == 0 and summary["trials"] == 6 and summary["mode"] == "max", (summary, out[-4000:])
     rows = pd.read_parquet(Path(summary["storage"]) / "results.parquet").set_index(
         ["param:train.lr", "param:preference.loss"])
     # 20 steps at lr 1e-6 leave the model where it started; at 2e-3 DPO prefers the chosen answers, and
-    # ORPO (its rewards: the answers' mean token log-probabilities) learns them and moves them up against
-    # the rejected ones (the fine-tuned model gives its own one-word answers the higher mean: 20 steps
-    # only start that; README "Preference tuning" has a longer run)
+    # ORPO and SimPO (their rewards: the answers' mean token log-probabilities) learn them and move them
+    # up against the rejected ones (the fine-tuned model gives its own one-word answers the higher
+    # mean: 20 steps only start that; README "Preference tuning" has a longer ORPO run)
     assert summary["best"]["params"] == {"train.lr": 2e-3, "preference.loss": "sigmoid"}, summary
     assert rows.loc[(2e-3, "sigmoid"), "val_reward_accuracy"] > 0.5
-    assert rows.loc[(2e-3, "orpo"), "val_reward_margin"] > rows.loc[(1e-6, "orpo"), "val_reward_margin"]
-    assert rows.loc[(2e-3, "orpo"), "val_loss"] < rows.loc[(1e-6, "orpo"), "val_loss"] / 2
-    for loss in ("sigmoid", "orpo"):
+    for loss in ("orpo", "simpo"):
+        assert rows.loc[(2e-3, loss), "val_reward_margin"] > rows.loc[(1e-6, loss), "val_reward_margin"], loss
+        assert rows.loc[(2e-3, loss), "val_loss"] < rows.loc[(1e-6, loss), "val_loss"] / 2, loss
+    for loss in ("sigmoid", "orpo", "simpo"):
         card = registry.resolve(rows.loc[(2e-3, loss), "model"], str(Path(summary["storage"]) / "models"))
         assert card["preference"]["loss"] == loss
         assert card["preference"]["reference_logps"] == ("precomputed" if loss == "sigmoid" else "none")

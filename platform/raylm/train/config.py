@@ -58,12 +58,16 @@ class DistillConfig(Strict):
 
 class PreferenceConfig(Strict):
     beta: float = Field(0.1, gt=0, description="how far the model may move from the reference: the DPO temperature "
-                        "(larger keeps it closer); orpo: the weight of the odds-ratio term (lambda)")
-    loss: Literal["sigmoid", "ipo", "orpo"] = Field(
+                        "(larger keeps it closer); orpo: the weight of the odds-ratio term (lambda); simpo: the reward scale")
+    loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = Field(
         "sigmoid", description="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 * beta))^2, which "
         "does not push a margin further once it is reached; orpo: no reference at all (ORPO: the chosen answers' "
-        "cross-entropy plus beta times -log sigmoid of the log odds ratio of the answers' mean token likelihoods)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid: the share of pairs assumed mislabeled "
+        "cross-entropy plus beta times -log sigmoid of the log odds ratio of the answers' mean token likelihoods); "
+        "simpo: no reference either (SimPO: -log sigmoid(beta * (mean token log-probability of the chosen answer - "
+        "of the rejected) - simpo_gamma); its paper uses beta 2-2.5)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin the loss asks for beyond zero (the "
+                               "paper: about half of beta)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid, simpo: the share of pairs assumed mislabeled "
                                    "(conservative DPO)")
     sft_weight: float = Field(0.0, ge=0, description="adds this times the chosen answers' mean token cross-entropy "
                               "(RPO, as in Llama 3's DPO): DPO alone may lower the chosen answers' likelihood too, as "
@@ -75,7 +79,7 @@ class PreferenceConfig(Strict):
         "hold no copy of the reference and run no reference forward pass a step (for models sharded because they "
         "do not fit a worker twice); live: a frozen copy on every worker, a forward pass a step (cheaper when a run "
         "sees fewer pairs than the dataset holds); auto: precomputed with fsdp or deepspeed stage 3, else live "
-        "(orpo has no reference)")
+        "(orpo and simpo have no reference)")
 
 
 class ModelConfig(Strict):

@@ -14,7 +14,8 @@ beta * (log p(y | x) - log p_ref(y | x)) summed over the answer's tokens,
 
 and ORPO (Hong et al. 2024), with no reference: with m(y) the answer's mean token log-probability
 and odds(y) = e^m / (1 - e^m), loss = CE(chosen) - beta * log sigmoid(log odds(chosen) - log
-odds(rejected)); its "rewards" are beta * m(y) (as TRL reports them).
+odds(rejected)); its "rewards" are beta * m(y) (as TRL reports them). SimPO (Meng et al. 2024),
+with no reference either: loss = -log sigmoid(beta * (m(chosen) - m(rejected)) - gamma).
 
 The reference is the model as it starts (model.path): either a frozen copy on every worker, like
 a teacher (`preference.reference_logps: live`), or its log-probabilities of every pair computed once
@@ -80,7 +81,7 @@ class Preference:
         n = policy.shape[0] // 2
         tokens = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         chosen_nll = -policy[:n].sum() / tokens[:n].sum()
-        if self.cfg.loss == "orpo":  # no reference: the answers' mean token log-probabilities
+        if self.cfg.loss in ("orpo", "simpo"):  # no reference: the answers' mean token log-probabilities
             mean = self.cfg.beta * policy / tokens
             return mean[:n], mean[n:], chosen_nll
         if "ref_logps" in batch:
@@ -105,6 +106,8 @@ class Preference:
 
             loss = chosen_nll - beta * F.logsigmoid(log_odds(c) - log_odds(r)).mean()
             return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
+        if self.cfg.loss == "simpo":
+            z = z - self.cfg.simpo_gamma
         if self.cfg.loss == "ipo":
             beta = self.cfg.beta
             loss = ((z / beta - 1 / (2 * beta)) ** 2).mean()

@@ -30,8 +30,8 @@ def has_reference_logps(tables: dict[str, Any]) -> bool:
 def reference_mode(cfg: TrainConfig) -> str:
     """`live` or `precomputed`: what `preference.reference_logps` means for this run (auto: precomputed
     where the strategy shards the model, because it would not fit a worker twice); `none` for a
-    loss without a reference (orpo)."""
-    if cfg.preference.loss == "orpo":
+    loss without a reference (orpo, simpo)."""
+    if cfg.preference.loss in ("orpo", "simpo"):
         return "none"
     mode = cfg.preference.reference_logps
     if mode == "auto":
