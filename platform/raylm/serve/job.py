@@ -156,7 +156,7 @@ def _changed(before: dict[str, Any], after: dict[str, Any], prefix: str = "") ->
 def redeploy_summary(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> Optional[str]:
     """What a redeploy did to a running app's deployments (`running_replicas` before and after):
     which got new replicas, which kept theirs with settings Serve applied in place (replica counts,
-    autoscaling, queue limits), which kept theirs unchanged, which were removed. None for a first deploy."""
+    autoscaling, queue limits, batching: `graph.SERVE_APPLIED`), which kept theirs unchanged, which were removed. None for a first deploy."""
     if not before:
         return None
     kept = sorted(d for d, s in after.items() if s["replicas"] & before.get(d, {}).get("replicas", set()))

@@ -368,6 +368,7 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
     set_ray_train_env()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same data order every run
     t = cfg.train
+    precompute = cfg.preference is not None and reference_mode(cfg) == "precomputed"  # (DPO's reference)
     # Small datasets are read here with pyarrow and handed to the workers as one object-store
     # slice per rank: no Ray Data execution, dataset manager or split coordinator to start (three
     # processes, ~8 s of a short run on a laptop), and ingest never waits for a CPU that
@@ -392,14 +393,14 @@ def build_trainer(cfg: TrainConfig, meta: dict[str, Any], tables: Optional[dict[
             datasets = _datasets(cfg, meta)
         finally:
             ctx.enable_progress_bars = bars
-        if cfg.preference is not None and reference_mode(cfg) == "precomputed":  # (before the shuffle)
+        if precompute:  # (before the shuffle)
             _, datasets = with_reference_logps(cfg, meta, None, datasets)
         if t.shuffle:  # seeded; validation too, so `eval_batches` is a fair sample
             datasets = {k: ds if (k == "train" and meta.get("mixture")) else ds.random_shuffle(seed=t.seed)
                         for k, ds in datasets.items()}  # (a mixture is shuffled when it is put together)
     elif materialize:  # read here, shuffled (seeded: the same order every run)
         tables = read_tables(cfg, meta)
-    if tables is not None and cfg.preference is not None and reference_mode(cfg) == "precomputed":
+    if tables is not None and precompute:
         tables, _ = with_reference_logps(cfg, meta, tables, None)
     loop_config: dict[str, Any] = {"train_config": cfg.model_dump(mode="json"), "dataset": meta,
                                    **({"log_label": log_label} if log_label else {})}

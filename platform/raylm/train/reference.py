@@ -3,7 +3,7 @@ scored once with the model as it starts, before training, and carried in two col
 (`REF_COLUMNS`) that the batches read (`loop.host_batch` -> `ref_logps`, which
 `losses.Preference` uses instead of a reference copy on every worker).
 
-    reference_mode(cfg) -> "live" | "precomputed"       (auto resolved by the strategy)
+    reference_mode(cfg) -> "live" | "precomputed" | "none"   (auto resolved by the strategy; none: orpo, simpo)
     reference_logps(table, model, device) -> table with REF_COLUMNS
     with_reference_logps(cfg, meta, tables, datasets)    (the train job: a Ray task or a Ray Data actor)
     reference_tables(cfg, meta, tables)                  (in this process: a search's trial)
@@ -28,7 +28,7 @@ def has_reference_logps(tables: dict[str, Any]) -> bool:
 
 
 def reference_mode(cfg: TrainConfig) -> str:
-    """`live` or `precomputed`: what `preference.reference_logps` means for this run (auto: precomputed
+    """`live`, `precomputed` or `none`: what `preference.reference_logps` means for this run (auto: precomputed
     where the strategy shards the model, because it would not fit a worker twice); `none` for a
     loss without a reference (orpo, simpo)."""
     if cfg.preference.loss in ("orpo", "simpo"):
@@ -73,7 +73,7 @@ class _ReferenceLogps:
     """Ray Data actor: the reference model, adding its log-probabilities to batches of pairs."""
 
     def __init__(self, cfg: dict[str, Any], meta: dict[str, Any]):
-        self.cfg, self.meta = TrainConfig.model_validate(cfg), meta
+        self.cfg = TrainConfig.model_validate(cfg)
         self.model, self.device = _reference_model(self.cfg, meta)
 
     def __call__(self, batch):
