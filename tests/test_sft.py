@@ -497,7 +497,7 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     from raylm.train.job import run
 
     d = chatset["dir"]
-    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", [
+    overrides = [
         "name=dpo", "data.dataset=pairs", f"model.path={pairset['base']}", f"data.root={d / 'datasets'}",
         f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}", "train.num_workers=1",
         # (150 steps: at 100 the greedy answers' least likely token led its runner-up by 1.3 to 2.4 logits over
@@ -509,7 +509,8 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
         "preference.sft_weight=1.0",
         # the reference's log-probabilities computed once before training (live: a copy on each worker,
         # checked against it below)
-        "preference.reference_logps=precomputed"])
+        "preference.reference_logps=precomputed"]
+    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", overrides)
     card = registry.resolve(run(cfg)["model"], str(d / "registry"))
     assert card["data_format"] == "chat" and card["preference"]["reference"] == pairset["base"]
     assert card["preference"]["reference_logps"] == "precomputed"
@@ -532,13 +533,29 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     base, tuned = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pairset["base"], registry.local_path(card)))
     dpo = Preference(PreferenceConfig(beta=0.1), reference=base)
     # the same loss from the reference's precomputed log-probabilities (no reference model)
-    precomputed = host_batch(reference_logps(val_table, base, torch.device("cpu")), "causal_lm", False)
+    ref_table = reference_logps(val_table, base, torch.device("cpu"))
+    precomputed = host_batch(ref_table, "causal_lm", False)
     assert set(precomputed) == {"input_ids", "labels", "ref_logps"}
     with torch.no_grad():
         assert float(dpo(base, val)) == pytest.approx(math.log(2), abs=1e-5)
         assert float(dpo(tuned, val)) < math.log(2) / 2
         assert float(Preference(PreferenceConfig(beta=0.1), None)(tuned, precomputed)) == pytest.approx(
             float(dpo(tuned, val)), abs=1e-5)
+    # streamed splits (train.ingest=stream) are scored before training by one Ray Data actor, every
+    # split through it: the same figures, each split its own rows
+    from raylm.train.job import build_trainer, dataset_meta
+    from raylm.train.reference import REF_COLUMNS
+
+    streamed = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml",
+                           overrides + ["train.ingest=stream", "train.shuffle=false"])
+    meta = dataset_meta(streamed)
+    datasets = build_trainer(streamed, meta).datasets
+    assert re.search(r"the reference's log-probabilities of \d+ pairs computed", capsys.readouterr().out)
+    got = datasets["validation"].to_pandas()
+    assert list(got.columns) == [*val_table.column_names, *REF_COLUMNS]
+    for c in REF_COLUMNS:
+        assert sorted(got[c]) == pytest.approx(sorted(ref_table.column(c).to_pylist()), abs=1e-4)
+    assert datasets["train"].count() == meta["train_blocks"]
     engine = LMEngine(registry.local_path(card))
     reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
         {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),

@@ -20,6 +20,7 @@ from raylm.train.config import TrainConfig
 
 
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")  # a pair table's precomputed reference log-probabilities
+_SPLIT = "_reference_split"  # (streamed splits, scored together: which one a row came from)
 
 
 def has_reference_logps(tables: dict[str, Any]) -> bool:
@@ -80,6 +81,18 @@ class _ReferenceLogps:
         return reference_logps(batch, self.model, self.device, bf16=self.cfg.train.precision == "bf16")
 
 
+def _tag(batch, split: str):
+    import pyarrow as pa
+
+    return batch.append_column(_SPLIT, pa.array([split] * batch.num_rows, pa.string()))
+
+
+def _only(batch, split: str):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch.column(_SPLIT), split)).drop_columns([_SPLIT])
+
+
 def _reference_model(cfg: TrainConfig, meta: dict[str, Any]):
     """The reference as the training loop builds its model (model.path; LoRA adapters start at zero)."""
     from raylm.train import models
@@ -101,8 +114,8 @@ def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optiona
                          datasets: Optional[dict[str, Any]]) -> tuple[Optional[dict], Optional[dict]]:
     """Preference pairs with the reference's log-probabilities (`preference.reference_logps:
     precomputed`), computed once before training with one worker's resources: the tables in one
-    Ray task, the streamed datasets by one Ray Data actor (materialized: it is done before the
-    workers start)."""
+    Ray task, the streamed datasets (every split) by one Ray Data actor, materialized: it is done
+    before the workers start."""
     import ray
 
     if tables is not None and has_reference_logps(tables):  # (a search's trial: scored once for all)
@@ -114,12 +127,16 @@ def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optiona
         tables = ray.get(ray.remote(**resources)(reference_tables).remote(cfg.model_dump(mode="json"), meta, tables))
         pairs = sum(tb.num_rows for tb in tables.values())
     else:
-        datasets = {k: ds.map_batches(_ReferenceLogps, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
-                                                                           "meta": meta},
-                                      compute=ray.data.ActorPoolStrategy(size=1), batch_size=64,
-                                      batch_format="pyarrow", **resources).materialize()
-                    for k, ds in datasets.items()}
-        pairs = sum(ds.count() for ds in datasets.values())
+        # every split through one actor (one copy of the model loaded), tagged to be told apart after
+        tagged = [ds.map_batches(_tag, fn_kwargs={"split": k}, batch_format="pyarrow", batch_size=None)
+                  for k, ds in datasets.items()]
+        scored = tagged[0].union(*tagged[1:]).map_batches(
+            _ReferenceLogps, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "meta": meta},
+            compute=ray.data.ActorPoolStrategy(size=1), batch_size=64, batch_format="pyarrow",
+            **resources).materialize()
+        pairs = scored.count()
+        datasets = {k: scored.map_batches(_only, fn_kwargs={"split": k}, batch_format="pyarrow", batch_size=None)
+                    for k in datasets}
     print(f"[train] {cfg.name}: the reference's log-probabilities of {pairs} pairs computed in {time.time() - t0:.1f} s "
           f"(preference.reference_logps: precomputed; the workers hold no copy of {cfg.model.path})", flush=True)
     return tables, datasets
