@@ -135,8 +135,10 @@ def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optiona
             compute=ray.data.ActorPoolStrategy(size=1), batch_size=64, batch_format="pyarrow",
             **resources).materialize()
         pairs = scored.count()
-        datasets = {k: scored.map_batches(_only, fn_kwargs={"split": k}, batch_format="pyarrow", batch_size=None)
-                    for k in datasets}
+        # each split materialized on its own (then the union is freed): an evaluation pass reads the
+        # validation pairs, not every block of the union
+        datasets = {k: scored.map_batches(_only, fn_kwargs={"split": k}, batch_format="pyarrow",
+                                          batch_size=None).materialize() for k in datasets}
     print(f"[train] {cfg.name}: the reference's log-probabilities of {pairs} pairs computed in {time.time() - t0:.1f} s "
           f"(preference.reference_logps: precomputed; the workers hold no copy of {cfg.model.path})", flush=True)
     return tables, datasets
