@@ -136,7 +136,7 @@ def make_loss(cfg: TrainConfig, meta: dict[str, Any], device: torch.device,
     from raylm.train.reference import reference_mode
 
     if cfg.preference is not None:
-        if reference_mode(cfg) in ("precomputed", "none"):  # (the batches carry its figures; orpo has none)
+        if reference_mode(cfg) in ("precomputed", "none"):  # (the batches carry its figures; orpo and simpo have none)
             return Preference(cfg.preference, None), None
         if model is None:
             raise ValueError("preference tuning needs the model to copy as its reference")

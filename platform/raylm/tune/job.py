@@ -30,7 +30,7 @@ from raylm.tune import trial as trial_mod
 
 TASK_METRICS = {"causal_lm": ("val_loss", "val_ppl", "loss"),
                 "classification": ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "loss"),
-                "preference": ("val_loss", "val_reward_accuracy", "val_reward_margin", "loss")}  # (DPO, IPO, ORPO)
+                "preference": ("val_loss", "val_reward_accuracy", "val_reward_margin", "loss")}  # (DPO, IPO, ORPO, SimPO)
 ALL_METRICS = tuple(dict.fromkeys(k for names in TASK_METRICS.values() for k in names))  # (each once)
 
 
@@ -253,7 +253,7 @@ def build_tuner(cfg: TuneConfig, base: dict[str, Any], train_cfg: TrainConfig, m
 
 def shares_reference(cfg: TuneConfig, train_cfg: TrainConfig) -> bool:
     """A search of preference tuning scores the pairs with the reference once, for every trial
-    (`load_tables`), unless the config asks for a live reference, its loss has none (orpo), or the
+    (`load_tables`), unless the config asks for a live reference, its loss has none (orpo, simpo), or the
     search varies model.path (each trial's reference)."""
     from raylm.train.reference import reference_mode
 
