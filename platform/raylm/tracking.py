@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -150,12 +149,6 @@ class Tracker:
     @property
     def active(self) -> bool:
         return bool(self.run_id or self.spec.get("comet"))
-
-    def open(self) -> None:
-        """Open MLflow's store now (its import and the store's schema check: ~2 s on 2 cores) rather
-        than at the first log."""
-        if self.run_id:
-            self._guard("MLflow open", lambda: self._mlflow().get_run(self.run_id))
 
     def _mlflow(self):
         if self._client is None:
@@ -292,25 +285,10 @@ def train_callback(tracker: Tracker, registry_root: Optional[str] = None):
     spec = tracker.spec
 
     class TrackingCallback(UserCallback):
-        """Its tracker opens in the background as soon as the controller holds the callback (while
-        the workers start), not in the controller's loop at the first report: that held the
-        loop ~2 s, and with it every rank's next `ray.train.report` (a short run's final one)."""
-
         def __init__(self):
-            self.tracker, self._opening = None, None
-
-        def __getstate__(self):
-            return {"tracker": None}  # (a thread does not pickle; the copy opens its own)
-
-        def __setstate__(self, state):
-            self.tracker = Tracker(spec)
-            self._opening = threading.Thread(target=self.tracker.open, name="raylm-tracking-open", daemon=True)
-            self._opening.start()
+            self.tracker = None
 
         def after_report(self, run_context, metrics, checkpoint):
-            if self._opening is not None:
-                self._opening.join()
-                self._opening = None
             if self.tracker is None:
                 self.tracker = Tracker(spec)
             m = dict(metrics[0]) if metrics else {}
