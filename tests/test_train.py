@@ -77,14 +77,15 @@ def test_ddp_and_fsdp_follow_the_same_loss_curve(trained):
 def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(trained, dataset, capsys):
     """Re-running a finished run's name with another model stops before anything starts and names
     the change (resuming would hand back the old run's model as if it were the new one); the same
-    config resumes (nothing left to train: the job hands back the model it registered);
+    config resumes (nothing left to train: the job hands back the model it registered, as its final
+    checkpoint recorded it, without starting Ray Train);
     train.resume=restart removes the run's checkpoints and starts at step 0 (the pipeline's test
     re-trains a changed stage from step 0 end to end)."""
     from raylm import config, storage
     from raylm.train.config import TrainConfig
     from raylm.train.job import _start_or_resume, dataset_meta, run_storage
 
-    _, card = trained("ddp")
+    out, card = trained("ddp")
     changed = STRATEGIES["ddp"] + ["model.overrides.num_hidden_layers=1"]
     with pytest.raises(config.ConfigError, match=r"model\.overrides\.num_hidden_layers: null -> 1.*train\.resume="
                                                  r"restart"):
@@ -102,6 +103,20 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     capsys.readouterr()
     assert _start_or_resume(same, dataset_meta(same)) is False
     assert "t-ddp: the run already reached train.max_steps (12): nothing to train" in capsys.readouterr().out
+    # the job then hands back what the run's final checkpoint recorded, and starts no Ray Train run
+    from ray.util.state import list_actors
+
+    from raylm.train.job import run
+
+    def controllers() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "TrainController")], limit=10_000)}
+
+    before = controllers()
+    back = run(same)
+    assert back["model"] == card["id"] and back["metrics"]["step"] == 12, back
+    assert back["metrics"]["loss"] == pytest.approx(out["metrics"]["loss"]), (back, out)
+    assert back["checkpoint"].endswith("step-00000012-final") and controllers() == before
+    capsys.readouterr()
     more = cfg("train.max_steps=20", "train.lr=1e-3")  # going on: more steps at another rate
     assert _start_or_resume(more, dataset_meta(more)) is False
     assert "t-ddp: resuming with train.lr: 0.005 -> 0.001; train.max_steps: 12 -> 20" in capsys.readouterr().out

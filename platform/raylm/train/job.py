@@ -522,6 +522,29 @@ def _start_or_resume(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
     return restart
 
 
+def finished(cfg: TrainConfig) -> Optional[dict[str, Any]]:
+    """What a run that already reached `train.max_steps` hands back, read from storage: its latest
+    checkpoint is its final one (`step-N-final`, written after the export, N >= max_steps), whose
+    client state holds the step, the last metrics and the registered model. None when the run has
+    training left, or its final checkpoint cannot say (then Ray Train runs, and the loop decides)."""
+    from raylm.train.session import _STEP_DIR, CLIENT_STATE
+
+    run_uri = storage.join(run_storage(cfg), cfg.name)
+    saved = sorted((int(m.group(1)), bool(m.group(2)), n) for n in storage.listdir(run_uri) if (m := _STEP_DIR.match(n)))
+    if not saved or not saved[-1][1] or saved[-1][0] < cfg.train.max_steps:
+        return None
+    path = storage.join(run_uri, saved[-1][2])
+    try:
+        state = storage.read_json(storage.join(path, CLIENT_STATE))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or (cfg.output.register_model and not state.get("registered")):
+        return None
+    metrics = {k: v for k, v in (state.get("last") or {}).items() if v is not None}
+    return {"run": cfg.name, "model": state.get("registered") or None,
+            "metrics": {**metrics, "model": state.get("registered") or "", "step": state.get("step")}, "checkpoint": path}
+
+
 def run(cfg: TrainConfig, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train the run `cfg.name` (resume it, start it over or refuse, `_start_or_resume`), one job at
     a time: a second job on the same run stops before it looks at the run's checkpoints."""
@@ -537,6 +560,10 @@ def _run(cfg: TrainConfig, meta: Optional[dict[str, Any]]) -> dict[str, Any]:
     # one MLflow run per run name: a resumed run continues it
     tracker = tracking.Tracker.start(cfg.tracking, "train", cfg.name, cfg.model_dump(mode="json", exclude={"tracking"}),
                                      tags={"raylm.dataset": meta["dataset_id"]}, resume=not restarted)
+    done = None if restarted else finished(cfg)
+    if done is not None:  # no Ray Train run (~20 s of a controller and workers on 2 cores) to hand it back
+        tracker.finish()
+        return {**done, "tracking": tracker.run_id}
     trainer = build_trainer(cfg, meta, callbacks=[tracking.train_callback(tracker, cfg.output.registry)] if tracker.active else None)
     what = (f"{cfg.model.path} classifier ({len(meta['labels'])} labels: {', '.join(meta['labels'])})"
             if cfg.model.task == "classification" else cfg.model.path or f"{cfg.model.arch}-{cfg.model.preset}")

@@ -40,6 +40,8 @@ import torch
 # the watcher, 20.6-21.3 s without, 3 runs each on 2 cores): raylm turns it off unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is set.
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_INTERVAL_S = 0.25
+# in every checkpoint (each strategy writes it): the loop's step, last metrics and registered model
+CLIENT_STATE = "client_state.json"
 
 
 def set_ray_train_env() -> None:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from raylm.train.config import TrainLoopConfig
 from raylm.train.models import blocks
+from raylm.train.session import CLIENT_STATE
 
-CLIENT_STATE = "client_state.json"
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
