@@ -83,7 +83,8 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     re-trains a changed stage from step 0 end to end)."""
     from raylm import config, storage
     from raylm.train.config import TrainConfig
-    from raylm.train.job import _start_or_resume, dataset_meta, run_storage
+    from raylm.train.job import dataset_meta
+    from raylm.train.resume import run_storage, start_or_resume
 
     out, card = trained("ddp")
     changed = STRATEGIES["ddp"] + ["model.overrides.num_hidden_layers=1"]
@@ -101,7 +102,7 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     run_dir = storage.join(run_storage(same), "t-ddp")
     assert any(n.startswith("step-") for n in storage.listdir(run_dir))  # the finished run's checkpoints
     capsys.readouterr()
-    assert _start_or_resume(same, dataset_meta(same)) is False
+    assert start_or_resume(same, dataset_meta(same)) is False
     assert "t-ddp: the run already reached train.max_steps (12): nothing to train" in capsys.readouterr().out
     # the job then hands back what the run's final checkpoint recorded, and starts no Ray Train run
     from ray.util.state import list_actors
@@ -118,20 +119,20 @@ def test_a_run_name_reused_with_another_config_is_refused_unless_restarted(train
     assert back["checkpoint"].endswith("step-00000012-final") and controllers() == before
     capsys.readouterr()
     more = cfg("train.max_steps=20", "train.lr=1e-3")  # going on: more steps at another rate
-    assert _start_or_resume(more, dataset_meta(more)) is False
+    assert start_or_resume(more, dataset_meta(more)) is False
     assert "t-ddp: resuming with train.lr: 0.005 -> 0.001; train.max_steps: 12 -> 20" in capsys.readouterr().out
     # a run saved with no record of its config (before raylm kept one, or by something else):
     # resumed unchecked, and the job says so
     os.remove(os.path.join(run_dir, "raylm_run.json"))
-    assert _start_or_resume(same, dataset_meta(same)) is False
+    assert start_or_resume(same, dataset_meta(same)) is False
     out = capsys.readouterr().out
     assert "holds saved state but no record of the config it was started with (raylm_run.json): resuming it " \
            "as this config, unchecked; train.resume=restart starts it over" in out, out
     fewer = cfg("train.max_steps=6")
     with pytest.raises(config.ConfigError, match=r"train\.max_steps 6 is below the run's last checkpoint \(step 12\)"):
-        _start_or_resume(fewer, dataset_meta(fewer))
+        start_or_resume(fewer, dataset_meta(fewer))
     again = cfg(*changed[len(STRATEGIES["ddp"]):], "train.resume=restart")
-    assert _start_or_resume(again, dataset_meta(again)) is True
+    assert start_or_resume(again, dataset_meta(again)) is True
     assert "[train] t-ddp: starting over (train.resume=restart)" in capsys.readouterr().out
     assert storage.listdir(run_dir) == ["raylm_run.json"]  # no checkpoint left to resume
     assert storage.read_json(storage.join(run_dir, "raylm_run.json"))["model.overrides.num_hidden_layers"] == 1

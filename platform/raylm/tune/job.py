@@ -84,7 +84,7 @@ def _start_or_resume(cfg: TuneConfig, train_cfg: TrainConfig, meta: dict[str, An
     `reruns.decide`); a restart removes its trials and runs. Returns whether it starts over."""
     from ray import tune
 
-    from raylm.train.job import run_identity
+    from raylm.train.resume import run_identity
 
     now = {**reruns.identity(cfg.model_dump(mode="json"), OPERATIONAL),
            **{f"train_config.{k}": v for k, v in run_identity(train_cfg, meta).items()}}
