@@ -120,8 +120,17 @@ def test_a_dataset_is_conversations_or_documents_and_chat_refuses_steps_that_cut
         build(sources=[chat], steps=[{"name": "boilerplate"}, {"name": "augment"}])
     with pytest.raises(ConfigError, match="prompt_field and response_field together"):
         build(sources=[{**chat, "prompt_field": "q"}])
-    with pytest.raises(ConfigError, match="only for format chat or preference"):
+    with pytest.raises(ConfigError, match="only for format chat, preference or rated"):
         build(sources=[{**text, "response_field": "a"}])
+    rated = {**chat, "format": "rated"}
+    with pytest.raises(ConfigError, match="rating_field: only for format rated"):
+        build(sources=[{**chat, "rating_field": "stars"}])
+    with pytest.raises(ConfigError, match="response_field: format rated has completion_field and rating_field"):
+        build(sources=[{**rated, "response_field": "a"}])
+    with pytest.raises(ConfigError, match="dedup_near would take two answers to one prompt rated alike"):
+        build(sources=[rated], steps=[{"name": "dedup_near"}])
+    with pytest.raises(ConfigError, match="rated answers are padded one answer a block"):
+        build(sources=[rated], pack={"conversations": "pack"})
     with pytest.raises(ConfigError, match="tokenizer.chat_template is for chat datasets"):
         build(sources=[text], tokenizer={"chat_template": "{{ messages }}"})
     assert build(sources=[chat]).chat and not build(sources=[text]).chat
@@ -384,10 +393,39 @@ def test_the_shipped_fine_tuning_configs_load_and_their_conversations_read():
     pairs = parse_file(src, "prefs", src.uri, (ROOT / prefs.sources[0].uri).read_bytes())
     assert len(pairs) == 96 and not [r for r in pairs if r["_error"]] and all("<|rejected|>" in r["text"] for r in pairs)
 
+    rated = config.load(DataConfig, configs / "places_ratings.yaml")
+    kto = config.load(TrainConfig, configs / "kto_places.yaml")
+    evaluate_rated = config.load(EvaluateConfig, configs / "evaluate_places_ratings.yaml")
+    assert rated.rated and kto.preference.loss == "kto" and kto.data.dataset == evaluate_rated.data.dataset == rated.name
+    assert evaluate_rated.model == kto.name and kto.model.path == rated.tokenizer.path
+    src = rated.sources[0].model_copy(update={"uri": str(ROOT / rated.sources[0].uri)})
+    answers = parse_file(src, "ratings", src.uri, (ROOT / rated.sources[0].uri).read_bytes())
+    assert len(answers) == 144 and not [r for r in answers if r["_error"]]
+    assert sum(r["text"].endswith("<|rated|>\ngood") for r in answers) == 48  # weighed 2 to 1 in kto_places.yaml
+
 
 # --- preference tuning (DPO) -------------------------------------------------------------------
 
 SENTENCES = {"Sea": "At sea.", "Land": "On land."}  # the answer users come to prefer over one word
+
+
+def _greedy_answers(card: dict) -> dict[str, str]:
+    """What the served engine answers, greedily, to "Where is the W?" for every place W."""
+    from raylm import registry
+    from raylm.serve.engine import GenRequest, LMEngine
+
+    engine = LMEngine(registry.local_path(card))
+    reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),
+        max_tokens=8, temperature=0) for w in PLACES]
+    text = [""] * len(reqs)
+
+    def emit(events: dict[int, dict]) -> None:
+        for i, e in events.items():
+            text[i] += e["text"]
+
+    engine.generate(reqs, emit)
+    return dict(zip(PLACES, text))
 
 
 def _rated_feedback(d: Path) -> Path:
@@ -492,7 +530,6 @@ def test_rated_answers_become_preference_pairs_with_only_the_last_answer_trained
 
 def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatset, pairset, capsys):
     from raylm import registry
-    from raylm.serve.engine import GenRequest, LMEngine
     from raylm.train.config import TrainConfig
     from raylm.train.job import run
 
@@ -556,19 +593,8 @@ def test_preference_tuning_moves_the_model_to_the_answers_users_preferred(chatse
     for c in REF_COLUMNS:
         assert sorted(got[c]) == pytest.approx(sorted(ref_table.column(c).to_pylist()), abs=1e-4)
     assert datasets["train"].count() == meta["train_blocks"]
-    engine = LMEngine(registry.local_path(card))
-    reqs = [GenRequest(prompt_ids=engine.encode(engine.render_chat([
-        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": f"Where is the {w}?"}])),
-        max_tokens=8, temperature=0) for w in PLACES]
-    text = [""] * len(reqs)
-
-    def emit(events: dict[int, dict]) -> None:
-        for i, e in events.items():
-            text[i] += e["text"]
-
-    engine.generate(reqs, emit)
     # the fine-tuned model said "Sea." / "Land."; tuned on what users preferred, it answers in a sentence
-    assert dict(zip(PLACES, text)) == {w: SENTENCES[a] for w, a in PLACES.items()}
+    assert _greedy_answers(card) == {w: SENTENCES[a] for w, a in PLACES.items()}
 
     # the evaluation job on held-out pairs: the tuned model finds (nearly) every chosen answer likelier than
     # the rejected one; the model it was tuned from (scored beside it) at most half: it said one word
@@ -652,3 +678,160 @@ def test_preference_tuning_is_refused_where_it_cannot_work(chatset, pairset, tmp
         config.build(DataConfig, {"name": "x", "sources": [{"kind": "jsonl", "uri": str(tmp_path),
                                                             "format": "preference"}],
                                   "pack": {"conversations": "pack"}})
+
+
+@pytest.fixture(scope="module")
+def ratedset(chatset, pairset):
+    """Every chat answer users rated, one record each (`raylm feedback ratings`, from the same feedback
+    the pairs came from), plus records that are no rated answer and an answer rated twice each way,
+    built into a rated dataset (KTO) with the fine-tuned model's tokenizer."""
+    from raylm.cli import main
+    from raylm.data import pipeline
+
+    d = chatset["dir"]
+    out = d / "ratings.jsonl"
+    assert main(["feedback", "ratings", "--uri", str(d / "feedback"), "--out", str(out)]) == 0
+    asked = [{"role": "user", "content": "Is the castle at sea?"}]
+    extra = [{"id": "no-rating", "prompt": "Where is the ship?", "completion": "At sea."},
+             {"id": "neutral", "prompt": "Where is the ship?", "completion": "At sea.", "label": 0},
+             {"id": "maybe", "prompt": "Where is the ship?", "completion": "At sea.", "label": "maybe"},
+             {"id": "no-completion", "prompt": "Where is the ship?", "label": True},
+             {"id": "not-a-question", "prompt": [{"role": "assistant", "content": "Hi."}], "completion": "x",
+              "label": True},
+             {"id": "marker", "prompt": "Where?", "completion": "y\n<|rated|>\ngood", "label": False},
+             # rated good twice (kept once by dedup_exact) and bad once (kept: another record)
+             {"id": "twice-1", "prompt": asked, "completion": "On land.", "label": True},
+             {"id": "twice-2", "prompt": asked, "completion": "On land.", "label": 1},
+             {"id": "twice-3", "prompt": asked, "completion": [*asked, {"role": "assistant", "content": "On land."}],
+              "label": "bad"}]
+    (d / "more_ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    cfg = {"name": "ratings", "sources": [{"kind": "jsonl", "uri": str(out), "format": "rated", "id_field": "id"},
+                                          {"kind": "jsonl", "uri": str(d / "more_ratings.jsonl"), "format": "rated",
+                                           "id_field": "id"}],
+           "steps": [{"name": "normalize"}, {"name": "dedup_exact"}],
+           "split": {"train": 0.75, "validation": 0.25, "test": 0.0},
+           "tokenizer": {"kind": "pretrained", "path": pairset["base"]}, "pack": {"seq_len": 128},
+           "tokenize": {"concurrency": 1, "batch_size": 64}, "output": {"root": str(d / "datasets")}}
+    return {"manifest": pipeline.run(config.build(DataConfig, cfg)), "ratings": out, "base": pairset["base"]}
+
+
+def test_rated_answers_are_kept_one_by_one_each_beside_another_answer_to_its_prompt(ratedset, capsys):
+    """`raylm feedback ratings` keeps every chat answer rated good or bad (no second answer to the same
+    conversation needed); the data job reads them (format: rated), sets aside what is no rated answer,
+    keeps an answer rated both ways twice, and puts beside each conversation its prompt followed by
+    another record's answer: the side KTO estimates the model's drift from the reference on."""
+    from transformers import AutoTokenizer
+
+    from raylm.train.loop import host_batch
+
+    from raylm.cli import main
+
+    lines = [json.loads(x) for x in ratedset["ratings"].read_text().splitlines()]
+    assert len(lines) == 97 and sum(x["label"] for x in lines) == 33  # 32 questions x 3 answers + "lonely"
+    again = ratedset["ratings"].with_name("again.jsonl")
+    assert main(["feedback", "ratings", "--uri", str(ratedset["ratings"].parent / "feedback"), "--out", str(again)]) == 0
+    said = capsys.readouterr().out
+    assert "97 rated chat answers (33 good, 64 bad)" in said and "2 records skipped" in said, said
+    assert "preference.desirable_weight=1.94" in said and again.read_text() == ratedset["ratings"].read_text()
+    assert {x["completion"] for x in lines if x["label"]} == {*SENTENCES.values(), "Hello."}
+    m = ratedset["manifest"]
+    read = next(s for s in m["steps"] if s["step"] == "read")
+    assert read["quarantined"] == {"missing_rating": 1, "neutral_rating": 1, "rating_not_good_or_bad": 1,
+                                   "missing_completion": 1, "prompt_not_a_question": 1, "marker_in_content": 1}
+    dedup = next(s for s in m["steps"] if s["step"] == "dedup_exact")
+    assert sum(dedup["dropped"].values()) == 1  # "twice-2": "twice-1" again; "twice-3" is rated the other way
+    assert m["format"] == "rated" and m["counts"]["documents"] == 99
+    tr, va = m["splits"]["train"], m["splits"]["validation"]
+    assert tr["desirable"] + va["desirable"] == 34 and tr["undesirable"] + va["undesirable"] == 65
+    assert tr["blocks"] == tr["desirable"] + tr["undesirable"] and tr["conversations_cut"] == 0
+    tok = AutoTokenizer.from_pretrained(str(Path(m["uri"]) / "tokenizer"))
+    blocks = pq.read_table(Path(m["uri"]) / "packed" / "train")
+    rows = blocks.to_pylist()
+    answers = [tok.decode([t for t, k in zip(r["input_ids"], r["loss_mask"]) if k]) for r in rows]
+    beside = [tok.decode([t for t, k in zip(r["rejected_ids"], r["rejected_mask"]) if k]) for r in rows]
+    for r, answer, other in zip(rows, answers, beside):  # the same prompt; another row's answer after it
+        n = r["loss_mask"].index(1)
+        assert r["input_ids"][:n] == r["rejected_ids"][:n] and r["rejected_mask"].index(1) == n
+        assert other in answers
+    one_word = [a.removesuffix(f"{tok.eos_token}\n") in ("Sea.", "Land.") for a in answers]  # all rated bad
+    assert any(one_word) and not any(r["desirable"] for r, w in zip(rows, one_word) if w)
+    assert sum(r["desirable"] for r in rows) == tr["desirable"] > 0
+    assert sorted(beside) == sorted(answers) and beside != answers  # every answer once, none beside itself
+    batch = host_batch(blocks.slice(0, 3), "causal_lm", pin=False)
+    assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [bool(r["desirable"]) for r in rows[:3]]
+
+
+def test_kto_on_rated_answers_moves_the_model_to_the_answers_rated_good(chatset, ratedset, capsys):
+    """KTO from the fine-tuned model on every rated answer (two bad to one good, weighed 2 to 1): the
+    model learns to give the answers rated good (in a sentence) where it said one word; the evaluation
+    job's rating_auc (how well an answer's likelihood tells good from bad) rises from the model it
+    started from; a pair dataset is refused for KTO and the rated one for DPO."""
+    from transformers import AutoModelForCausalLM
+
+    from raylm import registry
+    from raylm.train.config import PreferenceConfig, TrainConfig
+    from raylm.train.job import dataset_meta, run
+    from raylm.train.loop import host_batch
+    from raylm.train.losses import Preference
+    from raylm.train.reference import reference_logps
+
+    d = chatset["dir"]
+    overrides = [
+        "name=kto", "data.dataset=ratings", f"model.path={ratedset['base']}", f"data.root={d / 'datasets'}",
+        f"output.storage={d / 'runs'}", f"output.registry={d / 'registry'}", "train.num_workers=1",
+        # (150 steps, as the DPO test's: at 100 one greedy answer of eight came out garbled, "Ond.")
+        "train.batch_size=8", "train.max_steps=150", "train.lr=2e-3", "train.warmup_steps=3", "train.log_every=10",
+        "train.eval_every=50", "train.eval_batches=4", "train.checkpoint_every=150", "preference.loss=kto", "preference.beta=0.1",
+        "preference.desirable_weight=2", "preference.sft_weight=1.0"]
+    cfg = config.load(TrainConfig, ROOT / "tests" / "data" / "train_tiny.yaml", overrides)
+    card = registry.resolve(run(cfg)["model"], str(d / "registry"))
+    out = capsys.readouterr().out
+    assert re.search(r"KTO on \d+ answers rated good and \d+ rated bad \(the train split\); desirable_weight x good "
+                     r"/ \(undesirable_weight x bad\) = 1\.\d\d", out), out[-3000:]
+    assert card["data_format"] == "chat" and card["preference"]["loss"] == "kto"
+    assert card["preference"]["reference_logps"] == "live"
+    curve = [loss for _, loss in card["loss_curve"]]
+    assert curve[-1] < curve[0] / 2, curve
+    # (0 where the model is its reference; with 8 held-out answers scored, 0.625 to 1.0 over four runs: each
+    # run's base model, tokenizer and fine-tuned model differ a little, and an answer near the reference point
+    # may fall either side; every held-out answer is scored here)
+    assert card["metrics"]["val_reward_accuracy"] > 0.5 and card["metrics"]["val_reward_margin"] > 0.5, card["metrics"]
+
+    # the loss: half of each answer's weight where the model is its reference (reward 0 at the reference
+    # point 0), less for the tuned model; the same from the reference's precomputed log-probabilities
+    val_table = pq.read_table(Path(ratedset["manifest"]["uri"]) / "packed" / "validation")
+    val = host_batch(val_table, "causal_lm", False)
+    base, tuned = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (ratedset["base"], registry.local_path(card)))
+    kto = PreferenceConfig(loss="kto", beta=0.1, desirable_weight=2)
+    good = val["desirable"].float()
+    with torch.no_grad():
+        assert float(Preference(kto, base)(base, val)) == pytest.approx(float((0.5 * (1 + good)).mean()), abs=1e-5)
+        assert float(Preference(kto, base)(tuned, val)) < float(Preference(kto, base)(base, val)) / 2
+        precomputed = host_batch(reference_logps(val_table, base, torch.device("cpu")), "causal_lm", False)
+        assert float(Preference(kto, None)(tuned, precomputed)) == pytest.approx(
+            float(Preference(kto, base)(tuned, val)), abs=1e-5)
+
+    # the fine-tuned model said "Sea." / "Land."; tuned on the ratings, it answers in the sentences rated good.
+    # (one answer of eight came out garbled, "On lael lan", in 1 of 9 runs of this config: five test runs and
+    # four over two test upstreams and two seeds, RESULTS "KTO"; never the one word rated bad)
+    answers = _greedy_answers(card)
+    assert sum(answers[w] == SENTENCES[a] for w, a in PLACES.items()) >= 7, answers
+    assert not {"Sea.", "Land."} & set(answers.values()), answers
+
+    from raylm.evaluate.config import EvaluateConfig
+    from raylm.evaluate.job import run as evaluate
+
+    rep = evaluate(config.build(EvaluateConfig, {
+        "model": card["id"], "registry": str(d / "registry"), "baselines": {"ngram": None, "previous_versions": 0},
+        "robustness": None, "data": {"dataset": "ratings", "root": str(d / "datasets"), "split": "validation"}}))
+    before = rep["baselines"][f"reference {ratedset['base']}"]["metrics"]["rating_auc"]
+    assert rep["headline_metric"] == "rating_auc" and rep["metrics"]["rating_auc"] >= 0.9, rep["metrics"]
+    assert before < 0.5, before  # the fine-tuned model finds its own one-word answers (rated bad) likelier
+
+    root = {"dataset": "ratings", "root": str(d / "datasets")}
+    with pytest.raises(ConfigError, match="holds rated answers, one answer each: preference.loss kto"):
+        dataset_meta(cfg.model_copy(update={"preference": PreferenceConfig()}))
+    with pytest.raises(ConfigError, match="kto trains on answers rated one at a time"):
+        dataset_meta(cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "pairs"})}))
+    with pytest.raises(ConfigError, match="holds rated answers: add a `preference:` section with loss: kto"):
+        dataset_meta(config.build(TrainConfig, {"name": "x", "data": root, "model": {"path": ratedset["base"]}}))

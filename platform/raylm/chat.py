@@ -11,7 +11,10 @@ opened by a marker line (`<|user|>`, `<|assistant|>`, `<|system|>`):
 so that every data step (normalize, fix_unicode, pii, quality, language, both dedups) works on
 it as on any document: dedup compares whole conversations, pii masks every turn. `parse` reads
 the messages back. A preference pair (DPO) is the conversation with its chosen answer last, then a
-`<|rejected|>` line and the rejected answer (`to_pair_text`, `parse_pair`); `encode_answer`
+`<|rejected|>` line and the rejected answer (`to_pair_text`, `parse_pair`); a rated answer (KTO)
+is the conversation with the rated answer last, then a `<|rated|>` line and `good` or `bad`
+(`to_rated_text`, `parse_rated`: the rating is part of the record, so dedup_exact keeps one copy
+of an answer rated the same twice and both of one rated good and bad); `encode_answer`
 tokenizes a side with only its last answer trained.
 
 `encode` turns a conversation into token ids and a loss mask with the model's chat template,
@@ -33,6 +36,10 @@ MARKERS = {f"<|{r}|>": r for r in ROLES}
 # A preference pair's record: the conversation with the chosen answer last, then this line and
 # the rejected answer (`to_pair_text`, `parse_pair`).
 REJECTED = "<|rejected|>"
+# A rated answer's record (KTO): the conversation with the rated answer last, then this line and
+# `good` or `bad` (`to_rated_text`, `parse_rated`).
+RATED = "<|rated|>"
+RATINGS = {"good": True, "bad": False}
 
 # Serving's template when neither the deploy config nor the tokenizer has one, and the template
 # a chat dataset's tokenizer gets when its tokenizer has none: `role: content` lines, the end of
@@ -85,7 +92,7 @@ def check(messages: Any) -> list[dict[str, str]]:
         if m["role"] not in ROLES:
             raise ConversationError("unknown_role", f"role {m['role']!r} (expected one of {', '.join(ROLES)})")
         text = _content(m.get("content"))
-        if any(line in MARKERS or line == REJECTED for line in text.split("\n")):
+        if any(line in MARKERS or line in (REJECTED, RATED) for line in text.split("\n")):
             raise ConversationError("marker_in_content", "a line of a message is a role marker like <|user|>")
         out.append({"role": m["role"], "content": text})
     if out[-1]["role"] != "assistant":
@@ -142,6 +149,26 @@ def parse_pair(text: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     if rejected == chosen[-1]["content"]:
         raise ConversationError("chosen_equals_rejected", "the chosen and the rejected answer are the same")
     return chosen, [*chosen[:-1], {"role": "assistant", "content": _content(rejected)}]
+
+
+def to_rated_text(messages: list[dict[str, str]], good: bool) -> str:
+    """A rated answer as a record's `text`: the conversation ending with the answer, then a
+    `<|rated|>` line and `good` or `bad`."""
+    return f"{to_text(messages)}\n{RATED}\n{'good' if good else 'bad'}"
+
+
+def parse_rated(text: str) -> tuple[list[dict[str, str]], bool]:
+    """The conversation of a rated answer's `text` and whether the answer was rated good.
+    ConversationError when it is no rated answer (no_rating: no `<|rated|>` line, or a rating
+    other than good or bad after the data steps)."""
+    lines = (text or "").split("\n")
+    if RATED not in lines:
+        raise ConversationError("no_rating", f"a rated answer needs a {RATED} line")
+    cut = len(lines) - 1 - lines[::-1].index(RATED)
+    rating = "\n".join(lines[cut + 1:]).strip()
+    if rating not in RATINGS:
+        raise ConversationError("no_rating", f"the rating after {RATED} must be good or bad, not {rating[:20]!r}")
+    return parse("\n".join(lines[:cut])), RATINGS[rating]
 
 
 def renderer(template: str, special_tokens: dict[str, Any]) -> Callable[[list[dict[str, str]], bool], str]:

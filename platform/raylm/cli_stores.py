@@ -248,6 +248,36 @@ def cmd_feedback_pairs(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback_ratings(a: argparse.Namespace) -> int:
+    from raylm import storage
+    from raylm.serve.feedback import ratings
+
+    uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
+    try:
+        r = ratings(uri)
+    except storage.StorageError as e:
+        _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
+        return 1
+    out = storage.normalize(a.out)
+    storage.write_text(out, "".join(json.dumps(x) + "\n" for x in r["ratings"]))
+    print(f"{len(r['ratings'])} rated chat answers ({r['good']} good, {r['bad']} bad) under {uri} -> {out}"
+          + (f"; {r['neutral']} neutral ratings left out" if r["neutral"] else "")
+          + (f"; {r['duplicates']} repeated ratings of one answer kept once" if r["duplicates"] else "")
+          + (f"; {r['skipped']} records skipped (not rated chat answers)" if r["skipped"] else ""))
+    if r["ratings"]:
+        print(f"read them with a data source: {{kind: jsonl, uri: {out}, format: rated, id_field: id}}; train with "
+              "preference.loss: kto")
+        if r["good"] and r["bad"]:
+            ratio = r["good"] / r["bad"]
+            if not 1 <= ratio <= 4 / 3:
+                print(f"KTO's authors keep desirable_weight x good / (undesirable_weight x bad) within 1 to 4/3: "
+                      f"here {r['good']} good and {r['bad']} bad, so e.g. preference.desirable_weight="
+                      f"{r['bad'] / r['good']:.3g} (before the split)")
+    else:
+        print("no rated chat answers yet: ratings of 1 or -1 on answers of the chat routes")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """The `datasets`, `models` and `feedback` subcommands, on the top-level parser's `sub`."""
     ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(dest="datasets_command", required=True)
@@ -316,3 +346,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--out", required=True, help="the JSONL file to write (a path or s3:// URI)")
     s.add_argument("--max-per-prompt", type=int, default=4, help="pairs per conversation at most (default 4)")
     s.set_defaults(fn=cmd_feedback_pairs)
+    s = fs.add_parser("ratings", help="every chat answer rated good or bad, one record each (unpaired: KTO, "
+                                      "preference.loss kto) as JSONL for a format: rated data source")
+    s.add_argument("--app", default="raylm", help="the deploy config's name (default raylm)")
+    s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
+    s.add_argument("--out", required=True, help="the JSONL file to write (a path or s3:// URI)")
+    s.set_defaults(fn=cmd_feedback_ratings)

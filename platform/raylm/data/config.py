@@ -65,12 +65,14 @@ class FileSource(Strict):
         "keep only records whose field holds one of the listed values (jsonl, csv, parquet), e.g. "
         "{rating: [1]} for feedback rated good; the others are set aside (reason excluded_by_where)"))
     passages: Optional[PassageConfig] = Field(None, description="cut documents into passages")
-    format: Literal["text", "chat", "preference"] = Field(
+    format: Literal["text", "chat", "preference", "rated"] = Field(
         "text", description="text: each record is a document (`text_field`); chat: each record is a conversation "
         "for supervised fine-tuning, from `messages_field` (OpenAI-style [{role, content}]) or from "
         "`prompt_field` + `response_field` (one exchange); see the README's \"Supervised fine-tuning\"; "
         "preference: each record is a prompt with a chosen and a rejected answer, for preference tuning (DPO; "
-        "`prompt_field`, `chosen_field`, `rejected_field`; README \"Preference tuning\")")
+        "`prompt_field`, `chosen_field`, `rejected_field`; README \"Preference tuning\"); rated: each record is a "
+        "prompt with one answer rated good or bad, for KTO (`prompt_field`, `completion_field`, `rating_field`; "
+        "what `raylm feedback ratings` writes)")
     messages_field: str = Field("messages", description="format chat: the field holding the conversation")
     prompt_field: Optional[str] = Field(None, description="format chat: the user's message (with `response_field`, "
                                         "in place of `messages_field`); format preference: the prompt, a string "
@@ -80,8 +82,13 @@ class FileSource(Strict):
     chosen_field: Optional[str] = Field(None, description="format preference: the better answer, a string or a "
                                         "list of messages ending with it; default `chosen`")
     rejected_field: Optional[str] = Field(None, description="format preference: the worse answer; default `rejected`")
-    system_prompt: Optional[str] = Field(None, description="format chat or preference: a system message put first "
-                                         "in every conversation that has none")
+    completion_field: Optional[str] = Field(None, description="format rated: the rated answer, a string or a list of "
+                                            "messages ending with it; default `completion`")
+    rating_field: Optional[str] = Field(None, description="format rated: the rating: true / 1 / good / desirable "
+                                        "(good), false / -1 / bad / undesirable (bad); 0 (neutral) is set aside "
+                                        "(reason neutral_rating); default `label` (TRL's unpaired preference shape)")
+    system_prompt: Optional[str] = Field(None, description="format chat, preference or rated: a system message put "
+                                         "first in every conversation that has none")
 
     @field_validator("uri")
     @classmethod
@@ -91,16 +98,24 @@ class FileSource(Strict):
     @model_validator(mode="after")
     def _chat(self) -> "FileSource":
         if self.format == "text":
-            given = [f for f in ("prompt_field", "response_field", "chosen_field", "rejected_field", "system_prompt")
-                     if getattr(self, f) is not None]
+            given = [f for f in ("prompt_field", "response_field", "chosen_field", "rejected_field", "system_prompt",
+                                 "completion_field", "rating_field") if getattr(self, f) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)}: only for format chat or preference")
+                raise ValueError(f"{', '.join(given)}: only for format chat, preference or rated")
             return self
         if self.kind == "text":
             raise ValueError(f"format {self.format} needs records with fields: use jsonl, parquet or csv")
         if self.passages:
             raise ValueError("passages: cutting a conversation into passages would separate questions from answers; "
                              f"leave passages out with format {self.format}")
+        rated = [f for f in ("completion_field", "rating_field") if getattr(self, f) is not None]
+        if rated and self.format != "rated":
+            raise ValueError(f"{', '.join(rated)}: only for format rated")
+        if self.format == "rated":
+            given = [f for f in ("response_field", "chosen_field", "rejected_field") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: format rated has completion_field and rating_field")
+            return self
         if self.format == "preference":
             if self.response_field is not None:
                 raise ValueError("response_field: format preference has chosen_field and rejected_field")
@@ -369,20 +384,27 @@ class DataConfig(Strict):
 
     @property
     def chat(self) -> bool:
-        """A dataset rendered with a chat template: conversations (format chat) or preference pairs."""
-        return self.format in ("chat", "preference")
+        """A dataset rendered with a chat template: conversations (format chat), preference pairs or
+        rated answers."""
+        return self.format in ("chat", "preference", "rated")
 
     @property
     def preference(self) -> bool:
         """A dataset of preference pairs (every source has format preference)."""
         return self.format == "preference"
 
+    @property
+    def rated(self) -> bool:
+        """A dataset of answers rated good or bad (KTO; every source has format rated)."""
+        return self.format == "rated"
+
     @model_validator(mode="after")
     def _chat(self) -> "DataConfig":
         formats = {getattr(s, "format", "text") for s in self.sources}
         if len(formats) > 1:
             raise ValueError(f"sources: a dataset holds one kind of record, here {' and '.join(sorted(formats))} "
-                             "(documents, conversations or preference pairs); build one dataset of each and mix "
+                             "(documents, conversations, preference pairs or rated answers); build one dataset of each "
+                             "and mix "
                              "documents and conversations in training (data.mixture)")
         if self.chat:
             bad = [s.name for s in self.steps if s.name in ("boilerplate", "augment")]
@@ -396,6 +418,14 @@ class DataConfig(Strict):
             if self.preference and self.pack.conversations == "pack":
                 raise ValueError("pack.conversations: pack is for format chat; preference pairs are padded one "
                                  "pair a block (pad)")
+            if self.rated and any(s.name == "dedup_near" for s in self.steps):
+                raise ValueError("steps: dedup_near would take two answers to one prompt rated alike for near copies "
+                                 "and drop one; leave it out of a rated dataset (dedup_exact drops an answer rated "
+                                 "the same twice)")
+            if self.rated and self.pack.conversations == "pack":
+                raise ValueError("pack.conversations: pack is for format chat; rated answers are padded one answer a "
+                                 "block (pad), each beside another record's answer to its prompt (KTO's reference point)")
         elif self.tokenizer.chat_template:
-            raise ValueError("tokenizer.chat_template is for chat datasets (sources with format chat or preference)")
+            raise ValueError("tokenizer.chat_template is for chat datasets (sources with format chat, preference or "
+                             "rated)")
         return self

@@ -39,7 +39,8 @@ from raylm.data.steps import live as _live
 from raylm.data.steps import mark_empty, prepare, run_step, stat_columns, step_keys
 from raylm.data.tokenize import (
     SPLITS, assign_split, check_conversations, eos_of, load_pretrained, pack, save_hf, to_hf, tokenize_batch,
-    pad, pad_pairs, tokenize_chat_batch, tokenize_pair_batch, tokenizer_key, train_bpe, whole_documents, with_answers,
+    pad, pad_pairs, pad_rated, tokenize_chat_batch, tokenize_pair_batch, tokenize_rated_batch, tokenizer_key, train_bpe,
+    whole_documents, with_answers,
 )
 
 PIPELINE_VERSION = 4  # bump when a step's output changes for the same config (4: augment reads `label`'s column)
@@ -56,7 +57,8 @@ def default_root() -> str:
 
 # fields added to a source's config after versions were built: left out of the version id at their defaults
 _LATER_SOURCE_FIELDS = {"format": "text", "messages_field": "messages", "prompt_field": None, "response_field": None,
-                        "system_prompt": None, "chosen_field": None, "rejected_field": None}
+                        "system_prompt": None, "chosen_field": None, "rejected_field": None,
+                        "completion_field": None, "rating_field": None}
 
 
 def chat_spec(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
@@ -155,6 +157,11 @@ def _tally_tokens(t: pa.Table, seq_len: int) -> pa.Table:
         c[f"split.{split}.tokens"] += n
         c[f"split.{split}.longer_than_a_block"] += side > seq_len  # (a preference pair: its longer side)
     return pa.table({"tally": [json.dumps(c)]})
+
+
+def _tally_desirable(t: pa.Table) -> pa.Table:
+    return pa.table({"tally": [json.dumps({"desirable": int(pc.sum(pc.cast(t.column("desirable"), pa.int64())).as_py()
+                                                            or 0)})]})
 
 
 def _tally_trained(t: pa.Table) -> pa.Table:
@@ -333,7 +340,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     ds = ds.map_batches(mark_empty, batch_format="pyarrow", batch_size=None)
     if chat:
         ds = ds.map_batches(check_conversations, fn_kwargs={"template": chat[0], "special_tokens": chat[1],
-                                                            "pairs": cfg.preference},
+                                                            "pairs": cfg.preference, "rated": cfg.rated},
                             batch_format="pyarrow", batch_size=None)
     ds = ds.materialize()
     tally = _tally(ds, _tally_docs)
@@ -399,7 +406,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
     if chat:
         tok_kwargs.update(template=chat[0], special_tokens=chat[1])
     tokenized = kept.map_batches(
-        (tokenize_pair_batch if cfg.preference else tokenize_chat_batch) if chat else tokenize_batch,
+        (tokenize_pair_batch if cfg.preference else tokenize_rated_batch if cfg.rated else tokenize_chat_batch)
+        if chat else tokenize_batch,
         fn_kwargs=tok_kwargs,
         batch_size=tc.batch_size, batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tc.concurrency),
         num_cpus=tc.num_cpus,
@@ -418,7 +426,7 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         if n_docs:
             docs.write_parquet(storage.arrow_fs(storage.join(work, "docs", split))[1], filesystem=fs)
             if chat and cfg.pack.conversations == "pad":  # a block per conversation
-                blocks = docs.map_batches(pad_pairs if cfg.preference else pad,
+                blocks = docs.map_batches(pad_pairs if cfg.preference else pad_rated if cfg.rated else pad,
                                           fn_kwargs={"seq_len": cfg.pack.seq_len, "pad_id": pad_id},
                                           batch_format="pyarrow", batch_size=None).materialize()
             else:
@@ -434,12 +442,15 @@ def run(cfg: DataConfig) -> dict[str, Any]:
                                "trained_tokens": _tally(blocks, _tally_trained)["trained_tokens"] if n_blocks else 0,
                                "conversations_cut": tok_tally.get(f"split.{split}.longer_than_a_block", 0)
                                if cfg.pack.conversations == "pad" else 0}
+                if cfg.rated:  # KTO weighs the two kinds: how many of each the split trains on
+                    good = _tally(blocks, _tally_desirable)["desirable"] if n_blocks else 0
+                    chat_counts.update(desirable=good, undesirable=n_blocks - good)
             else:
                 n_blocks = blocks.count()
             if n_blocks:
                 blocks.write_parquet(storage.arrow_fs(storage.join(work, "packed", split))[1], filesystem=fs)
         # padding included (pad: a block per conversation; a preference pair is two blocks, one per side)
-        packed_tokens = n_blocks * cfg.pack.seq_len * (2 if cfg.preference else 1)
+        packed_tokens = n_blocks * cfg.pack.seq_len * (2 if cfg.preference or cfg.rated else 1)
         tokens_in = n_tokens if chat else n_tokens + n_docs  # + the EOS after each document
         splits[split] = {"documents": n_docs, "tokens": n_tokens, "blocks": n_blocks, "packed_tokens": packed_tokens}
         pack_rows.append({"split": split, "tokens_in": tokens_in, "tokens_out": packed_tokens,
@@ -447,13 +458,15 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         line = f"{split}: {n_docs} documents, {n_tokens} tokens, {n_blocks} blocks of {cfg.pack.seq_len}"
         if chat:
             splits[split].update(chat_counts if n_docs else {"blocks_without_answer": 0, "trained_tokens": 0,
-                                                             "conversations_cut": 0})
+                                                             "conversations_cut": 0,
+                                                             **({"desirable": 0, "undesirable": 0} if cfg.rated else {})})
             pack_rows[-1].update(mode=cfg.pack.conversations, **{k: splits[split][k] for k in (
                 "blocks_without_answer", "conversations_cut")})
             if cfg.pack.conversations == "pad":  # tokens_out is padded; what is lost is in conversations_cut
                 pack_rows[-1]["tokens_dropped_tail"] = 0
             line += (f" ({splits[split]['trained_tokens']} answer tokens trained on; "
                      f"{splits[split]['blocks_without_answer']} blocks without one left out"
+                     + (f"; {splits[split]['desirable']} rated good, {splits[split]['undesirable']} bad" if cfg.rated else "")
                      + (f"; {splits[split]['conversations_cut']} {'pairs with a side' if cfg.preference else 'conversations'}"
                         " longer than a block cut"
                         if cfg.pack.conversations == "pad" else "") + ")")

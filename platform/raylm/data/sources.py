@@ -175,7 +175,7 @@ def _from_mapping(src: FileSource, source: str, where: str, obj: Any) -> dict[st
     if src.format != "text":  # a conversation or a preference pair (the rated ones `where` keeps)
         if _excluded(src, obj):
             return _bad(source, where, "excluded_by_where", json.dumps(obj, default=str))
-        return (_chat_row if src.format == "chat" else _pair_row)(src, source, where, obj)
+        return {"chat": _chat_row, "preference": _pair_row, "rated": _rated_row}[src.format](src, source, where, obj)
     text = obj.get(src.text_field)
     if text is None:
         return _bad(source, where, "missing_text_field", json.dumps(obj, default=str))
@@ -240,13 +240,7 @@ def _pair_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, 
             if not isinstance(rejected, list) or rejected[:-1] != prompt:
                 raise chat.ConversationError("prompts_differ", "the chosen and the rejected conversation differ "
                                              "before their last answer")
-        if prompt is None:
-            raise chat.ConversationError("missing_prompt", f"no `{pf}` field")
-        before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if not isinstance(before, list) or not before or not isinstance(before[-1], dict) \
-                or before[-1].get("role") != "user":
-            raise chat.ConversationError("prompt_not_a_question", "the prompt must be a string or a list of "
-                                         "messages ending with the user's")
+        before = _prompt(prompt, pf)
         good, bad = chat.answer_of(chosen), chat.answer_of(rejected)
         messages = chat.check([*before, {"role": "assistant", "content": good}])
         chat.check([{"role": "assistant", "content": bad}])  # no role marker lines in it either
@@ -256,11 +250,81 @@ def _pair_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, 
         return _bad(source, where, "chosen_equals_rejected", json.dumps(obj, default=str))
     if src.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": src.system_prompt})
+    return _prompt_row(src, source, where, obj, messages, chat.to_pair_text(messages, bad))
+
+
+def _prompt(prompt: Any, field: str) -> list:
+    """A pair's or a rated answer's prompt as messages: a string (one user message) or the
+    conversation so far, ending with the user's message."""
+    from raylm import chat
+
+    if prompt is None:
+        raise chat.ConversationError("missing_prompt", f"no `{field}` field")
+    before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(before, list) or not before or not isinstance(before[-1], dict) \
+            or before[-1].get("role") != "user":
+        raise chat.ConversationError("prompt_not_a_question", "the prompt must be a string or a list of "
+                                     "messages ending with the user's")
+    return before
+
+
+def _prompt_row(src: FileSource, source: str, where: str, obj: dict, messages: list, text: str) -> dict[str, Any]:
+    """The row of a pair or a rated answer: its `work` names the prompt, so the default split key
+    keeps every pair (or rated answer) of one prompt in one split."""
     rid = _as_str(obj.get(src.id_field)) if src.id_field else None
-    # `work` names the prompt: the default split key keeps every pair of one prompt in one split
     prompt_key = hashlib.sha256(json.dumps(messages[:-1], sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    return _row(id=rid or where, source=source, work=f"prompt-{prompt_key}", text=chat.to_pair_text(messages, bad),
+    return _row(id=rid or where, source=source, work=f"prompt-{prompt_key}", text=text,
                 label=_as_str(obj.get(src.label_field)) if src.label_field else None)
+
+
+# what a rated record's rating may say (format rated), as strings; neutral (0) is set aside
+_GOOD, _BAD, _NEUTRAL = {"1", "true", "good", "desirable", "up"}, {"-1", "false", "bad", "undesirable", "down"}, \
+    {"0", "neutral"}
+
+
+def _rating(value: Any) -> bool | None:
+    """True (good), False (bad) or None (neutral: 0); ValueError for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (-1, 0, 1):
+        return None if value == 0 else value == 1
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in _NEUTRAL:
+            return None
+        if v in _GOOD or v in _BAD:
+            return v in _GOOD
+    raise ValueError(value)
+
+
+def _rated_row(src: FileSource, source: str, where: str, obj: dict) -> dict[str, Any]:
+    """A rated answer (KTO): a prompt (one user message, or the conversation so far) and one answer to
+    it rated good or bad, as `text` with role lines and a `<|rated|>` line (raylm.chat). An answer
+    given as a whole conversation takes the prompt from it when the record has none."""
+    from raylm import chat
+
+    pf, cf, rf = src.prompt_field or "prompt", src.completion_field or "completion", src.rating_field or "label"
+    prompt, completion = obj.get(pf), obj.get(cf)
+    if rf not in obj or obj[rf] is None:
+        return _bad(source, where, "missing_rating", json.dumps(obj, default=str))
+    try:
+        good = _rating(obj[rf])
+    except ValueError:
+        return _bad(source, where, "rating_not_good_or_bad", json.dumps(obj, default=str))
+    if good is None:
+        return _bad(source, where, "neutral_rating", json.dumps(obj, default=str))
+    if completion is None:
+        return _bad(source, where, "missing_completion", json.dumps(obj, default=str))
+    try:
+        if prompt is None and isinstance(completion, list) and len(completion) > 1:  # implicit prompt
+            prompt = completion[:-1]
+        before = _prompt(prompt, pf)
+        messages = chat.check([*before, {"role": "assistant", "content": chat.answer_of(completion)}])
+    except chat.ConversationError as e:
+        return _bad(source, where, e.reason, json.dumps(obj, default=str))
+    if src.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": src.system_prompt})
+    return _prompt_row(src, source, where, obj, messages, chat.to_rated_text(messages, good))
 
 
 _DECOMPRESSORS: dict[str, Callable[[], Any]] = {

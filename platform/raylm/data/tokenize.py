@@ -176,11 +176,12 @@ def _chat_renderer(template: str, special_tokens: dict[str, Any]):
     return _CHAT[key]
 
 
-def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any], pairs: bool = False
-                        ) -> pa.Table:
+def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any], pairs: bool = False,
+                        rated: bool = False) -> pa.Table:
     """Ray Data task, chat datasets, after the data steps: a live record whose `text` no longer
-    reads as a conversation (with `pairs`, as a preference pair), or that the chat template cannot
-    render, is quarantined (step `chat`, the reason in `_error`) rather than tokenized wrong."""
+    reads as a conversation (with `pairs`, as a preference pair; with `rated`, as a rated answer),
+    or that the chat template cannot render, is quarantined (step `chat`, the reason in `_error`)
+    rather than tokenized wrong."""
     from raylm import chat
     from raylm.data.steps import live
 
@@ -192,7 +193,8 @@ def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str
         if not alive[i]:
             continue
         try:
-            for messages in (chat.parse_pair(text) if pairs else [chat.parse(text)]):
+            for messages in (chat.parse_pair(text) if pairs else [chat.parse_rated(text)[0]] if rated
+                             else [chat.parse(text)]):
                 chat.segments(messages, render)
         except chat.ConversationError as e:
             errors[i], raws[i], steps[i] = e.reason, (text or "")[:1000], "chat"
@@ -250,6 +252,67 @@ def tokenize_pair_batch(batch: pa.Table, tokenizer_json: str, key: str, template
     batch = batch.append_column("num_trained_tokens", pa.array(
         [sum(a) + sum(b) for a, b in zip(cols["loss_mask"], cols["rejected_mask"])], pa.int64()))
     return batch.append_column("longest_side", pa.array([max(s) for s in sides], pa.int64()))
+
+
+def tokenize_rated_batch(batch: pa.Table, tokenizer_json: str, key: str, template: str,
+                         special_tokens: dict[str, Any]) -> pa.Table:
+    """Ray Data task, rated answers (KTO): the conversation as `input_ids` + `loss_mask` with only its
+    rated answer trained on (raylm.chat.encode_answer), `desirable` (1: rated good, 0: bad),
+    `num_tokens` and `num_trained_tokens`."""
+    from raylm import chat
+
+    tok = _tokenizer(tokenizer_json, key)
+    render = _chat_renderer(template, special_tokens)
+
+    def encode_text(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    ids, masks, good = [], [], []
+    for text in batch.column("text").to_pylist():
+        messages, g = chat.parse_rated(text)
+        i, m = chat.encode_answer(messages, render, encode_text)
+        ids.append(i)
+        masks.append(m)
+        good.append(int(g))
+    batch = batch.append_column("input_ids", pa.array(ids, TOKENS_TYPE))
+    batch = batch.append_column("loss_mask", pa.array(masks, MASK_TYPE))
+    batch = batch.append_column("desirable", pa.array(good, pa.int8()))
+    batch = batch.append_column("num_tokens", pa.array([len(x) for x in ids], pa.int64()))
+    return batch.append_column("num_trained_tokens", pa.array([sum(m) for m in masks], pa.int64()))
+
+
+def mismatched(n: int, seed: int = 0) -> np.ndarray:
+    """For each of n rows, another row (a seeded random permutation with no row left in place; n = 1
+    keeps it): whose answer goes after this row's prompt on the KL side of a rated answer."""
+    perm = np.random.default_rng(seed).permutation(n)
+    for i in range(n):
+        if n > 1 and perm[i] == i:  # swap with the next: neither stays in place
+            j = (i + 1) % n
+            perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def pad_rated(batch: pa.Table, seq_len: int, pad_id: int) -> pa.Table:
+    """Rated answers (KTO) -> one row each: the conversation with its rated answer padded (`pad`) to
+    `seq_len` as `input_ids` + `loss_mask`, and beside it the same prompt followed by another row's
+    answer (`mismatched`) as `rejected_ids` + `rejected_mask`: KTO's reference point, the policy's KL
+    from the reference, is estimated on such answers that were not given to the prompt (the pair
+    layout, so batches, strategies and the precomputed reference treat both sides as they treat a
+    preference pair's). `desirable` carried over; `trained_tokens` the fewer of the two sides'."""
+    ids = batch.column("input_ids").to_pylist()
+    masks = batch.column("loss_mask").to_pylist()
+    prompts = [x[:m.index(1)] if 1 in m else x for x, m in zip(ids, masks)]
+    answers = [x[len(p):] for x, p in zip(ids, prompts)]
+    other = mismatched(len(ids))
+    kl_ids = [prompts[i] + answers[j] for i, j in enumerate(other)]
+    kl_masks = [[0] * len(prompts[i]) + [1] * len(answers[j]) for i, j in enumerate(other)]
+    matched = pad(batch.select(["input_ids", "loss_mask"]), seq_len, pad_id)
+    kl = pad(pa.table({"input_ids": pa.array(kl_ids, TOKENS_TYPE), "loss_mask": pa.array(kl_masks, MASK_TYPE)}),
+             seq_len, pad_id)
+    trained = pc.min_element_wise(matched.column("trained_tokens"), kl.column("trained_tokens"))
+    return pa.table({"input_ids": matched.column("input_ids"), "loss_mask": matched.column("loss_mask"),
+                     "rejected_ids": kl.column("input_ids"), "rejected_mask": kl.column("loss_mask"),
+                     "desirable": batch.column("desirable"), "trained_tokens": trained})
 
 
 def pack(batch: pa.Table, seq_len: int, eos_id: Optional[int]) -> pa.Table:

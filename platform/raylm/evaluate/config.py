@@ -83,7 +83,7 @@ class Baselines(Strict):
     previous_versions: int = Field(1, ge=0, description="also evaluate this many earlier registry versions")
 
 
-HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "next_token_accuracy", "preference_accuracy"}
+HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "roc_auc_ovr", "next_token_accuracy", "preference_accuracy", "rating_auc"}
 LOWER_IS_BETTER = {"ece", "perplexity", "bits_per_byte", "loss"}
 
 

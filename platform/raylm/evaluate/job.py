@@ -80,10 +80,14 @@ class Evaluation:
             ds = ds.map_batches(with_labels, fn_kwargs={"labels": self.labels}, batch_format="pyarrow",
                                 batch_size=None)  # (a row-by-row `filter` calls Python per row)
         # conversations: each model renders them with its chat template and is scored on the answers;
-        # preference pairs: on the chosen answers, and the rejected ones scored beside them
-        self.chat = self.task == "causal_lm" and self.m.get("format") in ("chat", "preference")
+        # preference pairs: on the chosen answers, and the rejected ones scored beside them; rated
+        # answers (KTO): each answer, and how well its likelihood tells the good ones from the bad
+        self.chat = self.task == "causal_lm" and self.m.get("format") in ("chat", "preference", "rated")
         self.pairs = self.task == "causal_lm" and self.m.get("format") == "preference"
+        self.rated = self.task == "causal_lm" and self.m.get("format") == "rated"
         self.rejected = None
+        if self.rated:
+            ds = ds.map_batches(_rated, batch_format="pyarrow")
         if self.pairs:
             self.rejected = ds.map_batches(_side, fn_kwargs={"side": 1}, batch_format="pyarrow").materialize()
             ds = ds.map_batches(_side, fn_kwargs={"side": 0}, batch_format="pyarrow")
@@ -114,11 +118,31 @@ class Evaluation:
             probs = np.stack(f["probs"].to_numpy()) if len(f) else np.zeros((0, len(self.labels)))
             y = np.array([self.labels.index(x) for x in f["label"]])
             return metrics.classification(probs, y, self.labels, self.cfg.calibration_bins)
-        out = metrics.language_model(f["nll"].to_numpy(), f["tokens"].to_numpy(), f["correct"].to_numpy(),
-                                     f["bytes"].to_numpy())
+        lm = f[f["desirable"].astype(bool)] if "desirable" in f else f  # rated answers: the good ones' likelihood
+        out = metrics.language_model(lm["nll"].to_numpy(), lm["tokens"].to_numpy(), lm["correct"].to_numpy(),
+                                     lm["bytes"].to_numpy())
         if "rejected_nll" in f:  # the share of pairs whose chosen answer the model finds likelier
             out["preference_accuracy"] = float((f["nll"] < f["rejected_nll"]).mean()) if len(f) else float("nan")
+        if "desirable" in f:  # how well the answers' likelihood per token tells the good ones from the bad
+            good = f["desirable"].to_numpy().astype(bool)
+            out["rating_auc"] = float("nan")
+            if good.any() and not good.all():
+                from sklearn.metrics import roc_auc_score
+
+                out["rating_auc"] = float(roc_auc_score(good, -f["nll"].to_numpy() / np.maximum(f["tokens"].to_numpy(), 1)))
         return out
+
+
+def _rated(batch):
+    """Rated answers' docs -> their conversations (the rating line left out), with `desirable`."""
+    import pyarrow as pa
+
+    from raylm import chat
+
+    parsed = [chat.parse_rated(t) for t in batch.column("text").to_pylist()]
+    batch = batch.set_column(batch.schema.get_field_index("text"), "text",
+                             pa.array([chat.to_text(m) for m, _ in parsed], pa.string()))
+    return batch.append_column("desirable", pa.array([g for _, g in parsed], pa.bool_()))
 
 
 def _side(batch, side: int):
@@ -171,7 +195,7 @@ def _baselines(ev: Evaluation, frame) -> dict[str, Any]:
         m.pop("next_token_accuracy", None)
         out[f"{cfg.baselines.ngram}-gram (interpolated, train split)"] = {"metrics": m}
     reference = (ev.card.get("preference") or {}).get("reference")
-    if ev.pairs and reference:  # the model as it was before preference tuning, on the same pairs
+    if (ev.pairs or ev.rated) and reference:  # the model as it was before preference tuning, on the same pairs
         try:
             out[f"reference {reference}"] = {"metrics": ev.metrics_of(ev.score(reference))}
         except OSError as e:  # moved or deleted since: say so, keep the rest of the report
@@ -242,8 +266,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     t0 = time.time()
     ev = Evaluation(cfg)
     card, m, split = ev.card, ev.m, cfg.data.split
-    compare = CLS_COMPARE if ev.task == "classification" else LM_COMPARE + (["preference_accuracy"] if ev.pairs
-                                                                           else [])
+    compare = CLS_COMPARE if ev.task == "classification" else LM_COMPARE + (
+        ["preference_accuracy"] if ev.pairs else ["rating_auc"] if ev.rated else [])
     if cfg.promote:  # before any scoring
         if "name" not in card or "version" not in card:
             raise config.ConfigError(f"promote: {cfg.model} is a model directory, not a registry model; "
@@ -265,12 +289,16 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if ev.pairs:
         reads = ("; preference pairs rendered with the model's chat template: the chosen answers scored, and "
                  "whether the model finds each chosen answer likelier than the rejected one")
+    if ev.rated:
+        reads = ("; rated answers rendered with the model's chat template: the answers rated good scored, and how "
+                 "well the likelihood per token of every answer tells the good ones from the bad (rating_auc)")
     print(f"[evaluate] {card['id']} ({ev.task}) on {m['id']} {split}: {ev.ds.count()} documents, "
           f"{cfg.compute.actors} replica(s){reads}" + (f"; {ev.left_out} without a known label left out"
                                                         if ev.left_out else ""), flush=True)
     model_dir = str(registry.local_path(card))
     frame = ev.score(model_dir)
-    headline = "accuracy" if ev.task == "classification" else "preference_accuracy" if ev.pairs else "bits_per_byte"
+    headline = "accuracy" if ev.task == "classification" else "preference_accuracy" if ev.pairs \
+        else "rating_auc" if ev.rated else "bits_per_byte"
     rep: dict[str, Any] = {"model": card["id"], "task": ev.task, "dataset": m["id"], "split": split,
                            "headline_metric": headline, "window": ev.window, "left_out": ev.left_out,
                            "compare_metrics": compare,

@@ -7,7 +7,9 @@ shares of good ratings side by side, each with its 95% (Wilson) interval.
 
 And what they preferred: `pairs(uri)` pairs, for each conversation users rated more than one
 answer to, an answer rated good with one rated bad (`raylm feedback pairs`): the records a
-`format: preference` source reads for preference tuning (DPO).
+`format: preference` source reads for preference tuning (DPO). `ratings(uri)` keeps every rated
+chat answer on its own (`raylm feedback ratings`): the records a `format: rated` source reads for
+KTO, which needs no second answer to the same conversation.
 """
 
 from __future__ import annotations
@@ -114,3 +116,44 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
             out.append({"id": pid, "prompt": g["prompt"], **p})
     return {"uri": uri, "files": len(files), "records": rated, "conversations": len(by_prompt),
             "pairs": out, "unpaired": unpaired, "skipped": skipped}
+
+
+def _rated_chat(rec: dict) -> bool:
+    """Feedback on a chat answer: the conversation with the rated answer last, rated -1, 0 or 1."""
+    messages = rec.get("messages")
+    return (isinstance(messages, list) and len(messages) >= 2 and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str)
+            and rec.get("rating") in (-1, 0, 1) and not isinstance(rec.get("rating"), bool))
+
+
+def ratings(uri: str) -> dict[str, Any]:
+    """Every chat answer rated good (1) or bad (-1) under `uri`, one record each in TRL's unpaired
+    preference shape: {id, prompt (the conversation before the answer), completion, label (true:
+    good), version}. The same answer to the same conversation rated the same way again is one
+    record; rated both ways, it is two (the data job keeps both: the rating is part of the record).
+    Returns {"ratings", "records", "good", "bad", "neutral", "duplicates", "skipped"}: `neutral`
+    counts ratings of 0 (left out: KTO has no middle), `skipped` what is no rated chat answer."""
+    files, records, skipped = _records(uri)
+    out, seen = [], set()
+    counts = Counter()
+    for rec in records:
+        if not _rated_chat(rec):
+            skipped += 1  # feedback on plain completions (no conversation), or not a feedback record
+            continue
+        rating = rec["rating"]
+        if rating == 0:
+            counts["neutral"] += 1
+            continue
+        messages = rec["messages"]
+        key = f"{json.dumps(messages, sort_keys=True)}\x00{rating}"
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        counts["good" if rating == 1 else "bad"] += 1
+        out.append({"id": hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], "prompt": messages[:-1],
+                    "completion": messages[-1]["content"], "label": rating == 1,
+                    "version": rec.get("model_version") or rec.get("version")})
+    return {"uri": uri, "files": len(files), "records": len(out) + counts["neutral"] + counts["duplicates"],
+            "ratings": out, "good": counts["good"], "bad": counts["bad"], "neutral": counts["neutral"],
+            "duplicates": counts["duplicates"], "skipped": skipped}

@@ -59,17 +59,24 @@ class DistillConfig(Strict):
 class PreferenceConfig(Strict):
     beta: float = Field(0.1, gt=0, description="how far the model may move from the reference: the DPO temperature "
                         "(larger keeps it closer); orpo: the weight of the odds-ratio term (lambda); simpo: the reward scale")
-    loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "orpo", "simpo", "kto"] = Field(
         "sigmoid", description="sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 * beta))^2, which "
         "does not push a margin further once it is reached; orpo: no reference at all (ORPO: the chosen answers' "
         "cross-entropy plus beta times -log sigmoid of the log odds ratio of the answers' mean token likelihoods); "
         "simpo: no reference either (SimPO: -log sigmoid(beta * (mean token log-probability of the chosen answer - "
-        "of the rejected) - simpo_gamma); its paper uses beta 2-2.5)")
+        "of the rejected) - simpo_gamma); its paper uses beta 2-2.5); kto: on a dataset of rated answers (format "
+        "rated), each answer on its own (KTO: 1 - sigmoid(beta * (reward - z)) for answers rated good, 1 - "
+        "sigmoid(beta * (z - reward)) for bad ones, z the batch's estimate of the policy's KL from the reference)")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin the loss asks for beyond zero (the "
                                "paper: about half of beta)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid, simpo: the share of pairs assumed mislabeled "
                                    "(conservative DPO)")
-    sft_weight: float = Field(0.0, ge=0, description="adds this times the chosen answers' mean token cross-entropy "
+    desirable_weight: float = Field(1.0, gt=0, description="kto: the weight of the answers rated good (lambda_D); "
+                                    "KTO's authors keep desirable_weight x good / (undesirable_weight x bad) within 1 "
+                                    "to 4/3: with twice as many bad answers as good, 2.0 (the job prints the ratio)")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: the weight of the answers rated bad (lambda_U)")
+    sft_weight: float = Field(0.0, ge=0, description="adds this times the chosen answers' (kto: the good answers') mean "
+                              "token cross-entropy "
                               "(RPO, as in Llama 3's DPO): DPO alone may lower the chosen answers' likelihood too, as "
                               "long as the rejected ones fall further, and a small model then says neither; 1.0 "
                               "keeps it saying the chosen ones")
@@ -238,7 +245,8 @@ class TrainConfig(Strict):
     train: TrainLoopConfig = TrainLoopConfig()
     distill: Optional[DistillConfig] = Field(None, description="knowledge distillation from a registry teacher")
     preference: Optional[PreferenceConfig] = Field(
-        None, description="preference tuning (DPO) on a dataset of preference pairs: model.path is the model to tune "
+        None, description="preference tuning (DPO, IPO, ORPO, SimPO) on a dataset of preference pairs, or KTO (loss: "
+        "kto) on a dataset of rated answers: model.path is the model to tune "
         "and, frozen, the reference it is measured against (README \"Preference tuning\")")
     output: TrainOutput = TrainOutput()
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow / Comet (raylm/tracking.py)")

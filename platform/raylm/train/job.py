@@ -66,17 +66,27 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
     for m in found:
         if not m["splits"]["train"]["blocks"]:
             raise config.ConfigError(f"data: {m['id']} has no packed train blocks")
-    pairs = [x["id"] for x in found if x.get("format") == "preference"]
+    # preference pairs, or rated answers (KTO): both two blocks a row (a rated answer's second block is
+    # its prompt with another record's answer: KTO's reference point), trained alone
+    pairs = [x["id"] for x in found if x.get("format") in ("preference", "rated")]
+    what = "rated answers" if found[0].get("format") == "rated" else "preference pairs"
     if pairs and len(found) > 1:
-        raise config.ConfigError(f"data.mixture: {', '.join(pairs)} holds preference pairs, which train alone "
+        raise config.ConfigError(f"data.mixture: {', '.join(pairs)} holds {what}, which train alone "
                                  "(data.dataset with preference); a mixture is of documents and conversations")
     if pairs and cfg.preference is None:
-        raise config.ConfigError(f"data.dataset: {pairs[0]} holds preference pairs: add a `preference:` section "
-                                 "(DPO; README \"Preference tuning\"), or train on a chat dataset")
+        raise config.ConfigError(f"data.dataset: {pairs[0]} holds {what}: add a `preference:` section "
+                                 + ("with loss: kto (KTO" if what == "rated answers" else "(DPO")
+                                 + "; README \"Preference tuning\"), or train on a chat dataset")
     if cfg.preference is not None and not pairs:
         raise config.ConfigError(f"preference: {found[0]['id']} holds {found[0].get('format', 'text')} records; "
                                  "preference tuning needs a dataset of preference pairs (sources with format: "
-                                 "preference)")
+                                 "preference), KTO one of rated answers (format: rated)")
+    if pairs and (cfg.preference.loss == "kto") != (what == "rated answers"):
+        raise config.ConfigError(
+            f"preference.loss: {pairs[0]} holds rated answers, one answer each: preference.loss kto trains on them "
+            f"({cfg.preference.loss} needs pairs of answers: `raylm feedback pairs`)" if what == "rated answers" else
+            f"preference.loss: kto trains on answers rated one at a time (a dataset with format: rated, from `raylm "
+            f"feedback ratings`); {pairs[0]} holds preference pairs (loss sigmoid, ipo, orpo or simpo)")
     m = found[0]
     meta = {
         "dataset_id": m["id"], "uri": m["uri"], "seq_len": m["config"]["pack"]["seq_len"],
@@ -88,6 +98,8 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
         # conversations (a loss mask: only answers trained on) in any of the datasets
         "format": "preference" if pairs else "chat" if any(x.get("format") == "chat" for x in found) else "text",
     }
+    if what == "rated answers" and pairs:  # (KTO weighs the two kinds: the job says how they balance)
+        meta["rated"] = {k: m["splits"]["train"].get(k, 0) for k in ("desirable", "undesirable")}
     if len(found) > 1:
         digest = _tokenizer_digest(m)
         for x in found[1:]:
@@ -116,6 +128,22 @@ def dataset_meta(cfg: TrainConfig) -> dict[str, Any]:
     return meta
 
 
+def kto_balance(cfg: TrainConfig, counts: dict[str, int]) -> str:
+    """What a KTO run trains on and how the two kinds weigh against each other, with a hint when
+    that is outside what KTO's authors recommend (desirable_weight x good / (undesirable_weight x
+    bad) within 1 to 4/3)."""
+    p, good, bad = cfg.preference, counts.get("desirable", 0), counts.get("undesirable", 0)
+    line = f"KTO on {good} answers rated good and {bad} rated bad (the train split)"
+    if not good or not bad:
+        return line + f": no answer rated {'good' if not good else 'bad'}, so the loss only pushes the other kind"
+    ratio = p.desirable_weight * good / (p.undesirable_weight * bad)
+    line += f"; desirable_weight x good / (undesirable_weight x bad) = {ratio:.2f}"
+    if not 1 <= ratio <= 4 / 3:
+        line += (f" (KTO's authors keep it within 1 to 4/3: preference.desirable_weight="
+                 f"{p.undesirable_weight * bad / good:.3g} makes it 1)")
+    return line
+
+
 def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -123,7 +151,7 @@ def _classification_meta(cfg: TrainConfig) -> dict[str, Any]:
         raise config.ConfigError("data.mixture is for causal LM training; for classification build one dataset "
                                  "with several sources")
     m = _resolve(cfg.data.dataset, cfg.data.root, "data.dataset")
-    if m.get("format") in ("chat", "preference"):
+    if m.get("format") in ("chat", "preference", "rated"):
         raise config.ConfigError(f"data.dataset: {m['id']} holds conversations, which train a causal LM "
                                  "(model.task: causal_lm), not a classifier")
     counts = {split: _label_counts(m, split) for split in ("train", "validation")}
@@ -501,6 +529,8 @@ def _run(cfg: TrainConfig, meta: Optional[dict[str, Any]]) -> dict[str, Any]:
             print(f"[train] {split}: {n} document(s) without a label the model knows are left out", flush=True)
     print(f"[train] {cfg.name}: {what}{' + LoRA' if cfg.model.lora else ''} on {meta['dataset_id']}, strategy "
           f"{cfg.train.strategy}, {cfg.train.num_workers} worker(s), {cfg.train.max_steps} steps", flush=True)
+    if meta.get("rated"):
+        print(f"[train] {cfg.name}: {kto_balance(cfg, meta['rated'])}", flush=True)
     try:
         result = trainer.fit()
     except BaseException:

@@ -74,7 +74,9 @@ def host_batch(batch: pa.Table, task: str, pin: bool, draw: Optional[np.random.G
 
 def _pair_batch(batch: pa.Table, pin: bool) -> dict[str, torch.Tensor]:
     """Preference pairs -> one batch of 2n rows: the n chosen conversations, then the n rejected
-    ones, labels -100 but on each side's last answer (`losses.Preference` splits them again)."""
+    ones, labels -100 but on each side's last answer (`losses.Preference` splits them again). Rated
+    answers (KTO) the same way: the n rated conversations, then their prompts with mismatched answers,
+    and `desirable` (n booleans)."""
     n = batch.num_rows
     ids = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("input_ids", "rejected_ids")])
     mask = np.concatenate([_flat(batch.column(c)).reshape(n, -1) for c in ("loss_mask", "rejected_mask")])
@@ -82,6 +84,8 @@ def _pair_batch(batch: pa.Table, pin: bool) -> dict[str, torch.Tensor]:
     if all(c in batch.column_names for c in reference.REF_COLUMNS):  # the reference's, precomputed
         out["ref_logps"] = torch.from_numpy(np.concatenate(
             [batch.column(c).to_numpy().astype(np.float32) for c in reference.REF_COLUMNS]))
+    if "desirable" in batch.column_names:  # rated answers (KTO): the second block is the KL side, no answer of its own
+        out["desirable"] = torch.from_numpy(batch.column("desirable").to_numpy().astype(np.bool_))
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
@@ -211,11 +215,11 @@ def evaluate(strat, shard, batch_size: int, max_batches: int, task: str, num_lab
             break
         host = host_batch(batch, task, pin=False, all_windows=True)
         windows = {k: host.pop(k) for k in ("window_row", "window_tokens", "text_labels") if k in host}
-        ref = host.pop("ref_logps", None)  # (not a model input)
+        aside = {k: host.pop(k).to(device) for k in ("ref_logps", "desirable") if k in host}  # (not model inputs)
         b = _to_device(host, device)
         loss, logits = strat.evaluate(b)
         if preference is not None:
-            for k, v in preference.stats(logits, b if ref is None else {**b, "ref_logps": ref.to(device)}).items():
+            for k, v in preference.stats(logits, {**b, **aside}).items():
                 pref.setdefault(k, []).append(float(v))
             continue
         strat_logits, labels = logits, b.get("labels")

@@ -17,6 +17,16 @@ and odds(y) = e^m / (1 - e^m), loss = CE(chosen) - beta * log sigmoid(log odds(c
 odds(rejected)); its "rewards" are beta * m(y) (as TRL reports them). SimPO (Meng et al. 2024),
 with no reference either: loss = -log sigmoid(beta * (m(chosen) - m(rejected)) - gamma).
 
+KTO (Ethayarajh et al. 2024) on answers rated one at a time (a dataset of format rated): with
+r(y) = log p(y | x) - log p_ref(y | x) and z = max(0, mean r(y') over the batch's mismatched
+answers y' (another record's answer after this prompt: the data job's second block), detached),
+the policy's KL from the reference as the reference point,
+
+    good: loss = desirable_weight * (1 - sigmoid(beta * (r(y) - z)))
+    bad:  loss = undesirable_weight * (1 - sigmoid(beta * (z - r(y))))
+
+averaged over the batch's answers (z is each worker's own estimate on its batch).
+
 The reference is the model as it starts (model.path): either a frozen copy on every worker, like
 a teacher (`preference.reference_logps: live`), or its log-probabilities of every pair computed once
 before training and carried in the dataset's columns (`precomputed`: train/reference.py).
@@ -76,11 +86,16 @@ class Preference:
 
     def rewards(self, policy_logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The implicit rewards beta * (log p - log p_ref) of each pair's chosen and rejected answer,
-        and the chosen answers' mean token cross-entropy."""
+        and the chosen answers' mean token cross-entropy. KTO: the rated answers' and the mismatched
+        answers' (the KL side), and the good answers' mean token cross-entropy."""
         policy = sequence_logps(policy_logits, batch["labels"])
         n = policy.shape[0] // 2
         tokens = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-        chosen_nll = -policy[:n].sum() / tokens[:n].sum()
+        if self.cfg.loss == "kto":
+            good = batch["desirable"].to(policy.device)
+            chosen_nll = -(policy[:n] * good).sum() / (tokens[:n] * good).sum().clamp(min=1)
+        else:
+            chosen_nll = -policy[:n].sum() / tokens[:n].sum()
         if self.cfg.loss in ("orpo", "simpo"):  # no reference: the answers' mean token log-probabilities
             mean = self.cfg.beta * policy / tokens
             return mean[:n], mean[n:], chosen_nll
@@ -95,7 +110,21 @@ class Preference:
         diff = self.cfg.beta * (policy - ref)
         return diff[:n], diff[n:], chosen_nll
 
-    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor) -> torch.Tensor:
+    def kto(self, rated: torch.Tensor, mismatched: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KTO's per-answer losses and each answer's reward over the reference point z (positive: on the
+        side its rating asks for) from the rated answers' and the mismatched answers' rewards."""
+        beta = self.cfg.beta
+        z = (mismatched / beta).mean().detach().clamp(min=0)  # the KL estimate (rewards carry beta)
+        over = rated / beta - z
+        losses = torch.where(good, self.cfg.desirable_weight * (1 - torch.sigmoid(beta * over)),
+                             self.cfg.undesirable_weight * (1 - torch.sigmoid(-beta * over)))
+        return losses, beta * torch.where(good, over, -over)
+
+    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor,
+             good: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.cfg.loss == "kto":
+            loss = self.kto(chosen, rejected, good)[0].mean()
+            return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
         z = chosen - rejected
         if self.cfg.loss == "orpo":
             beta = self.cfg.beta
@@ -117,13 +146,21 @@ class Preference:
         return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss(*self.rewards(model(input_ids=batch["input_ids"]).logits, batch))
+        return self.loss(*self.rewards(model(input_ids=batch["input_ids"]).logits, batch), batch.get("desirable"))
 
     @torch.no_grad()
     def stats(self, policy_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """An evaluation batch's loss, the share of pairs whose chosen answer gets the higher reward,
-        and the mean reward margin."""
+        and the mean reward margin. KTO: the share of rated answers whose reward is on their rating's
+        side of the reference point (above it for good ones, below for bad), and the mean distance
+        to it on that side."""
         chosen, rejected, nll = self.rewards(policy_logits, batch)
+        if self.cfg.loss == "kto":
+            good = batch["desirable"].to(chosen.device)
+            losses, margin = self.kto(chosen, rejected, good)
+            loss = losses.mean() + (self.cfg.sft_weight * nll if self.cfg.sft_weight else 0)
+            return {"val_loss": loss, "val_reward_accuracy": (margin > 0).float().mean(),
+                    "val_reward_margin": margin.mean()}
         return {"val_loss": self.loss(chosen, rejected, nll), "val_reward_accuracy": (chosen > rejected).float().mean(),
                 "val_reward_margin": (chosen - rejected).mean()}
 

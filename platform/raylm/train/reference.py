@@ -139,6 +139,7 @@ def with_reference_logps(cfg: TrainConfig, meta: dict[str, Any], tables: Optiona
         # validation pairs, not every block of the union
         datasets = {k: scored.map_batches(_only, fn_kwargs={"split": k}, batch_format="pyarrow",
                                           batch_size=None).materialize() for k in datasets}
-    print(f"[train] {cfg.name}: the reference's log-probabilities of {pairs} pairs computed in {time.time() - t0:.1f} s "
+    what = "rated answers (each beside a mismatched one)" if cfg.preference.loss == "kto" else "pairs"
+    print(f"[train] {cfg.name}: the reference's log-probabilities of {pairs} {what} computed in {time.time() - t0:.1f} s "
           f"(preference.reference_logps: precomputed; the workers hold no copy of {cfg.model.path})", flush=True)
     return tables, datasets
