@@ -733,6 +733,14 @@ def test_rated_answers_are_kept_one_by_one_each_beside_another_answer_to_its_pro
     said = capsys.readouterr().out
     assert "97 rated chat answers (33 good, 64 bad)" in said and "2 records skipped" in said, said
     assert "preference.desirable_weight=1.94" in said and again.read_text() == ratedset["ratings"].read_text()
+    # --version: only the answers one registry version gave (the two records of none are left out)
+    assert main(["feedback", "ratings", "--uri", str(ratedset["ratings"].parent / "feedback"), "--out", str(again),
+                 "--version", "sft@v1"]) == 0
+    said = capsys.readouterr().out
+    assert "96 rated chat answers (32 good, 64 bad)" in said and "2 records of versions other than sft@v1 left out" in said
+    assert main(["feedback", "ratings", "--uri", str(ratedset["ratings"].parent / "feedback"), "--out", str(again),
+                 "--version", "sft@v9"]) == 0
+    assert "0 rated chat answers" in capsys.readouterr().out and again.read_text() == ""
     assert {x["completion"] for x in lines if x["label"]} == {*SENTENCES.values(), "Hello."}
     m = ratedset["manifest"]
     read = next(s for s in m["steps"] if s["step"] == "read")

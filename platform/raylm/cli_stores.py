@@ -227,7 +227,7 @@ def cmd_feedback_pairs(a: argparse.Namespace) -> int:
 
     uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
     try:
-        p = pairs(uri, a.max_per_prompt)
+        p = pairs(uri, a.max_per_prompt, a.version)
     except storage.StorageError as e:
         _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
         return 1
@@ -239,7 +239,8 @@ def cmd_feedback_pairs(a: argparse.Namespace) -> int:
     print(f"{len(p['pairs'])} preference pairs from {p['records']} rated chat answers to {p['conversations']} "
           f"conversations under {uri} -> {out}"
           + (f"; {p['unpaired']} rated answers had no opposite rating to pair with" if p["unpaired"] else "")
-          + (f"; {p['skipped']} records skipped (not rated chat answers)" if p["skipped"] else ""))
+          + (f"; {p['skipped']} records skipped (not rated chat answers)" if p["skipped"] else "")
+          + (f"; {p['other_versions']} records of versions other than {a.version} left out" if p["other_versions"] else ""))
     if p["pairs"]:
         print(f"read them with a data source: {{kind: jsonl, uri: {out}, format: preference, id_field: id}}")
     else:
@@ -254,7 +255,7 @@ def cmd_feedback_ratings(a: argparse.Namespace) -> int:
 
     uri = storage.normalize(a.uri or str(cluster.home() / "feedback" / a.app))
     try:
-        r = ratings(uri)
+        r = ratings(uri, a.version)
     except storage.StorageError as e:
         _print_err(f"{e} (the app's feedback_uri; default $RAYLM_HOME/feedback/<app name>)")
         return 1
@@ -263,7 +264,8 @@ def cmd_feedback_ratings(a: argparse.Namespace) -> int:
     print(f"{len(r['ratings'])} rated chat answers ({r['good']} good, {r['bad']} bad) under {uri} -> {out}"
           + (f"; {r['neutral']} neutral ratings left out" if r["neutral"] else "")
           + (f"; {r['duplicates']} repeated ratings of one answer kept once" if r["duplicates"] else "")
-          + (f"; {r['skipped']} records skipped (not rated chat answers)" if r["skipped"] else ""))
+          + (f"; {r['skipped']} records skipped (not rated chat answers)" if r["skipped"] else "")
+          + (f"; {r['other_versions']} records of versions other than {a.version} left out" if r["other_versions"] else ""))
     if r["ratings"]:
         print(f"read them with a data source: {{kind: jsonl, uri: {out}, format: rated, id_field: id}}; train with "
               "preference.loss: kto")
@@ -345,10 +347,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
     s.add_argument("--out", required=True, help="the JSONL file to write (a path or s3:// URI)")
     s.add_argument("--max-per-prompt", type=int, default=4, help="pairs per conversation at most (default 4)")
+    s.add_argument("--version", help="only the answers this registry version gave (NAME@vN, as /v1/feedback records it)")
     s.set_defaults(fn=cmd_feedback_pairs)
     s = fs.add_parser("ratings", help="every chat answer rated good or bad, one record each (unpaired: KTO, "
                                       "preference.loss kto) as JSONL for a format: rated data source")
     s.add_argument("--app", default="raylm", help="the deploy config's name (default raylm)")
     s.add_argument("--uri", help="the app's feedback_uri (default $RAYLM_HOME/feedback/<app>)")
     s.add_argument("--out", required=True, help="the JSONL file to write (a path or s3:// URI)")
+    s.add_argument("--version", help="only the answers this registry version gave (NAME@vN, as /v1/feedback records it)")
     s.set_defaults(fn=cmd_feedback_ratings)

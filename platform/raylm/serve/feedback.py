@@ -51,6 +51,14 @@ def stats(uri: str) -> dict[str, Any]:
     return {"uri": uri, "files": len(files), "records": records, "skipped": skipped, "versions": versions}
 
 
+def _of_version(records: list[dict], version: str | None) -> tuple[list[dict], int]:
+    """The records about answers `version` (a registry id, NAME@vN) gave, and how many others were left out."""
+    if version is None:
+        return records, 0
+    kept = [r for r in records if (r.get("model_version") or r.get("version")) == version]
+    return kept, len(records) - len(kept)
+
+
 def _records(uri: str):
     """Every JSON object line of the feedback files under `uri`; non-JSON lines counted as skipped."""
     files = storage.glob_files(uri)
@@ -72,16 +80,18 @@ def _records(uri: str):
     return files, out, skipped
 
 
-def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
+def pairs(uri: str, max_per_prompt: int = 4, version: str | None = None) -> dict[str, Any]:
     """Preference pairs from the ratings under `uri`: feedback on chat answers (records with
     `messages`, the rated answer last) grouped by the conversation before the answer; each answer
     rated good (1) paired with each different answer rated bad (-1) to the same conversation, at
     most `max_per_prompt` pairs a conversation (the newest ratings first). Returns {"pairs": [{id,
     prompt, chosen, rejected, versions}], "conversations", "records", "unpaired",
-    "skipped"}: `unpaired` counts rated chats with no opposite rating to pair with."""
+    "skipped", "other_versions"}: `unpaired` counts rated chats with no opposite rating to pair with;
+    `version` (NAME@vN): only the answers that version gave."""
     if max_per_prompt < 1:
         raise ValueError(f"max_per_prompt must be at least 1, not {max_per_prompt}")
     files, records, skipped = _records(uri)
+    records, other_versions = _of_version(records, version)
     by_prompt: dict[str, dict[str, Any]] = {}
     rated = 0
     for rec in records:
@@ -115,7 +125,7 @@ def pairs(uri: str, max_per_prompt: int = 4) -> dict[str, Any]:
             pid = hashlib.sha256(f"{key}\x00{p['chosen']}\x00{p['rejected']}".encode("utf-8")).hexdigest()[:16]
             out.append({"id": pid, "prompt": g["prompt"], **p})
     return {"uri": uri, "files": len(files), "records": rated, "conversations": len(by_prompt),
-            "pairs": out, "unpaired": unpaired, "skipped": skipped}
+            "pairs": out, "unpaired": unpaired, "skipped": skipped, "other_versions": other_versions}
 
 
 def _rated_chat(rec: dict) -> bool:
@@ -126,14 +136,17 @@ def _rated_chat(rec: dict) -> bool:
             and rec.get("rating") in (-1, 0, 1) and not isinstance(rec.get("rating"), bool))
 
 
-def ratings(uri: str) -> dict[str, Any]:
+def ratings(uri: str, version: str | None = None) -> dict[str, Any]:
     """Every chat answer rated good (1) or bad (-1) under `uri`, one record each in TRL's unpaired
     preference shape: {id, prompt (the conversation before the answer), completion, label (true:
     good), version}. The same answer to the same conversation rated the same way again is one
     record; rated both ways, it is two (the data job keeps both: the rating is part of the record).
-    Returns {"ratings", "records", "good", "bad", "neutral", "duplicates", "skipped"}: `neutral`
-    counts ratings of 0 (left out: KTO has no middle), `skipped` what is no rated chat answer."""
+    `version` (NAME@vN): only the answers that version gave (KTO and DPO learn most from the
+    answers of the model they tune). Returns {"ratings", "records", "good", "bad", "neutral",
+    "duplicates", "skipped", "other_versions"}: `neutral` counts ratings of 0 (left out: KTO has no
+    middle), `skipped` what is no rated chat answer, `other_versions` the records of other versions."""
     files, records, skipped = _records(uri)
+    records, other_versions = _of_version(records, version)
     out, seen = [], set()
     counts = Counter()
     for rec in records:
@@ -156,4 +169,4 @@ def ratings(uri: str) -> dict[str, Any]:
                     "version": rec.get("model_version") or rec.get("version")})
     return {"uri": uri, "files": len(files), "records": len(out) + counts["neutral"] + counts["duplicates"],
             "ratings": out, "good": counts["good"], "bad": counts["bad"], "neutral": counts["neutral"],
-            "duplicates": counts["duplicates"], "skipped": skipped}
+            "duplicates": counts["duplicates"], "skipped": skipped, "other_versions": other_versions}
