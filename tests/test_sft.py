@@ -843,3 +843,46 @@ def test_kto_on_rated_answers_moves_the_model_to_the_answers_rated_good(chatset,
         dataset_meta(cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "pairs"})}))
     with pytest.raises(ConfigError, match="holds rated answers: add a `preference:` section with loss: kto"):
         dataset_meta(config.build(TrainConfig, {"name": "x", "data": root, "model": {"path": ratedset["base"]}}))
+
+
+def _kto_rank(rank: int, port: int, out) -> None:
+    """One of two gloo ranks: its KTO losses with the reference point from both ranks' batches."""
+    import torch.distributed as dist
+
+    from raylm.train.config import PreferenceConfig
+    from raylm.train.losses import Preference
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        kto = Preference(PreferenceConfig(loss="kto", beta=0.5), None)
+        rated = torch.tensor([0.5, -0.5]) * 0.5  # beta * log-ratio
+        mismatched = torch.tensor([0.2, 0.4]) if rank == 0 else torch.tensor([1.0, 1.2])  # KL 0.3 and 1.1: mean 0.7
+        good = torch.tensor([True, False])
+        out.put((rank, kto.kto(rated, mismatched * 0.5, good, across_workers=True)[0].tolist(),
+                 kto.kto(rated, mismatched * 0.5, good)[0].tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ktos_reference_point_is_averaged_over_the_workers_in_training():
+    """In training, each worker's KL estimate (its batch's mismatched answers) is averaged over the
+    workers before the losses use it, as TRL does; evaluation keeps each worker's own."""
+    import multiprocessing as mp
+
+    from raylm.cluster import free_port
+
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_kto_rank, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {r: (across, own) for r, across, own in (out.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(30)
+
+    def expected(z: float) -> list[float]:  # good: 1 - sigmoid(beta (r - z)); bad: 1 - sigmoid(beta (z - r))
+        return [1 - 1 / (1 + math.exp(-0.5 * (0.5 - z))), 1 - 1 / (1 + math.exp(-0.5 * (z + 0.5)))]
+
+    for r, own_z in ((0, 0.3), (1, 1.1)):
+        assert got[r][0] == pytest.approx(expected(0.7), abs=1e-6)
+        assert got[r][1] == pytest.approx(expected(own_z), abs=1e-6)

@@ -25,7 +25,8 @@ the policy's KL from the reference as the reference point,
     good: loss = desirable_weight * (1 - sigmoid(beta * (r(y) - z)))
     bad:  loss = undesirable_weight * (1 - sigmoid(beta * (z - r(y))))
 
-averaged over the batch's answers (z is each worker's own estimate on its batch).
+averaged over the batch's answers; in training z is averaged over the workers' batches (as TRL
+gathers it), in evaluation each worker's own.
 
 The reference is the model as it starts (model.path): either a frozen copy on every worker, like
 a teacher (`preference.reference_logps: live`), or its log-probabilities of every pair computed once
@@ -110,20 +111,29 @@ class Preference:
         diff = self.cfg.beta * (policy - ref)
         return diff[:n], diff[n:], chosen_nll
 
-    def kto(self, rated: torch.Tensor, mismatched: torch.Tensor, good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kto(self, rated: torch.Tensor, mismatched: torch.Tensor, good: torch.Tensor, across_workers: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """KTO's per-answer losses and each answer's reward over the reference point z (positive: on the
-        side its rating asks for) from the rated answers' and the mismatched answers' rewards."""
+        side its rating asks for) from the rated answers' and the mismatched answers' rewards.
+        across_workers: z from every worker's batch (training: every rank computes the loss the same
+        number of times, so the collective cannot wait on a rank that skipped it)."""
+        import torch.distributed as dist
+
         beta = self.cfg.beta
-        z = (mismatched / beta).mean().detach().clamp(min=0)  # the KL estimate (rewards carry beta)
+        z = (mismatched / beta).mean().detach()  # the KL estimate (rewards carry beta)
+        if across_workers and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(z)
+            z = z / dist.get_world_size()
+        z = z.clamp(min=0)
         over = rated / beta - z
         losses = torch.where(good, self.cfg.desirable_weight * (1 - torch.sigmoid(beta * over)),
                              self.cfg.undesirable_weight * (1 - torch.sigmoid(-beta * over)))
         return losses, beta * torch.where(good, over, -over)
 
     def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor,
-             good: Optional[torch.Tensor] = None) -> torch.Tensor:
+             good: Optional[torch.Tensor] = None, training: bool = False) -> torch.Tensor:
         if self.cfg.loss == "kto":
-            loss = self.kto(chosen, rejected, good)[0].mean()
+            loss = self.kto(chosen, rejected, good, across_workers=training)[0].mean()
             return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
         z = chosen - rejected
         if self.cfg.loss == "orpo":
@@ -146,7 +156,8 @@ class Preference:
         return loss + self.cfg.sft_weight * chosen_nll if self.cfg.sft_weight else loss
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss(*self.rewards(model(input_ids=batch["input_ids"]).logits, batch), batch.get("desirable"))
+        return self.loss(*self.rewards(model(input_ids=batch["input_ids"]).logits, batch), batch.get("desirable"),
+                         training=True)
 
     @torch.no_grad()
     def stats(self, policy_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
