@@ -176,6 +176,17 @@ def _chat_renderer(template: str, special_tokens: dict[str, Any]):
     return _CHAT[key]
 
 
+def _chat_encoder(tokenizer_json: str, key: str, template: str, special_tokens: dict[str, Any]):
+    """(render, encode_text) for chat datasets: the template's renderer, and the tokenizer's encoding
+    of a rendered piece as serving tokenizes a prompt (no special tokens added)."""
+    tok = _tokenizer(tokenizer_json, key)
+
+    def encode_text(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    return _chat_renderer(template, special_tokens), encode_text
+
+
 def check_conversations(batch: pa.Table, template: str, special_tokens: dict[str, Any], pairs: bool = False,
                         rated: bool = False) -> pa.Table:
     """Ray Data task, chat datasets, after the data steps: a live record whose `text` no longer
@@ -209,11 +220,7 @@ def tokenize_chat_batch(batch: pa.Table, tokenizer_json: str, key: str, template
     raylm.chat.encode), `num_tokens` and `num_trained_tokens`."""
     from raylm import chat
 
-    tok = _tokenizer(tokenizer_json, key)
-    render = _chat_renderer(template, special_tokens)
-
-    def encode_text(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
+    render, encode_text = _chat_encoder(tokenizer_json, key, template, special_tokens)
 
     ids, masks = zip(*(chat.encode(chat.parse(t), render, encode_text) for t in batch.column("text").to_pylist())) \
         if batch.num_rows else ((), ())
@@ -231,11 +238,7 @@ def tokenize_pair_batch(batch: pa.Table, tokenizer_json: str, key: str, template
     `longest_side` (the longer of the two: what must fit a block)."""
     from raylm import chat
 
-    tok = _tokenizer(tokenizer_json, key)
-    render = _chat_renderer(template, special_tokens)
-
-    def encode_text(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
+    render, encode_text = _chat_encoder(tokenizer_json, key, template, special_tokens)
 
     cols: dict[str, list] = {"input_ids": [], "loss_mask": [], "rejected_ids": [], "rejected_mask": []}
     for text in batch.column("text").to_pylist():
@@ -261,11 +264,7 @@ def tokenize_rated_batch(batch: pa.Table, tokenizer_json: str, key: str, templat
     `num_tokens` and `num_trained_tokens`."""
     from raylm import chat
 
-    tok = _tokenizer(tokenizer_json, key)
-    render = _chat_renderer(template, special_tokens)
-
-    def encode_text(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
+    render, encode_text = _chat_encoder(tokenizer_json, key, template, special_tokens)
 
     ids, masks, good = [], [], []
     for text in batch.column("text").to_pylist():
